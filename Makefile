@@ -1,0 +1,38 @@
+# Everything from nothing: `make test` and `make demo` create the virtual environment, install the package and
+# get the data. torch/torchvision are pinned here to the versions the project is tested with; pyproject.toml
+# keeps compatible ranges for users.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: test demo data venv clean benchmark gpu-check
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test,examples]' $(TORCH_PINS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when we are root; otherwise torchvision downloads it later.
+data:
+	@if [ -d $(FASHION_DIR) ]; then echo "Fashion-MNIST: $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian package dataset-fashion-mnist ..."; \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
+		&& echo "Fashion-MNIST: $(FASHION_DIR)"; \
+	else echo "Fashion-MNIST not installed system-wide; torchvision will download it into data/."; fi
+
+test: venv data
+	$(PY) -m pytest -q
+
+demo: venv data
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs build *.egg-info

@@ -1,0 +1,168 @@
+"""DecorrelationCallback inside a real Trainer.fit."""
+
+from __future__ import annotations
+
+import glob
+import math
+
+import pytest
+import torch
+from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from lightning_decor import DecorrelationCallback, decorrelation_loss, decorrelation_matrices
+from lightning_decor.layers import DecorrelatedLayer
+
+
+def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:
+    x = correlated_data().tensors[0]
+    R = torch.eye(x.shape[1]) if R is None else R
+    return decorrelation_loss(x @ R.T, kappa=0.5).item()
+
+
+def test_fit_moves_r_and_lowers_the_decorrelation_loss(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule()
+    cb = DecorrelationCallback(decor_lr=0.02, sample_fraction=1.0, fold_on_fit_end=False)
+    quiet_trainer(tmp_path, max_epochs=5, callbacks=[cb]).fit(model)
+    Rs = decorrelation_matrices(model)
+    assert set(Rs) == {"net.0", "net.2"}
+    assert cb.updates == 5 * 8  # 256 samples / batch 32, 5 epochs: once per optimizer step
+    R = Rs["net.0"]
+    assert (R - torch.eye(8)).abs().max() > 0.05
+    assert first_layer_loss(model, R) < 0.5 * first_layer_loss(model)
+
+
+def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyConvModule()
+    cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=0.5)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
+    assert cb.updates == 8
+    assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # plain model handed back
+    assert type(model.net[0]) is nn.Conv2d
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule()
+    cb = DecorrelationCallback(log_per_layer=True)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=loggers, log_every_n_steps=2).fit(model)
+    text = open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0]).read()
+    header = text.splitlines()[0].split(",")
+    assert {"decor/loss", "decor/net.0", "decor/net.2", "decor/skipped"} <= set(header)
+    col = header.index("decor/loss")
+    values = [float(r.split(",")[col]) for r in text.splitlines()[1:] if r.split(",")[col]]
+    assert len(values) == 8 and all(math.isfinite(v) and v > 0 for v in values)  # 16 steps, every 2nd
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(glob.glob(str(tmp_path / "tb" / "*"))[0])
+    acc.Reload()
+    assert {"decor/loss", "decor/net.0"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("decor/loss")) == 8
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule()
+    cb = DecorrelationCallback(sample_fraction=1.0, fold_on_fit_end=False)
+    seen: list[int] = []
+
+    class Spy(DecorrelationCallback):
+        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+            seen.append(self._layers["net.0"].decor_pending_rows())
+            super().update_(pl_module)
+
+    cb = Spy(sample_fraction=1.0, fold_on_fit_end=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], accumulate_grad_batches=4)
+    trainer.fit(model)
+    assert trainer.global_step == 2 and cb.updates == 2
+    assert seen == [4 * 32, 4 * 32]  # rows of all four micro-batches pooled into each update
+
+
+def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule()
+    cb = DecorrelationCallback(fold_on_fit_end=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    cb.setup(trainer, model, "fit")
+    cb.setup(trainer, model, "fit")
+    assert sorted(n for n, _ in cb.layers()) == ["net.0", "net.2"]
+    R_before = decorrelation_matrices(model)["net.0"]
+    trainer.fit(model)
+    assert decorrelation_matrices(model)["net.0"] is R_before  # not re-patched: R kept its identity
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
+    assert cb.updates == 16
+    trainer.validate(model, verbose=False)
+
+
+def test_checkpoint_loads_into_plain_module(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = TinyModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = DecorrelationCallback(decor_lr=0.02, fold_on_fit_end=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb, ckpt], enable_checkpointing=True)
+    trainer.fit(model)
+    model.eval()
+    x = correlated_data(16, seed=3).tensors[0]
+    expected = model(x).detach()
+    plain = TinyModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # strict, plain nn.Linear
+    assert type(plain.net[0]) is nn.Linear
+    plain.eval()
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+    torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+
+
+def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule()
+    cb = DecorrelationCallback(include=["nothing"])
+    with pytest.warns(UserWarning, match=r"`include` pattern 'nothing' matches no eligible layer\. Eligible layers: "
+                      r"\['net.0', 'net.2'\]"):
+        with pytest.warns(UserWarning, match="found no layer to decorrelate"):
+            quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
+    assert cb.updates == 0
+
+
+def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    class NanModule(TinyModule):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            if batch_idx == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+                out = self(x)
+                return (out.nan_to_num() * 0).sum()
+            return super().training_step(batch, batch_idx)
+
+    model = NanModule()
+    cb = DecorrelationCallback(fold_on_fit_end=False)
+    with pytest.warns(UserWarning, match=r"skipped 2 decorrelation update\(s\) that would have made R non-finite .*Layers: \[.net.0., .net.2.\]"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], log_every_n_steps=1).fit(model)
+    for R in decorrelation_matrices(model).values():
+        assert torch.isfinite(R).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"decor_lr": 0.0}, ValueError, r"Expected `decor_lr` to be a finite number > 0, but got 0.0"),
+        ({"decor_lr": float("nan")}, ValueError, r"Expected `decor_lr` to be a finite number > 0, but got nan"),
+        ({"decor_lr": float("inf")}, ValueError, r"Expected `decor_lr` to be a finite number > 0, but got inf"),
+        ({"decor_lr": "1e-3"}, TypeError, r"Expected `decor_lr` to be a float, but got str: '1e-3'"),
+        ({"kappa": 1.5}, ValueError, r"Expected `kappa` in \[0, 1\], but got 1.5"),
+        ({"kappa": float("nan")}, ValueError, r"Expected `kappa` in \[0, 1\], but got nan"),
+        ({"kappa": [0.5]}, TypeError, r"Expected `kappa` to be a float, but got list: \[0.5\]"),
+        ({"sample_fraction": 0.0}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 0.0"),
+        ({"sample_fraction": 1.2}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 1.2"),
+        ({"max_rows": 0}, ValueError, r"Expected `max_rows` to be >= 1 or None, but got 0"),
+        ({"max_rows": 2.5}, TypeError, r"Expected `max_rows` to be an int or None, but got float: 2.5"),
+        ({"include": "fc"}, TypeError, r"Expected `include` to be a list of name patterns \(str\), but got 'fc'"),
+        ({"exclude": [3]}, TypeError, r"Expected `exclude` to be a list of name patterns \(str\), but got \[3\]"),
+        ({"log_per_layer": 1}, TypeError, r"Expected `log_per_layer` to be a bool, but got int: 1"),
+        ({"use_cuda_stream": "yes"}, TypeError, r"Expected `use_cuda_stream` to be a bool, but got str: 'yes'"),
+        ({"fold_on_fit_end": None}, TypeError, r"Expected `fold_on_fit_end` to be a bool, but got NoneType: None"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        DecorrelationCallback(**kwargs)

@@ -1,0 +1,105 @@
+"""The update and the loss against an explicit float64 reference written here (numpy, no torch math)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_decor.functional import conv_patch_rows, decorrelation_loss, decorrelation_update_, fuse_weight
+
+
+def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tuple[np.ndarray, float]:
+    """R - lr * [(1-k)(C - diag C) + k diag(diag C - 1)] R and the loss, written out with numpy."""
+    n, d = x.shape
+    z = x @ R.T
+    C = np.zeros((d, d))
+    for row in z:
+        C += np.outer(row, row)
+    C /= n
+    c = np.diag(C).copy()
+    off = C - np.diag(c)
+    G = (1 - kappa) * off + kappa * np.diag(c - 1)
+    loss = ((1 - kappa) * (off**2).sum() + kappa * ((c - 1) ** 2).sum()) / d**2
+    return R - lr * G @ R, loss
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.01, 0.5, 1.0])
+@pytest.mark.parametrize("n,d", [(50, 7), (5, 12)])  # n > d (explicit C) and n < d (through the rows)
+def test_update_and_loss_match_reference_float64(kappa: float, n: int, d: int) -> None:
+    rng = np.random.default_rng(0)
+    R0 = np.eye(d) + 0.1 * rng.standard_normal((d, d))
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    R = torch.tensor(R0)
+    loss = decorrelation_update_(R, torch.tensor(x), lr=0.01, kappa=kappa)
+    R_ref, loss_ref = reference_step(R0, x, 0.01, kappa)
+    assert R.dtype == torch.float64 and loss.dtype == torch.float64
+    np.testing.assert_allclose(R.numpy(), R_ref, rtol=0, atol=1e-6)
+    assert abs(loss.item() - loss_ref) <= 1e-6 * max(1.0, abs(loss_ref))
+    z = torch.tensor(x @ R0.T)
+    assert abs(decorrelation_loss(z, kappa).item() - loss_ref) <= 1e-6 * max(1.0, abs(loss_ref))
+
+
+def test_statistics_in_float32_for_low_precision_input() -> None:
+    R = torch.eye(4)
+    x = torch.randn(16, 4).to(torch.bfloat16)
+    loss = decorrelation_update_(R, x, lr=1e-2, kappa=0.5)
+    assert R.dtype == torch.float32 and loss.dtype == torch.float32
+    assert decorrelation_loss(x, 0.5).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = decorrelation_update_(R, torch.randn(16, 4), lr=1e-2, kappa=0.5)
+    assert loss.dtype == torch.float32 and R.dtype == torch.float32
+
+
+def test_repeated_updates_decorrelate() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 6, generator=g) @ (torch.eye(6) + 0.8 * torch.ones(6, 6)) / 3
+    R = torch.eye(6, dtype=torch.float64)
+    first = decorrelation_update_(R, x.double(), lr=0.05, kappa=0.5)
+    for _ in range(300):
+        last = decorrelation_update_(R, x.double(), lr=0.05, kappa=0.5)
+    assert last < 1e-3 * first
+    z = x.double() @ R.T
+    cov = z.T @ z / len(z)
+    torch.testing.assert_close(cov, torch.eye(6, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_conv_patch_rows_match_explicit_patches() -> None:
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    k, s, p, dil = (3, 2), (2, 1), (1, 2), (1, 2)
+    rows = conv_patch_rows(x, k, stride=s, padding=p, dilation=dil)
+    xp = torch.nn.functional.pad(x, (p[1], p[1], p[0], p[0]))
+    expected = []
+    for b in range(2):
+        for i in range(0, xp.shape[2] - dil[0] * (k[0] - 1), s[0]):
+            for j in range(0, xp.shape[3] - dil[1] * (k[1] - 1), s[1]):
+                patch = xp[b, :, i : i + dil[0] * (k[0] - 1) + 1 : dil[0], j : j + dil[1] * (k[1] - 1) + 1 : dil[1]]
+                expected.append(patch.reshape(-1))
+    torch.testing.assert_close(rows, torch.stack(expected))
+
+
+def test_fuse_weight_is_w_times_r() -> None:
+    w = torch.randn(5, 3, 2, 2)
+    R = torch.randn(12, 12)
+    torch.testing.assert_close(fuse_weight(w, R), (w.reshape(5, 12) @ R).reshape(5, 3, 2, 2))
+
+
+def test_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got 1.5"):
+        decorrelation_loss(torch.randn(4, 2), 1.5)
+    with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got nan"):
+        decorrelation_loss(torch.randn(4, 2), float("nan"))
+    with pytest.raises(TypeError, match=r"Expected `kappa` to be a float, but got str: '0.5'"):
+        decorrelation_loss(torch.randn(4, 2), "0.5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Expected `z` to be a 2-D tensor of rows \(n, d\), but got \(4,\)"):
+        decorrelation_loss(torch.randn(4), 0.5)
+    with pytest.raises(ValueError, match=r"Expected `x` to have at least one row, but got shape \(0, 3\)"):
+        decorrelation_update_(torch.eye(3), torch.randn(0, 3), lr=0.1, kappa=0.5)
+    with pytest.raises(ValueError, match=r"Expected `lr` to be a finite number > 0, but got -0.1"):
+        decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=-0.1, kappa=0.5)
+    with pytest.raises(TypeError, match=r"Expected `lr` to be a float, but got list: \[0.1\]"):
+        decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=[0.1], kappa=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Expected `R` of shape \(d, d\) with d = x.shape\[1\] = 3, but got \(2, 2\)"):
+        decorrelation_update_(torch.eye(2), torch.randn(4, 3), lr=0.1, kappa=0.5)
+    with pytest.raises(ValueError, match=r"Expected `padding` to be a pair of ints, 'valid' or 'same', but got 'full'"):
+        conv_patch_rows(torch.randn(1, 1, 4, 4), (3, 3), stride=(1, 1), padding="full", dilation=(1, 1))

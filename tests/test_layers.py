@@ -1,0 +1,176 @@
+"""Patched layers against explicit two-step references: first z = R x, then the plain layer on z."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_decor import decorrelate, decorrelation_matrices, fold
+from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear, eligible_layers
+
+
+def random_R(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(d) + 0.3 * torch.randn(d, d, generator=g)
+
+
+def explicit_conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, int, int]:
+    """Patches by explicit slicing (zero padding), rows ordered (image, out_row, out_col)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    xp = F.pad(x, (pw, pw, ph, ph))
+    h_out = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(h_out):
+            for j in range(w_out):
+                top, left = i * sh, j * sw
+                patch = xp[b, :, top : top + dh * (kh - 1) + 1 : dh, left : left + dw * (kw - 1) + 1 : dw]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows), h_out, w_out
+
+
+def test_patched_conv2d_is_w_of_rx() -> None:
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=True).double()
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    assert decorrelate(conv) == [""]
+    assert isinstance(conv, DecorrelatedConv2d)
+    R = random_R(3 * 3 * 2).double()
+    conv.decor_R.copy_(R)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    y = conv(x)
+    rows, h_out, w_out = explicit_conv_rows(x, conv)
+    z = rows @ R.T  # step 1: decorrelate the input patches
+    expected = z @ w.reshape(5, -1).T + b  # step 2: the plain layer on z
+    expected = expected.reshape(2, h_out, w_out, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 4)])  # 2-D batch and 3-D tokens
+def test_patched_linear_is_w_of_rx(shape: tuple[int, ...]) -> None:
+    lin = nn.Linear(4, 3).double()
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    decorrelate(lin)
+    R = random_R(4).double()
+    lin.decor_R.copy_(R)
+    x = torch.randn(*shape, dtype=torch.float64)
+    z = x @ R.T
+    torch.testing.assert_close(lin(x), z @ w.T + b)
+
+
+def test_weight_gradient_is_delta_times_z() -> None:
+    lin = nn.Linear(4, 3).double()
+    decorrelate(lin)
+    R = random_R(4).double()
+    lin.decor_R.copy_(R)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    delta = torch.randn(7, 3, dtype=torch.float64)
+    (lin(x) * delta).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, delta.T @ (x @ R.T))
+
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    decorrelate(conv)
+    R = random_R(18, seed=1).double()
+    conv.decor_R.copy_(R)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    delta = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    (conv(x) * delta).sum().backward()
+    rows, _, _ = explicit_conv_rows(x, conv)
+    delta_rows = delta.permute(0, 2, 3, 1).reshape(-1, 3)
+    torch.testing.assert_close(conv.weight.grad.reshape(3, -1), delta_rows.T @ (rows @ R.T))
+
+
+def test_decorrelate_keeps_parameters_and_outputs() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    plain = copy.deepcopy(net)
+    params = list(net.parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert decorrelate(net) == ["0", "3"]
+    assert list(net.parameters()) == params and all(p is q for p, q in zip(net.parameters(), params))
+    assert opt.param_groups[0]["params"][0] is net[0].weight
+    x = torch.randn(2, 1, 6, 6)
+    torch.testing.assert_close(net(x), plain(x))  # R = I
+    for R in decorrelation_matrices(net).values():
+        torch.testing.assert_close(R, torch.eye(R.shape[0]))
+    assert decorrelate(net) == []  # twice is harmless
+
+
+def test_fold_keeps_outputs_and_state_dict_is_plain() -> None:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    plain = copy.deepcopy(net)
+    decorrelate(net)
+    for i, R in enumerate(decorrelation_matrices(net).values()):
+        R.copy_(random_R(R.shape[0], seed=i))
+    x = torch.randn(3, 2, 5, 5)
+    expected = net(x).detach()
+    plain.load_state_dict(net.state_dict(), strict=True)  # the fused W @ R under the plain keys
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    assert fold(net) == ["0", "3"]
+    assert type(net[0]) is nn.Conv2d and type(net[3]) is nn.Linear and not hasattr(net[0], "decor_R")
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    assert fold(net) == []  # no-op on a plain model
+
+
+def test_eligibility_and_patterns() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+            self.attn = nn.MultiheadAttention(4, 1)
+            self.frozen = nn.Linear(4, 4).requires_grad_(False)
+            self.head = nn.Linear(4, 2)
+
+    net = Net()
+    reasons = eligible_layers(net)
+    assert "attn.out_proj" not in reasons  # a Linear subclass whose weight is read directly
+    assert reasons["features.1"] is not None and "groups=2" in reasons["features.1"]
+    assert reasons["frozen"] is not None and "frozen" in reasons["frozen"]
+    assert decorrelate(copy.deepcopy(net)) == ["features.0", "head"]
+    assert decorrelate(copy.deepcopy(net), include=["features"]) == ["features.0"]
+    assert decorrelate(copy.deepcopy(net), exclude=["head"]) == ["features.0"]
+    assert decorrelate(copy.deepcopy(net), include=["*.0", "head"], exclude=["he*"]) == ["features.0"]
+    assert isinstance(decorrelate, object) and DecorrelatedLinear is not None
+
+
+def test_rows_collected_only_when_asked_and_training() -> None:
+    lin = nn.Linear(4, 2)
+    decorrelate(lin)
+    x = torch.randn(10, 4)
+    lin(x)
+    assert lin.decor_pending_rows() == 0  # collection is off until the callback switches it on
+    lin.decor_collect = True
+    lin.decor_sample_fraction = 0.3
+    lin(x)
+    with torch.no_grad():
+        lin(x)
+    lin.eval()
+    lin(x)
+    assert lin.decor_pending_rows() == 3  # ceil(0.3 * 10), from the one training forward with grad
+    torch.testing.assert_close(lin.decor_take_rows(), x[:3])
+    assert lin.decor_take_rows() is None
+
+
+def test_update_skips_non_finite() -> None:
+    lin = nn.Linear(3, 2)
+    decorrelate(lin)
+    rows = torch.randn(8, 3)
+    rows[0, 0] = float("nan")
+    loss, ok = lin.decor_update_(rows, lr=0.1, kappa=0.5)
+    assert not ok and torch.equal(lin.decor_R, torch.eye(3))
+    loss, ok = lin.decor_update_(torch.randn(8, 3) * 1e30, lr=1.0, kappa=0.5)
+    assert not ok and torch.equal(lin.decor_R, torch.eye(3))
+    loss, ok = lin.decor_update_(torch.randn(8, 3), lr=0.1, kappa=0.5)
+    assert ok and not torch.equal(lin.decor_R, torch.eye(3)) and torch.isfinite(loss)
+
+
+def test_errors() -> None:
+    with pytest.raises(TypeError, match=r"Expected `model` to be a torch.nn.Module, but got str"):
+        decorrelate("net")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Expected `include` to be a list of name patterns \(str\), but got 'fc'"):
+        decorrelate(nn.Linear(2, 2), include="fc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"Expected `exclude` to be a list of name patterns \(str\), but got \[1\]"):
+        decorrelate(nn.Linear(2, 2), exclude=[1])  # type: ignore[list-item]
