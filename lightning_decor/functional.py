@@ -26,6 +26,8 @@ __all__ = [
     "decorrelation_loss",
     "decorrelation_update_",
     "fuse_weight",
+    "guarded_decorrelation_update_",
+    "sample_conv_patch_rows",
     "stats_dtype",
 ]
 
@@ -86,6 +88,52 @@ def decorrelation_loss(z: Tensor, kappa: float) -> Tensor:
     return _loss_from_parts(off_sq, c, kappa, d)
 
 
+def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
+    _check_rows("x", x)
+    _check_kappa(kappa)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"Expected `lr` to be a float, but got {type(lr).__name__}: {lr!r}.")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"Expected `lr` to be a finite number > 0, but got {lr!r}.")
+    if R.dim() != 2 or R.shape[0] != R.shape[1] or R.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"Expected `R` of shape (d, d) with d = x.shape[1] = {x.shape[1]}, but got {tuple(R.shape)}."
+        )
+
+
+def _updated(R: Tensor, x: Tensor, lr: float, kappa: float, guard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(R_new, loss, ok)`` in the statistics dtype; ``ok`` (with ``guard``) says the statistics were finite."""
+    dtype = stats_dtype(R.dtype)
+    r = R.to(dtype)
+    x = x.to(device=R.device, dtype=dtype)
+    n, d = x.shape
+    z = x @ r.T  # (n, d) decorrelated rows
+    c = z.pow(2).sum(0) / n  # (d,) = diag(C)
+    # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R
+    # with s = kappa * (c - 1) - (1 - kappa) * c; so R_new = diag(1 - lr * s) @ R - lr * (1 - kappa) * C @ R.
+    s = kappa * (c - 1.0) - (1.0 - kappa) * c
+    if n < d:  # through the rows: C @ R = z.T @ (z @ R) / n, 4 n d^2 flops, no d x d x d product
+        gram = z @ z.T  # (n, n)
+        off_sq = gram.pow(2).sum() / (n * n) - c.pow(2).sum()
+    else:
+        cov = z.T @ z / n  # (d, d)
+        off_sq = cov.pow(2).sum() - c.pow(2).sum()
+    loss = _loss_from_parts(off_sq, c, kappa, d)
+    ok = None
+    scale = 1.0 - lr * s
+    if guard:  # non-finite statistics contribute nothing (no host sync: masks, not branches)
+        ok = torch.isfinite(loss)
+        scale = torch.where(ok, scale, 1.0)
+        z = torch.where(ok, z, 0.0)
+    new = r * scale[:, None]
+    if n < d:
+        new.addmm_(z.T, z @ r, alpha=-lr * (1.0 - kappa) / n)
+    else:
+        cov = torch.where(ok, cov, 0.0) if ok is not None else cov
+        new.addmm_(cov, r, alpha=-lr * (1.0 - kappa))
+    return new, loss, ok
+
+
 @torch.no_grad()
 def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> Tensor:
     """Update ``R`` in place by one step of the decorrelation rule and return the loss before the step.
@@ -95,8 +143,8 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
         R <- R - lr * [(1 - kappa) * (C - diag(c)) + kappa * diag(c - 1)] @ R
 
     The statistics are computed in ``R``'s dtype promoted to at least float32, with autocast off. When
-    ``n < d`` the product ``(C - diag c) @ R`` is formed through the rows, ``z.T @ (z @ R) / n - diag(c) @ R``
-    (``4 n d^2`` instead of ``2 d^3`` flops); otherwise ``C`` is formed explicitly.
+    ``n < d`` the product ``C @ R`` is formed through the rows, ``z.T @ (z @ R) / n`` (``4 n d^2`` instead of
+    ``2 n d^2 + 2 d^3`` flops); otherwise ``C`` is formed explicitly.
 
     Args:
         R: The ``(d, d)`` decorrelation matrix, updated in place.
@@ -112,38 +160,30 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
         >>> R = torch.eye(4)
         >>> loss = decorrelation_update_(R, torch.randn(64, 4) @ torch.randn(4, 4), lr=1e-2, kappa=0.5)
     """
-    _check_rows("x", x)
-    _check_kappa(kappa)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"Expected `lr` to be a float, but got {type(lr).__name__}: {lr!r}.")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"Expected `lr` to be a finite number > 0, but got {lr!r}.")
-    if R.dim() != 2 or R.shape[0] != R.shape[1] or R.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"Expected `R` of shape (d, d) with d = x.shape[1] = {x.shape[1]}, but got {tuple(R.shape)}."
-        )
-    dtype = stats_dtype(R.dtype)
+    _check_update_args(R, x, lr, kappa)
     with torch.autocast(R.device.type, enabled=False):
-        r = R.to(dtype)
-        x = x.to(device=R.device, dtype=dtype)
-        n, d = x.shape
-        z = x @ r.T  # (n, d) decorrelated rows
-        c = z.pow(2).sum(0) / n  # (d,) = diag(C)
-        # Row scaling s_i so that G @ R = (1 - kappa) * C_off @ R + kappa * diag(c - 1) @ R
-        #                              = (1 - kappa) * C @ R + diag(s) @ R,  s = kappa * (c - 1) - (1 - kappa) * c
-        s = kappa * (c - 1.0) - (1.0 - kappa) * c
-        if n < d:
-            zr = z @ r  # (n, d)
-            cr = z.T @ zr / n  # C @ R through the rows, never forming C
-            gram = z @ z.T  # (n, n)
-            off_sq = gram.pow(2).sum() / (n * n) - c.pow(2).sum()
-        else:
-            cov = z.T @ z / n  # (d, d)
-            cr = cov @ r
-            off_sq = cov.pow(2).sum() - c.pow(2).sum()
-        step = (1.0 - kappa) * cr + s[:, None] * r
-        R.sub_((lr * step).to(R.dtype))
-        return _loss_from_parts(off_sq, c, kappa, d)
+        new, loss, _ = _updated(R, x, lr, kappa, guard=False)
+        R.copy_(new)
+    return loss
+
+
+@torch.no_grad()
+def guarded_decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> tuple[Tensor, Tensor]:
+    """:func:`decorrelation_update_` that never writes a non-finite value into ``R``, without a host sync.
+
+    The step is skipped (``R`` kept) when the statistics of ``x`` are non-finite (NaN/Inf input) or when the
+    new ``R`` would hold a non-finite value (a diverging ``lr``).
+
+    Returns:
+        ``(loss, ok)``: the loss before the step and a boolean scalar tensor, ``False`` when the step was skipped.
+    """
+    _check_update_args(R, x, lr, kappa)
+    with torch.autocast(R.device.type, enabled=False):
+        new, loss, ok = _updated(R, x, lr, kappa, guard=True)
+        assert ok is not None
+        ok = ok & torch.isfinite(new.sum())  # one reduction instead of an elementwise check
+        torch.where(ok, new.to(R.dtype), R, out=R)
+    return loss, ok
 
 
 def conv_patch_rows(
@@ -197,3 +237,72 @@ def fuse_weight(weight: Tensor, R: Tensor) -> Tensor:
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         fused = fused.contiguous(memory_format=torch.channels_last)
     return fused
+
+
+def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Tensor | None]:
+    """Map coordinates in the padded input to the unpadded one; returns the index and, for zeros, a validity mask."""
+    if padding_mode == "zeros":
+        valid = (pos >= 0) & (pos < size)
+        return pos.clamp(0, size - 1), valid
+    if padding_mode == "replicate":
+        return pos.clamp(0, size - 1), None
+    if padding_mode == "circular":
+        return pos.remainder(size), None
+    if padding_mode == "reflect":
+        period = 2 * (size - 1) if size > 1 else 1
+        pos = pos.remainder(period)
+        return torch.where(pos >= size, period - pos, pos), None
+    raise ValueError(f"Expected `padding_mode` in ('zeros', 'reflect', 'replicate', 'circular'), but got {padding_mode!r}.")
+
+
+def sample_conv_patch_rows(
+    x: Tensor,
+    n: int,
+    kernel_size: tuple[int, int],
+    *,
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``n`` patch rows drawn uniformly (with replacement) from all rows of :func:`conv_patch_rows`, without
+    unfolding: each row is gathered directly from ``x``, ``O(n d)`` work instead of ``O(N L d)``.
+
+    Args:
+        x: Input of shape ``(N, C_in, H, W)``.
+        n: Number of rows to draw.
+        kernel_size, stride, padding, dilation, padding_mode: As in ``nn.Conv2d`` (``groups == 1``).
+        generator: Random generator on ``x``'s device (``None``: torch's global one).
+
+    Returns:
+        Rows of shape ``(n, C_in * k_h * k_w)``.
+    """
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    if padding == "valid":
+        (top, bottom), (left, right) = (0, 0), (0, 0)
+    elif padding == "same":  # as nn.Conv2d: total dilation * (k - 1), the extra pixel at the end
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        (top, bottom), (left, right) = (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
+    elif isinstance(padding, str):
+        raise ValueError(f"Expected `padding` to be a pair of ints, 'valid' or 'same', but got {padding!r}.")
+    else:
+        (top, bottom), (left, right) = (padding[0], padding[0]), (padding[1], padding[1])
+    H_pad, W_pad = H + top + bottom, W + left + right
+    h_out = (H_pad - dh * (kh - 1) - 1) // sh + 1
+    w_out = (W_pad - dw * (kw - 1) - 1) // sw + 1
+    dev = x.device
+    b = torch.randint(N, (n, 1), device=dev, generator=generator)
+    oy = torch.randint(h_out, (n, 1), device=dev, generator=generator)
+    ox = torch.randint(w_out, (n, 1), device=dev, generator=generator)
+    cc, ky, kx = torch.meshgrid(
+        torch.arange(C, device=dev), torch.arange(kh, device=dev), torch.arange(kw, device=dev), indexing="ij"
+    )
+    cc, ky, kx = cc.reshape(1, -1), ky.reshape(1, -1), kx.reshape(1, -1)  # (1, d), ordered like the weight
+    iy, valid_y = _source_index(oy * sh - top + ky * dh, H, padding_mode)  # (n, d)
+    ix, valid_x = _source_index(ox * sw - left + kx * dw, W, padding_mode)
+    rows = x[b, cc, iy, ix]  # (n, d)
+    if valid_y is not None and valid_x is not None:
+        rows = rows * (valid_y & valid_x)
+    return rows

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_decor.functional import conv_patch_rows, decorrelation_update_, fuse_weight, stats_dtype
+from lightning_decor.functional import (
+    conv_patch_rows,
+    fuse_weight,
+    guarded_decorrelation_update_,
+    sample_conv_patch_rows,
+    stats_dtype,
+)
 
 __all__ = [
     "DecorrelatedConv2d",
@@ -100,20 +106,16 @@ class DecorrelatedLayer(nn.Module):
             return None
         return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
 
-    @torch.no_grad()
     def decor_update_(self, rows: Tensor, *, lr: float, kappa: float) -> tuple[Tensor, Tensor]:
         """One decorrelation step of ``decor_R`` from raw input ``rows``; a non-finite result is discarded.
 
         Returns:
             ``(loss, ok)``: the decorrelation loss before the step and a boolean scalar tensor that is ``False``
-            when the step was skipped because it produced a non-finite ``R`` (``R`` is then unchanged). Neither
-            is read on the host here, so the update never synchronises the device.
+            when the step was skipped (``R`` unchanged; see
+            :func:`lightning_decor.functional.guarded_decorrelation_update_`). Neither is read on the host here,
+            so the update never synchronises the device.
         """
-        old = self.decor_R.clone()
-        loss = decorrelation_update_(self.decor_R, rows, lr=lr, kappa=kappa)
-        ok = torch.isfinite(loss) & torch.isfinite(self.decor_R).all()
-        self.decor_R.copy_(torch.where(ok, self.decor_R, old))
-        return loss, ok
+        return guarded_decorrelation_update_(self.decor_R, rows, lr=lr, kappa=kappa)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # A plain layer's state: the fused weight under the usual key, so checkpoints load into the plain model.
@@ -142,16 +144,19 @@ class DecorrelatedConv2d(DecorrelatedLayer, nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
             x = input if input.dim() == 4 else input.unsqueeze(0)
-            k = self._decor_n_samples(x.shape[0])  # images, taken before unfold (unfold is memory hungry)
-            rows = conv_patch_rows(
-                x[:k].detach(),
-                self.kernel_size,  # type: ignore[arg-type]
-                stride=self.stride,  # type: ignore[arg-type]
-                padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),  # type: ignore[arg-type]
-                dilation=self.dilation,  # type: ignore[arg-type]
+            x = x[: self._decor_n_samples(x.shape[0])].detach()  # images, before any unfold
+            geometry: dict[str, Any] = dict(
+                stride=self.stride,
+                padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),
+                dilation=self.dilation,
                 padding_mode=self.padding_mode,
-            )  # (k * H_out * W_out, C_in * kh * kw)
-            self._decor_store(rows)
+            )
+            cap = self.decor_max_rows
+            if cap is not None and cap < x.shape[0] * x.shape[2] * x.shape[3]:  # fewer rows than patches (for stride 1)
+                rows = sample_conv_patch_rows(x, cap, self.kernel_size, generator=self.decor_generator, **geometry)
+                self._decor_rows.append(rows)  # (cap, C_in * kh * kw), gathered without unfolding
+            else:
+                self._decor_store(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * H_out * W_out, d)
         return self._conv_forward(input, self.decor_fused_weight(), self.bias)
 
 

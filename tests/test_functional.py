@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_decor.functional import conv_patch_rows, decorrelation_loss, decorrelation_update_, fuse_weight
+from lightning_decor.functional import (
+    conv_patch_rows,
+    decorrelation_loss,
+    decorrelation_update_,
+    fuse_weight,
+    guarded_decorrelation_update_,
+    sample_conv_patch_rows,
+)
 
 
 def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tuple[np.ndarray, float]:
@@ -103,3 +110,28 @@ def test_errors_name_the_argument() -> None:
         decorrelation_update_(torch.eye(2), torch.randn(4, 3), lr=0.1, kappa=0.5)
     with pytest.raises(ValueError, match=r"Expected `padding` to be a pair of ints, 'valid' or 'same', but got 'full'"):
         conv_patch_rows(torch.randn(1, 1, 4, 4), (3, 3), stride=(1, 1), padding="full", dilation=(1, 1))
+
+
+@pytest.mark.parametrize(
+    "padding, padding_mode, stride, dilation",
+    [((1, 2), "zeros", (2, 1), (1, 2)), ("same", "zeros", (1, 1), (2, 1)), ((1, 1), "reflect", (1, 2), (1, 1)),
+     ((2, 1), "replicate", (1, 1), (1, 1)), ((1, 1), "circular", (2, 2), (1, 1)), ("valid", "zeros", (1, 1), (1, 1)),
+     ("same", "reflect", (1, 1), (1, 1))],
+)  # fmt: skip
+def test_sampled_patch_rows_are_patch_rows(padding, padding_mode, stride, dilation) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    conv = torch.nn.Conv2d(2, 1, (3, 2), stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
+    full = conv_patch_rows(x, (3, 2), **kwargs)  # type: ignore[arg-type]
+    # The reference rows reproduce nn.Conv2d itself: conv(x) == rows @ W.T (+ b).
+    y = conv.double()(x)
+    torch.testing.assert_close(
+        (full @ conv.weight.reshape(1, -1).T + conv.bias).reshape(3, -1), y.reshape(3, -1), rtol=1e-10, atol=1e-10
+    )
+    g = torch.Generator().manual_seed(0)
+    sampled = sample_conv_patch_rows(x, 400, (3, 2), generator=g, **kwargs)  # type: ignore[arg-type]
+    assert sampled.shape == (400, full.shape[1])
+    dist = torch.cdist(sampled, full, compute_mode="donot_use_mm_for_euclid_dist")
+    assert dist.min(dim=1).values.max() < 1e-12  # every drawn row is one of the layer's patch rows
+    hit = dist.argmin(dim=1).unique()
+    assert len(hit) > 0.6 * len(full)  # and the draws spread over them
