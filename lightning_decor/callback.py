@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_decor.distributed import all_gather_rows, count_group
+from lightning_decor.functional import conv_patch_rows, sample_conv_patch_rows
 from lightning_decor.layers import (
     DecorrelatedLayer,
     _check_patterns,
@@ -40,6 +47,62 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _check_every(name: str, value: Any, optional: bool = True) -> int | None:
+    """``value`` as an epoch interval (an int >= 1; ``None`` too when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"Expected `{name}` to be {kind}, but got {type(value).__name__}: {value!r}.")
+    if value < 1:
+        raise ValueError(f"Expected `{name}` to be >= 1{' or None' if optional else ''}, but got {value!r}.")
+    return value
+
+
+_PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
+_PICTURE_SIDE = 256  # larger matrices are average-pooled to this side, so pictures stay small in the event file
+_HISTOGRAM_BINS = 64
+
+
+def _abs_correlation(rows: Tensor) -> Tensor:
+    """``|C_ij| / sqrt(C_ii * C_jj)`` for ``C = rows.T @ rows / n``: the normalised second moments that DBP drives
+    towards a diagonal (no mean removal, as in the update). A feature that is always zero gets a zero row."""
+    c = rows.T @ rows / rows.shape[0]  # (d, d)
+    s = c.diagonal().clamp_min(torch.finfo(c.dtype).tiny).sqrt()
+    return (c / s[:, None] / s[None, :]).abs().clamp_(max=1.0)
+
+
+def _correlation_picture(x: Tensor, R: Tensor) -> Tensor:
+    """A ``(1, h, 2 * w + 2)`` grey image in [0, 1]: ``|corr|`` of the raw rows ``x`` (left) and of the
+    decorrelated rows ``z = x @ R.T`` (right), separated by a mid-grey bar; ``h = w = min(d, 256)``."""
+    x = x.to(R.dtype)
+    pictures = [_abs_correlation(x), _abs_correlation(x @ R.T)]
+    if R.shape[0] > _PICTURE_SIDE:  # mean |corr| over blocks of features
+        pictures = [F.adaptive_avg_pool2d(p[None, None], _PICTURE_SIDE)[0, 0] for p in pictures]
+    bar = torch.full((pictures[0].shape[0], 2), 0.5, dtype=R.dtype, device=R.device)
+    return torch.cat([pictures[0], bar, pictures[1]], dim=1)[None].float().cpu()
+
+
+def _histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
+    """The arguments of ``SummaryWriter.add_histogram_raw`` for ``values``, counted on their device (sort and
+    search are deterministic, unlike ``histc`` on CUDA), so only ``bins`` numbers reach the host."""
+    v = values.detach().flatten().float().sort().values
+    lo, hi, total, total_sq = torch.stack([v[0], v[-1], v.sum(), v.square().sum()]).tolist()
+    top = hi if hi > lo else lo + 1.0  # all equal (R = I has only zeros off the diagonal): one visible bin
+    limits = torch.linspace(lo, top, bins + 1, device=v.device, dtype=v.dtype)[1:]
+    below = torch.searchsorted(v, limits, right=True)  # values <= each upper limit
+    below[-1] = v.numel()
+    counts = torch.diff(below, prepend=below.new_zeros(1))
+    return dict(
+        min=lo, max=hi, num=v.numel(), sum=total, sum_squares=total_sq,
+        bucket_limits=limits.tolist(), bucket_counts=counts.tolist(),
+    )  # fmt: skip
+
+
+# Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
+_SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+
+
 class DecorrelationCallback(Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
@@ -57,6 +120,15 @@ class DecorrelationCallback(Callback):
     - ``decor/<layer name>``: that layer's loss at the logged step, when ``log_per_layer=True``;
     - ``decor/skipped``: total number of layer updates skipped because they would have made ``R`` non-finite.
 
+    Pictures, opt-in, written only through a ``TensorBoardLogger`` (``add_histogram``/``add_image``), on rank zero,
+    at the end of every N-th training epoch (the step axis is ``trainer.global_step``):
+
+    - ``decor/R_offdiag/<layer name>``: histogram of the off-diagonal entries of each layer's ``R``, with
+      ``log_histograms_every_n_epochs``;
+    - ``decor/correlation/<layer name>``: with ``log_correlation_image``, an image of that layer's input correlations
+      ``|C_ij| / sqrt(C_ii C_jj)`` (white = 1) on its last training batch of the epoch: raw input ``x`` on the left,
+      decorrelated ``z = x R^T`` on the right.
+
     Args:
         decor_lr: Learning rate ``eta`` of the decorrelation rule (> 0). The rule is stable for
             ``eta * ||C|| << 1``; 1e-3 suits normalised inputs.
@@ -69,11 +141,20 @@ class DecorrelationCallback(Callback):
         include: Glob patterns on qualified module names to patch (``None``: every eligible layer). A plain prefix
             such as ``"layer4"`` also matches the modules below it.
         exclude: Patterns of layers to leave plain (e.g. the classifier head).
+        max_features: Layers whose ``d`` exceeds this stay plain, with a warning (``R`` takes ``4 d^2`` bytes: a
+            VGG classifier's ``d = 25088`` would need 2.4 GiB). ``None`` for no limit.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
         use_cuda_stream: Run the update on a side CUDA stream when training on a GPU.
         fold_on_fit_end: At the end of ``fit``, fold ``R`` into the weights and restore the plain layers, so the
             model has no inference overhead. With ``False`` the model stays patched (its ``state_dict`` is plain
             either way).
+        log_histograms_every_n_epochs: Every this many training epochs, log a TensorBoard histogram of each
+            layer's off-diagonal ``R`` entries (``None``: never).
+        log_correlation_image: Qualified name of one patched layer (e.g. ``"net.0"``) whose input correlation
+            matrix, before and after decorrelation, is logged as a TensorBoard image (``None``: none). The callback
+            keeps a reference to that layer's latest training input (no copy, no device sync per step) and computes
+            the picture from at most 8192 of its rows at epoch end.
+        log_image_every_n_epochs: Every this many training epochs, log the ``log_correlation_image`` picture.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -88,9 +169,13 @@ class DecorrelationCallback(Callback):
         max_rows: int | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        max_features: int | None = 8192,
         log_per_layer: bool = False,
         use_cuda_stream: bool = True,
         fold_on_fit_end: bool = True,
+        log_histograms_every_n_epochs: int | None = None,
+        log_correlation_image: str | None = None,
+        log_image_every_n_epochs: int = 1,
     ) -> None:
         self.decor_lr = _check_float("decor_lr", decor_lr, _number(decor_lr) > 0, "to be a finite number > 0")
         self.kappa = _check_float("kappa", kappa, 0 <= _number(kappa) <= 1, "in [0, 1]")
@@ -104,6 +189,13 @@ class DecorrelationCallback(Callback):
         self.max_rows = max_rows
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
+        if max_features is not None and (isinstance(max_features, bool) or not isinstance(max_features, int)):
+            raise TypeError(
+                f"Expected `max_features` to be an int or None, but got {type(max_features).__name__}: {max_features!r}."
+            )
+        if max_features is not None and max_features < 1:
+            raise ValueError(f"Expected `max_features` to be >= 1 or None, but got {max_features!r}.")
+        self.max_features = max_features
         for name, flag in (
             ("log_per_layer", log_per_layer),
             ("use_cuda_stream", use_cuda_stream),
@@ -114,15 +206,31 @@ class DecorrelationCallback(Callback):
         self.log_per_layer = log_per_layer
         self.use_cuda_stream = use_cuda_stream
         self.fold_on_fit_end = fold_on_fit_end
+        every = _check_every("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
+        self.log_histograms_every_n_epochs = every
+        if log_correlation_image is not None and not isinstance(log_correlation_image, str):
+            raise TypeError(
+                "Expected `log_correlation_image` to be a layer name (str) or None, but got "
+                f"{type(log_correlation_image).__name__}: {log_correlation_image!r}."
+            )
+        self.log_correlation_image = log_correlation_image
+        self.log_image_every_n_epochs = int(
+            _check_every("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)  # type: ignore[arg-type]
+        )
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._layers: dict[str, DecorrelatedLayer] = {}
         self._stream: torch.cuda.Stream | None = None
         self._generator: torch.Generator | None = None
-        self._metric = DecorrelationLoss(kappa=self.kappa)
+        # Every rank computes the same losses from the same pooled rows, so the metric needs no sync of its own.
+        self._metric = DecorrelationLoss(kappa=self.kappa, sync_on_compute=False)
         self._last_losses: Tensor | None = None
         self._skipped: Tensor | None = None
         self._warned_skips = 0
         self._updated_batch: int | None = None
+        self._picture_hook: RemovableHandle | None = None
+        self._picture_input: Tensor | None = None
+        self._pool_ranks = False  # DDP: pool the rows of every rank before each update
+        self._counts_group: Any = None  # a process group, created in on_fit_start (not picklable)
         self.updates = 0  # number of R updates done (a plain int: no device sync)
 
     # ------------------------------------------------------------------ setup and teardown
@@ -130,7 +238,27 @@ class DecorrelationCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        eligible = eligible_layers(pl_module)
+        strategies = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        if strategies & _SHARDED_STRATEGIES:
+            raise ValueError(
+                f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: it shards the "
+                "weights, while each R needs its layer's whole weight and input rows. Use a single device, "
+                "'ddp' or 'ddp_spawn'."
+            )
+        if is_overridden("configure_model", pl_module):
+            # Layers built there do not exist yet: build them now, in the contexts Lightning uses, so that they are
+            # patched before the checkpoint restore, the DDP wrap, the optimizers and the first compiled call (as
+            # Lightning's WeightAveraging does). Lightning's own call follows; the hook must be idempotent.
+            with (
+                trainer.strategy.tensor_init_context(),
+                trainer.strategy.model_sharded_context(),
+                trainer.precision_plugin.module_init_context(),
+            ):
+                pl_module.configure_model()
+        eligible = eligible_layers(pl_module, self.max_features)
+        wide = {name: why for name, why in eligible.items() if why is not None and why.startswith("d = ")}
+        if wide:
+            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {wide}.")
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns or []:
                 if not any(_matches(name, [pattern]) for name in eligible):
@@ -138,16 +266,33 @@ class DecorrelationCallback(Callback):
                         f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
                         f"Eligible layers: {sorted(eligible)}."
                     )
-        decorrelate(pl_module, include=self.include, exclude=self.exclude)  # idempotent: patched layers stay
+        decorrelate(pl_module, include=self.include, exclude=self.exclude, max_features=self.max_features)  # idempotent: patched layers stay
         self._layers = decorrelated_layers(pl_module)
+        # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by `update_` instead.
+        ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self._layers})
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv2d, not frozen, "
                 "groups == 1, matching `include`/`exclude`); training proceeds as plain backpropagation."
             )
+        self._check_picture_layer()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        replaced = sorted(name for name, layer in self._layers.items() if modules.get(name) is not layer)
+        if replaced:
+            raise RuntimeError(
+                f"DecorrelationCallback patched {replaced} in `setup`, but `configure_model` built them anew "
+                "afterwards. Expected `configure_model` to be idempotent (Lightning calls it again), e.g. return "
+                "early when the layers exist."
+            )
+        self._updated_batch = None  # batch counters restart with a new Trainer
+        dist = torch.distributed
+        self._pool_ranks = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if self._pool_ranks and self._layers:
+            self._counts_group = count_group()  # collective: every rank has the same layers
         device = trainer.strategy.root_device
         if self.use_cuda_stream and device.type == "cuda":
             self._stream = torch.cuda.Stream(device=device)
@@ -165,10 +310,12 @@ class DecorrelationCallback(Callback):
 
     def _release(self, fold_layers: bool) -> None:
         self._wait()
+        self._stop_picture_input()
         for layer in self._layers.values():
             if isinstance(layer, DecorrelatedLayer):
                 layer.decor_collect = False
                 layer.decor_take_rows()
+        self._counts_group = None
         if fold_layers:
             for layer in self._layers.values():
                 fold(layer)  # a no-op on a layer the user folded already
@@ -219,14 +366,25 @@ class DecorrelationCallback(Callback):
         losses: list[Tensor] = []
         oks: list[Tensor] = []
         with self._stream_context():
-            for layer in self._layers.values():
-                rows = layer.decor_take_rows()
+            layers = list(self._layers.values())
+            taken = [layer.decor_take_rows() for layer in layers]
+            if self._stream is not None:
+                for rows in taken:
+                    if rows is not None:
+                        rows.record_stream(self._stream)
+            if self._pool_ranks and layers:  # DDP: every rank updates from the rows of all ranks, so R stays equal
+                taken = all_gather_rows(
+                    taken,
+                    [layer.decor_features for layer in layers],
+                    dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in layers]),
+                    device=layers[0].decor_R.device,
+                    counts_group=self._counts_group,
+                )
+            for layer, rows in zip(layers, taken):
                 if rows is None:  # layer not used in this step's forward
                     losses.append(torch.full((), math.nan, device=layer.decor_R.device))
                     oks.append(torch.ones((), dtype=torch.bool, device=layer.decor_R.device))
                     continue
-                if self._stream is not None:
-                    rows.record_stream(self._stream)
                 loss, ok = layer.decor_update_(rows, lr=self.decor_lr, kappa=self.kappa)
                 losses.append(loss.float())
                 oks.append(ok)
@@ -305,3 +463,89 @@ class DecorrelationCallback(Callback):
         """The patched layers by qualified name."""
         return iter(self._layers.items())
 
+    # ------------------------------------------------------------------ TensorBoard pictures (opt-in, epoch end)
+    def _check_picture_layer(self) -> None:
+        name = self.log_correlation_image
+        if name is not None and name not in self._layers:
+            raise ValueError(
+                f"Expected `log_correlation_image` to name a decorrelated layer, one of {sorted(self._layers)}, "
+                f"but got {name!r}."
+            )
+
+    @staticmethod
+    def _due(trainer: Trainer, every: int | None) -> bool:
+        return every is not None and (trainer.current_epoch + 1) % every == 0
+
+    def _tensorboards(self, trainer: Trainer) -> list[Any]:
+        """The ``SummaryWriter`` of every ``TensorBoardLogger`` on rank zero (other loggers have no pictures)."""
+        if not trainer.is_global_zero:
+            return []
+        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _keep_picture_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and module.training and torch.is_grad_enabled():
+            self._picture_input = args[0].detach()  # a reference, no copy: replaced by the next training forward
+
+    def _stop_picture_input(self) -> None:
+        if self._picture_hook is not None:
+            self._picture_hook.remove()
+        self._picture_hook, self._picture_input = None, None
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        wanted = self.log_correlation_image is not None and self._due(trainer, self.log_image_every_n_epochs)
+        if wanted and self._picture_hook is None and self._tensorboards(trainer):
+            layer = self._layers[self.log_correlation_image]  # type: ignore[index]
+            self._picture_hook = layer.register_forward_hook(self._keep_picture_input)
+        if trainer.current_epoch == 0 and not trainer.fast_dev_run and trainer.is_global_zero:
+            pictures = self.log_histograms_every_n_epochs is not None or self.log_correlation_image is not None
+            if pictures and not self._tensorboards(trainer):
+                rank_zero_warn(
+                    "DecorrelationCallback: `log_histograms_every_n_epochs`/`log_correlation_image` log only through "
+                    "a TensorBoardLogger, and the Trainer has none; nothing will be drawn."
+                )
+
+    @override
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writers = self._tensorboards(trainer)
+        if not writers or not self._layers:
+            return
+        self._wait()  # R may still be moving on the side stream
+        step = trainer.global_step
+        if self._due(trainer, self.log_histograms_every_n_epochs):
+            for name, layer in self._layers.items():
+                R = layer.decor_R
+                if R.shape[0] < 2:  # no off-diagonal entries
+                    continue
+                histogram = _histogram(R[~torch.eye(R.shape[0], dtype=torch.bool, device=R.device)])
+                for writer in writers:
+                    writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **histogram)
+        x = self._picture_input
+        if self.log_correlation_image is not None and x is not None:
+            layer = self._layers[self.log_correlation_image]
+            picture = _correlation_picture(self._picture_rows(layer, x), layer.decor_R)
+            for writer in writers:
+                writer.add_image(f"decor/correlation/{self.log_correlation_image}", picture, step, dataformats="CHW")
+        self._stop_picture_input()
+
+    @staticmethod
+    def _picture_rows(layer: DecorrelatedLayer, x: Tensor) -> Tensor:
+        """The raw input rows behind the correlation picture: at most 8192 rows of the layer's input ``x``
+        (im2col patches for a convolution), drawn with a fixed seed so that pictures do not move the training RNG."""
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        if isinstance(layer, nn.Conv2d):
+            x = x if x.dim() == 4 else x.unsqueeze(0)
+            geometry: dict[str, Any] = dict(
+                stride=layer.stride,
+                padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                dilation=layer.dilation,
+                padding_mode=layer.padding_mode,
+            )
+            if x.shape[0] * x.shape[2] * x.shape[3] > _PICTURE_ROWS:  # more patches (for stride 1) than needed
+                return sample_conv_patch_rows(x, _PICTURE_ROWS, layer.kernel_size, generator=generator, **geometry)
+            return conv_patch_rows(x, layer.kernel_size, **geometry)  # (N * H_out * W_out, d)
+        rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
+        if rows.shape[0] > _PICTURE_ROWS:
+            rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
+        return rows

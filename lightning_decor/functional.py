@@ -186,45 +186,95 @@ def guarded_decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: flo
     return loss, ok
 
 
+def _pads(
+    kernel_size: tuple[int, ...], dilation: tuple[int, ...], padding: tuple[int, ...] | str
+) -> list[tuple[int, int]]:
+    """Padding (before, after) per spatial dimension, as ``nn.Conv*d`` applies it."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel_size)
+    if padding == "same":  # total dilation * (k - 1), the extra pixel at the end
+        totals = [dil * (k - 1) for k, dil in zip(kernel_size, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    if isinstance(padding, str):
+        raise ValueError(f"Expected `padding` to be a tuple of ints, 'valid' or 'same', but got {padding!r}.")
+    return [(p, p) for p in padding]
+
+
 def conv_patch_rows(
     x: Tensor,
-    kernel_size: tuple[int, int],
+    kernel_size: tuple[int, ...],
     *,
-    stride: tuple[int, int],
-    padding: tuple[int, int] | str,
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
     padding_mode: str = "zeros",
 ) -> Tensor:
-    """The im2col patch rows a ``Conv2d`` (``groups == 1``) multiplies with its weight.
+    """The im2col patch rows a ``Conv1d``/``Conv2d``/``Conv3d`` (``groups == 1``) multiplies with its weight.
 
     Args:
-        x: Input of shape ``(N, C_in, H, W)``.
-        kernel_size, stride, dilation: As in ``nn.Conv2d`` (pairs).
-        padding: A pair of ints, or ``"valid"`` / ``"same"``.
+        x: Input of shape ``(N, C_in, *spatial)`` with 1, 2 or 3 spatial dimensions.
+        kernel_size, stride, dilation: As in ``nn.Conv*d`` (one entry per spatial dimension).
+        padding: A tuple of ints, or ``"valid"`` / ``"same"``.
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
 
     Returns:
-        Rows of shape ``(N * H_out * W_out, C_in * k_h * k_w)``, ordered like ``weight.reshape(C_out, -1)``.
+        Rows of shape ``(N * L_out, C_in * prod(kernel_size))``, ordered like ``weight.reshape(C_out, -1)``,
+        output positions in row-major order.
     """
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            # Same total padding as nn.Conv2d: dilation * (k - 1), the extra pixel at the end.
-            pads: list[int] = []
-            for k, dil in zip(reversed(kernel_size), reversed(dilation)):
-                total = dil * (k - 1)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads, mode="constant" if padding_mode == "zeros" else padding_mode)
-            padding = (0, 0)
-        else:
-            raise ValueError(f"Expected `padding` to be a pair of ints, 'valid' or 'same', but got {padding!r}.")
-    if padding_mode != "zeros" and any(padding):
-        ph, pw = padding
-        x = F.pad(x, (pw, pw, ph, ph), mode=padding_mode)
-        padding = (0, 0)
-    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (N, d, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, d)
+    pads = _pads(kernel_size, dilation, padding)
+    if x.dim() == 3:  # Conv1d as a Conv2d of height 1
+        return conv_patch_rows(
+            x.unsqueeze(2),
+            (1, *kernel_size),
+            stride=(1, *stride),
+            padding=padding if isinstance(padding, str) else (0, *padding),
+            dilation=(1, *dilation),
+            padding_mode=padding_mode,
+        )
+    if x.dim() == 4:
+        if any(before != after for before, after in pads) or (padding_mode != "zeros" and any(sum(p) for p in pads)):
+            flat = [v for before_after in reversed(pads) for v in before_after]  # F.pad order: last dim first
+            x = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
+            pads = [(0, 0)] * 2
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=[p[0] for p in pads], stride=stride)  # (N, d, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, d)
+    # Conv3d: gather every output position (F.unfold is 2-D only).
+    sizes = _out_sizes(x, kernel_size, stride, dilation, pads)
+    grid = torch.meshgrid(*[torch.arange(s, device=x.device) for s in (x.shape[0], *sizes)], indexing="ij")
+    pos = torch.stack([g.reshape(-1) for g in grid], dim=1)  # (N * L, 1 + S): image, then output coordinates
+    return _gather_rows(x, pos, kernel_size, stride, dilation, pads, padding_mode)
+
+
+def _out_sizes(
+    x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+    pads: list[tuple[int, int]],
+) -> list[int]:  # fmt: skip
+    return [
+        (size + before + after - dil * (k - 1) - 1) // st + 1
+        for size, k, st, dil, (before, after) in zip(x.shape[2:], kernel_size, stride, dilation, pads)
+    ]
+
+
+def _gather_rows(
+    x: Tensor, pos: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+    pads: list[tuple[int, int]], padding_mode: str,
+) -> Tensor:  # fmt: skip
+    """Rows at output positions ``pos`` (n, 1 + S) = (image, coordinates...), gathered from the unpadded ``x``."""
+    dev = x.device
+    feats = torch.meshgrid(
+        torch.arange(x.shape[1], device=dev), *[torch.arange(k, device=dev) for k in kernel_size], indexing="ij"
+    )
+    feats = [f.reshape(1, -1) for f in feats]  # (1, d) each: channel, then kernel offsets, ordered like the weight
+    index: list[Tensor] = [pos[:, :1], feats[0]]
+    valid: Tensor | None = None
+    for i, (st, dil, (before, _)) in enumerate(zip(stride, dilation, pads)):
+        coord = pos[:, i + 1 : i + 2] * st - before + feats[i + 1] * dil  # (n, d), in the padded frame
+        src, ok = _source_index(coord, x.shape[i + 2], padding_mode)
+        index.append(src)
+        if ok is not None:
+            valid = ok if valid is None else valid & ok
+    rows = x[tuple(index)]  # (n, d)
+    return rows if valid is None else rows * valid
 
 
 def fuse_weight(weight: Tensor, R: Tensor) -> Tensor:
@@ -258,11 +308,11 @@ def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Te
 def sample_conv_patch_rows(
     x: Tensor,
     n: int,
-    kernel_size: tuple[int, int],
+    kernel_size: tuple[int, ...],
     *,
-    stride: tuple[int, int],
-    padding: tuple[int, int] | str,
-    dilation: tuple[int, int],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
     padding_mode: str = "zeros",
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -270,39 +320,17 @@ def sample_conv_patch_rows(
     unfolding: each row is gathered directly from ``x``, ``O(n d)`` work instead of ``O(N L d)``.
 
     Args:
-        x: Input of shape ``(N, C_in, H, W)``.
+        x: Input of shape ``(N, C_in, *spatial)`` with 1, 2 or 3 spatial dimensions.
         n: Number of rows to draw.
-        kernel_size, stride, padding, dilation, padding_mode: As in ``nn.Conv2d`` (``groups == 1``).
+        kernel_size, stride, padding, dilation, padding_mode: As in ``nn.Conv*d`` (``groups == 1``).
         generator: Random generator on ``x``'s device (``None``: torch's global one).
 
     Returns:
-        Rows of shape ``(n, C_in * k_h * k_w)``.
+        Rows of shape ``(n, C_in * prod(kernel_size))``.
     """
-    N, C, H, W = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    if padding == "valid":
-        (top, bottom), (left, right) = (0, 0), (0, 0)
-    elif padding == "same":  # as nn.Conv2d: total dilation * (k - 1), the extra pixel at the end
-        th, tw = dh * (kh - 1), dw * (kw - 1)
-        (top, bottom), (left, right) = (th // 2, th - th // 2), (tw // 2, tw - tw // 2)
-    elif isinstance(padding, str):
-        raise ValueError(f"Expected `padding` to be a pair of ints, 'valid' or 'same', but got {padding!r}.")
-    else:
-        (top, bottom), (left, right) = (padding[0], padding[0]), (padding[1], padding[1])
-    H_pad, W_pad = H + top + bottom, W + left + right
-    h_out = (H_pad - dh * (kh - 1) - 1) // sh + 1
-    w_out = (W_pad - dw * (kw - 1) - 1) // sw + 1
-    dev = x.device
-    b = torch.randint(N, (n, 1), device=dev, generator=generator)
-    oy = torch.randint(h_out, (n, 1), device=dev, generator=generator)
-    ox = torch.randint(w_out, (n, 1), device=dev, generator=generator)
-    cc, ky, kx = torch.meshgrid(
-        torch.arange(C, device=dev), torch.arange(kh, device=dev), torch.arange(kw, device=dev), indexing="ij"
-    )
-    cc, ky, kx = cc.reshape(1, -1), ky.reshape(1, -1), kx.reshape(1, -1)  # (1, d), ordered like the weight
-    iy, valid_y = _source_index(oy * sh - top + ky * dh, H, padding_mode)  # (n, d)
-    ix, valid_x = _source_index(ox * sw - left + kx * dw, W, padding_mode)
-    rows = x[b, cc, iy, ix]  # (n, d)
-    if valid_y is not None and valid_x is not None:
-        rows = rows * (valid_y & valid_x)
-    return rows
+    pads = _pads(kernel_size, dilation, padding)
+    sizes = _out_sizes(x, kernel_size, stride, dilation, pads)
+    pos = torch.stack(
+        [torch.randint(s, (n,), device=x.device, generator=generator) for s in (x.shape[0], *sizes)], dim=1
+    )  # (n, 1 + S)
+    return _gather_rows(x, pos, kernel_size, stride, dilation, pads, padding_mode)

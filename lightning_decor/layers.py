@@ -30,7 +30,9 @@ from lightning_decor.functional import (
 )
 
 __all__ = [
+    "DecorrelatedConv1d",
     "DecorrelatedConv2d",
+    "DecorrelatedConv3d",
     "DecorrelatedLayer",
     "DecorrelatedLinear",
     "decorrelate",
@@ -83,13 +85,33 @@ class DecorrelatedLayer(nn.Module):
     def _decor_n_samples(self, n: int) -> int:
         return max(1, math.ceil(self.decor_sample_fraction * n))
 
-    def _decor_store(self, rows: Tensor) -> None:
-        rows = rows.detach()
+    def _decor_cap(self, rows: Tensor) -> Tensor:
         cap = self.decor_max_rows
         if cap is not None and rows.shape[0] > cap:
             idx = torch.randint(rows.shape[0], (cap,), device=rows.device, generator=self.decor_generator)
             rows = rows.index_select(0, idx)
-        self._decor_rows.append(rows)
+        return rows
+
+    @torch.compiler.disable
+    def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
+        # Eager even inside torch.compile (one graph break): the growing list and the private generator stay out of
+        # the graph and its guards, so a compiled model does not recompile as rows accumulate.
+        self._decor_rows.append(self.decor_sample_rows(input))
+
+    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        """The raw input rows this layer keeps from one training forward (detached): the first
+        ``ceil(decor_sample_fraction * N)`` samples, at most ``decor_max_rows`` rows of them drawn at random."""
+        raise NotImplementedError
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DecorrelatedLayer:
+        # Casts (`model.half()`, Lightning's "16-true"/"bf16-true") keep R in its statistics dtype: steps of
+        # lr * C ~ 1e-3 vanish below the 8e-3 resolution of bfloat16 near 1. Device moves apply as usual.
+        R = self._buffers.get("decor_R")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("decor_R")
+        if R is not None and moved is not None and moved.dtype != stats_dtype(moved.dtype):
+            self._buffers["decor_R"] = R.to(device=moved.device, dtype=stats_dtype(moved.dtype))
+        return self
 
     def decor_fused_weight(self) -> Tensor:
         """``A = W @ R`` in the weight's shape and dtype (differentiable in ``W``)."""
@@ -131,38 +153,68 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
-            rows = input.reshape(-1, input.shape[-1])  # (N * T, in_features)
-            self._decor_store(rows[: self._decor_n_samples(rows.shape[0])])
+            self._decor_capture(input)
         return F.linear(input, self.decor_fused_weight(), self.bias)
 
+    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        rows = input.detach().reshape(-1, input.shape[-1])  # (N * T, in_features)
+        return self._decor_cap(rows[: self._decor_n_samples(rows.shape[0])])
 
-class DecorrelatedConv2d(DecorrelatedLayer, nn.Conv2d):
-    """``nn.Conv2d`` (``groups == 1``) computing with the fused weight; rows are the im2col patches."""
 
-    _decor_base = nn.Conv2d
+class _DecorrelatedConvNd(DecorrelatedLayer):
+    """Shared forward of the patched ``Conv1d``/``Conv2d``/``Conv3d`` (``groups == 1``): one ordinary convolution
+    with the fused weight; rows are the im2col patches (``d = C_in * prod(kernel_size)``)."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    padding_mode: str
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
-            x = input if input.dim() == 4 else input.unsqueeze(0)
-            x = x[: self._decor_n_samples(x.shape[0])].detach()  # images, before any unfold
-            geometry: dict[str, Any] = dict(
-                stride=self.stride,
-                padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),
-                dilation=self.dilation,
-                padding_mode=self.padding_mode,
-            )
-            cap = self.decor_max_rows
-            if cap is not None and cap < x.shape[0] * x.shape[2] * x.shape[3]:  # fewer rows than patches (for stride 1)
-                rows = sample_conv_patch_rows(x, cap, self.kernel_size, generator=self.decor_generator, **geometry)
-                self._decor_rows.append(rows)  # (cap, C_in * kh * kw), gathered without unfolding
-            else:
-                self._decor_store(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * H_out * W_out, d)
-        return self._conv_forward(input, self.decor_fused_weight(), self.bias)
+            self._decor_capture(input)
+        return self._conv_forward(input, self.decor_fused_weight(), self.bias)  # type: ignore[attr-defined]
+
+    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
+        x = x[: self._decor_n_samples(x.shape[0])].detach()  # samples, before any unfold
+        geometry: dict[str, Any] = dict(
+            stride=self.stride,
+            padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+        )
+        cap = self.decor_max_rows
+        if cap is not None and cap < x[:, 0].numel():  # fewer rows than patches (for stride 1)
+            # (cap, d), gathered without unfolding
+            return sample_conv_patch_rows(x, cap, self.kernel_size, generator=self.decor_generator, **geometry)
+        return self._decor_cap(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * L_out, d)
+
+
+class DecorrelatedConv1d(_DecorrelatedConvNd, nn.Conv1d):
+    """``nn.Conv1d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+
+    _decor_base = nn.Conv1d
+
+
+class DecorrelatedConv2d(_DecorrelatedConvNd, nn.Conv2d):
+    """``nn.Conv2d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+
+    _decor_base = nn.Conv2d
+
+
+class DecorrelatedConv3d(_DecorrelatedConvNd, nn.Conv3d):
+    """``nn.Conv3d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+
+    _decor_base = nn.Conv3d
 
 
 _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
     nn.Linear: DecorrelatedLinear,
+    nn.Conv1d: DecorrelatedConv1d,
     nn.Conv2d: DecorrelatedConv2d,
+    nn.Conv3d: DecorrelatedConv3d,
 }
 
 
@@ -179,22 +231,26 @@ def _check_patterns(arg: str, patterns: Sequence[str] | None) -> list[str] | Non
     return list(patterns)
 
 
-def _skip_reason(module: nn.Module) -> str | None:
+def _skip_reason(module: nn.Module, max_features: int | None = None) -> str | None:
     """Why an eligible-type layer is not patched, or ``None``."""
+    d = module.weight[0].numel()
+    if max_features is not None and d > max_features:
+        mib = d * d * 4 / 2**20
+        return f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
     if not module.weight.requires_grad:
         return "frozen (weight.requires_grad is False)"
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return f"grouped convolution (groups={module.groups}) is not decorrelated"
     return None
 
 
-def eligible_layers(model: nn.Module) -> dict[str, str | None]:
-    """Qualified names of every ``nn.Linear``/``nn.Conv2d`` (exact type) mapped to why it would be skipped.
+def eligible_layers(model: nn.Module, max_features: int | None = None) -> dict[str, str | None]:
+    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) mapped to why it would be skipped.
 
     ``None`` means the layer would be patched. Subclasses (such as ``nn.MultiheadAttention.out_proj``, whose weight
     is read directly rather than through ``forward``) are not eligible.
     """
-    return {name: _skip_reason(m) for name, m in model.named_modules() if type(m) in _PATCHED}
+    return {name: _skip_reason(m, max_features) for name, m in model.named_modules() if type(m) in _PATCHED}
 
 
 def decorrelate(
@@ -202,8 +258,9 @@ def decorrelate(
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    max_features: int | None = None,
 ) -> list[str]:
-    """Patch, in place, every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` for decorrelated backpropagation.
+    """Patch, in place, every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` for decorrelated backpropagation.
 
     Only exact types are patched (``type(m) is nn.Linear``), so subclasses such as attention's ``out_proj`` stay
     plain. Grouped convolutions and frozen layers are skipped. Layers already patched are left as they are, so
@@ -215,6 +272,8 @@ def decorrelate(
         include: Glob patterns on qualified module names (``"features.*"``; a plain prefix such as ``"layer4"``
             also matches the modules below it). ``None`` includes every eligible layer.
         exclude: Patterns of layers to leave plain, applied after ``include``.
+        max_features: Leave plain every layer whose ``d`` exceeds this (``R`` takes ``4 d^2`` bytes and its
+            update ``O(d^2)`` to ``O(d^3)`` flops); ``None`` for no limit.
 
     Returns:
         The qualified names of the layers patched by this call.
@@ -228,8 +287,12 @@ def decorrelate(
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     inc = _check_patterns("include", include)
     exc = _check_patterns("exclude", exclude)
+    if max_features is not None and (isinstance(max_features, bool) or not isinstance(max_features, int)):
+        raise TypeError(f"Expected `max_features` to be an int or None, but got {type(max_features).__name__}.")
+    if max_features is not None and max_features < 1:
+        raise ValueError(f"Expected `max_features` to be >= 1 or None, but got {max_features!r}.")
     patched: list[str] = []
-    for name, reason in eligible_layers(model).items():
+    for name, reason in eligible_layers(model, max_features).items():
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)

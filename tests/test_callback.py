@@ -166,3 +166,16 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[
 def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         DecorrelationCallback(**kwargs)
+
+
+def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule(hidden=16)
+    cb = DecorrelationCallback(max_features=10, fold_on_fit_end=False)
+    with pytest.warns(UserWarning, match=r"leaves these layers plain: \{'net.2': 'd = 16 > max_features = 10 .*"
+                      r"raise `max_features` to include it'\}"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
+    assert sorted(decorrelation_matrices(model)) == ["net.0"]
+    with pytest.raises(ValueError, match=r"Expected `max_features` to be >= 1 or None, but got -3"):
+        DecorrelationCallback(max_features=-3)
+    with pytest.raises(TypeError, match=r"Expected `max_features` to be an int or None, but got str: '8'"):
+        DecorrelationCallback(max_features="8")  # type: ignore[arg-type]

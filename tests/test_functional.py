@@ -108,7 +108,7 @@ def test_errors_name_the_argument() -> None:
         decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=[0.1], kappa=0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Expected `R` of shape \(d, d\) with d = x.shape\[1\] = 3, but got \(2, 2\)"):
         decorrelation_update_(torch.eye(2), torch.randn(4, 3), lr=0.1, kappa=0.5)
-    with pytest.raises(ValueError, match=r"Expected `padding` to be a pair of ints, 'valid' or 'same', but got 'full'"):
+    with pytest.raises(ValueError, match=r"Expected `padding` to be a tuple of ints, 'valid' or 'same', but got 'full'"):
         conv_patch_rows(torch.randn(1, 1, 4, 4), (3, 3), stride=(1, 1), padding="full", dilation=(1, 1))
 
 

@@ -174,3 +174,64 @@ def test_errors() -> None:
         decorrelate(nn.Linear(2, 2), include="fc")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"Expected `exclude` to be a list of name patterns \(str\), but got \[1\]"):
         decorrelate(nn.Linear(2, 2), exclude=[1])  # type: ignore[list-item]
+
+
+def test_patched_conv1d_and_conv3d_are_w_of_rx() -> None:
+    # Conv1d with reflect padding: patches by explicit slicing of the reflect-padded input.
+    conv = nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2, padding_mode="reflect").double()
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    decorrelate(conv)
+    R = random_R(6).double()
+    conv.decor_R.copy_(R)
+    x = torch.randn(2, 2, 9, dtype=torch.float64)
+    xp = F.pad(x, (2, 2), mode="reflect")
+    l_out = (xp.shape[-1] - 2 * 2 - 1) // 2 + 1
+    rows = torch.stack([xp[n, :, i * 2 : i * 2 + 5 : 2].reshape(-1) for n in range(2) for i in range(l_out)])
+    expected = ((rows @ R.T) @ w.reshape(3, -1).T + b).reshape(2, l_out, 3).permute(0, 2, 1)
+    torch.testing.assert_close(conv(x), expected)
+
+    conv3 = nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0)).double()
+    w, b = conv3.weight.detach().clone(), conv3.bias.detach().clone()
+    decorrelate(conv3)
+    R = random_R(24, seed=2).double()
+    conv3.decor_R.copy_(R)
+    x = torch.randn(2, 2, 3, 5, 4, dtype=torch.float64)
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    outs = [(xp.shape[2] - 2) // 1 + 1, (xp.shape[3] - 3) // 2 + 1, (xp.shape[4] - 2) // 1 + 1]
+    rows = torch.stack([
+        xp[n, :, i : i + 2, j * 2 : j * 2 + 3, k : k + 2].reshape(-1)
+        for n in range(2) for i in range(outs[0]) for j in range(outs[1]) for k in range(outs[2])
+    ])  # fmt: skip
+    expected = ((rows @ R.T) @ w.reshape(3, -1).T + b).reshape(2, *outs, 3).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(conv3(x), expected)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(2, 3, 3, padding=1), nn.Conv3d(2, 3, 2, padding=1, padding_mode="circular")])
+def test_sampled_rows_of_conv1d_conv3d_are_patch_rows(conv: nn.Module) -> None:
+    decorrelate(conv)
+    x = torch.randn(2, 2, *([5] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    conv.double()
+    full = conv.decor_sample_rows(x)  # every row (no cap)
+    conv.decor_max_rows = 7
+    conv.decor_generator = torch.Generator().manual_seed(0)
+    sampled = conv.decor_sample_rows(x)
+    assert sampled.shape == (7, full.shape[1]) and full.shape[0] > 7
+    dist = torch.cdist(sampled, full, compute_mode="donot_use_mm_for_euclid_dist")
+    assert dist.min(dim=1).values.max() < 1e-12
+    # the full rows reproduce the layer itself: y = rows @ W.T + b
+    y = conv(x).detach()
+    torch.testing.assert_close(
+        (full @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, -1, 3), y.reshape(2, 3, -1).transpose(1, 2)
+    )
+
+
+def test_max_features_skips_wide_layers() -> None:
+    net = nn.Sequential(nn.Linear(4, 300), nn.Linear(300, 2))
+    reasons = eligible_layers(net, max_features=100)
+    assert reasons["0"] is None
+    assert reasons["1"] == "d = 300 > max_features = 100 (R would take 0 MiB); raise `max_features` to include it"
+    assert decorrelate(net, max_features=100) == ["0"]
+    with pytest.raises(ValueError, match=r"Expected `max_features` to be >= 1 or None, but got 0"):
+        decorrelate(nn.Linear(2, 2), max_features=0)
+    with pytest.raises(TypeError, match=r"Expected `max_features` to be an int or None, but got float"):
+        decorrelate(nn.Linear(2, 2), max_features=1.5)  # type: ignore[arg-type]

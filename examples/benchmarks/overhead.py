@@ -1,0 +1,185 @@
+"""Step time of plain backprop (BP) vs decorrelated backprop (DBP), measured through ``Trainer.fit``.
+
+Interleaved A/B runs in one process: for each repeat, every method trains a fresh copy of the model (same seed)
+for ``--steps`` steps on random data of the model's input shape; the first ``--warmup`` steps of each run are
+dropped; the table shows the median step time and the median over repeats of the per-repeat ratio DBP/BP.
+A per-layer breakdown times, for each patched layer on its real input, the three parts DBP adds: fusing
+``A = W @ R`` (forward and backward), sampling the input rows, and the ``R`` update.
+
+    python examples/benchmarks/overhead.py --models cnn cifar_resnet18 resnet50
+    python examples/benchmarks/overhead.py --device cuda --models cifar_resnet18 resnet50 --batch-size 256 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from common import StepTimer, machine, write_json
+from models import ImageClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_decor import DecorrelationCallback, decorrelate
+from lightning_decor.layers import decorrelated_layers
+
+SHAPES = {"cnn": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224), "resnet50": (3, 224, 224)}
+CPU_BATCH = {"cnn": 128, "cifar_resnet18": 128, "resnet18": 32, "resnet50": 32}
+
+# The methods compared. "DBP defaults" is DecorrelationCallback() as a user gets it; "DBP paper-like" samples
+# 10 % of the images with all their patches and no row cap, as the authors' code does.
+METHODS: dict[str, dict[str, Any] | None] = {
+    "BP": None,
+    "DBP defaults": {},
+    "DBP paper-like": {"sample_fraction": 0.1, "max_rows": None},
+}
+
+
+def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | None, args: argparse.Namespace):
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(model=model_name, in_channels=SHAPES[model_name][0], schedule="constant", lr=1e-3)
+    if args.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    x = torch.randn(batch * steps, *SHAPES[model_name])
+    y = torch.randint(0, 10, (batch * steps,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if kwargs is not None:
+        callbacks.append(DecorrelationCallback(**kwargs))
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=1,
+        max_steps=steps,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.times[args.warmup :]
+
+
+def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwargs: dict[str, Any]) -> list[dict]:
+    """Milliseconds per layer for fusing (fwd+bwd), sampling rows and the R update, on the layer's real input."""
+    cb = DecorrelationCallback(**kwargs)
+    dev = torch.device(args.device)
+    module = ImageClassifier(model=model_name, in_channels=SHAPES[model_name][0]).to(dev)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: inputs.__setitem__(name, inp[0].detach()))
+        for name, m in module.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    with torch.no_grad():
+        module(torch.randn(batch, *SHAPES[model_name], device=dev))
+    for h in hooks:
+        h.remove()
+    decorrelate(module, include=cb.include, exclude=cb.exclude)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def timed(fn, reps: int = 5) -> float:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    rows_out = []
+    for name, layer in decorrelated_layers(module).items():
+        layer.decor_sample_fraction, layer.decor_max_rows, layer.decor_generator = cb.sample_fraction, cb.max_rows, gen
+        x = inputs[name]
+
+        def fuse() -> None:
+            layer.weight.grad = None
+            (layer.decor_fused_weight() * 1.0).sum().backward()
+
+        rows = layer.decor_sample_rows(x)
+        r0 = layer.decor_R.clone()
+
+        def update() -> None:
+            layer.decor_update_(rows, lr=cb.decor_lr, kappa=cb.kappa)
+            layer.decor_R.copy_(r0)
+
+        rows_out.append(
+            {
+                "layer": name,
+                "d": layer.decor_features,
+                "c_out": layer.weight.shape[0],
+                "rows": rows.shape[0],
+                "fuse_ms": timed(fuse),
+                "sample_ms": timed(lambda: layer.decor_sample_rows(x)),
+                "update_ms": timed(update),
+            }
+        )
+    return rows_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["cnn", "cifar_resnet18", "resnet50"], choices=sorted(SHAPES))
+    parser.add_argument("--batch-size", nargs="+", type=int, help="one per model (default: CPU sizes)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--out", default="examples/benchmarks/results/overhead.json")
+    args = parser.parse_args()
+    batches = args.batch_size or [CPU_BATCH[m] for m in args.models]
+    if len(batches) != len(args.models):
+        parser.error(f"--batch-size needs one value per model ({len(args.models)}), got {len(batches)}")
+    if "BP" not in args.methods:
+        args.methods = ["BP", *args.methods]
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "models": {}}
+    for model_name, batch in zip(args.models, batches):
+        print(f"\n== {model_name}, batch {batch}, {args.device}, {args.precision} ==", flush=True)
+        times: dict[str, list[list[float]]] = {m: [] for m in args.methods}
+        for rep in range(args.repeats):
+            for method in args.methods:
+                t = fit_steps(model_name, batch, args.steps, METHODS[method], args)
+                times[method].append(t)
+                print(f"  repeat {rep + 1}/{args.repeats} {method:<15} median step {statistics.median(t) * 1e3:8.1f} ms",
+                      flush=True)
+        entry: dict[str, Any] = {"batch": batch, "methods": {}}
+        for method in args.methods:
+            ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(times[method], times["BP"])]
+            entry["methods"][method] = {
+                "median_step_ms": statistics.median([s for run in times[method] for s in run]) * 1e3,
+                "ratio_to_bp": statistics.median(ratios),
+                "ratios": ratios,
+                "step_times_s": times[method],
+            }
+        if not args.no_breakdown:
+            entry["breakdown"] = {
+                m: layer_breakdown(model_name, batch, args, METHODS[m] or {}) for m in args.methods if m != "BP"
+            }
+        results["models"][model_name] = entry
+        print(f"\n{'method':<16} {'median step':>12} {'ratio to BP':>12}")
+        for method, v in entry["methods"].items():
+            print(f"{method:<16} {v['median_step_ms']:9.1f} ms {v['ratio_to_bp']:12.3f}")
+        for method, layers in entry.get("breakdown", {}).items():
+            print(f"\n  per layer, {method} (ms): layer, d, rows, fuse fwd+bwd, sample, update")
+            for r in layers:
+                print(f"  {r['layer']:<28} {r['d']:6d} {r['rows']:7d} {r['fuse_ms']:8.2f} {r['sample_ms']:8.2f} "
+                      f"{r['update_ms']:8.2f}")
+            tot = {k: sum(r[k] for r in layers) for k in ("fuse_ms", "sample_ms", "update_ms")}
+            print(f"  {'total':<28} {'':6} {'':7} {tot['fuse_ms']:8.2f} {tot['sample_ms']:8.2f} {tot['update_ms']:8.2f}")
+    out = write_json(args.out, results)
+    print(f"\nJSON written to {out}")
+
+
+if __name__ == "__main__":
+    main()

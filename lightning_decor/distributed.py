@@ -1,0 +1,76 @@
+"""Pooling the sampled rows of every patched layer across processes (DDP), so that every rank applies the same update.
+
+No Lightning here: plain ``torch.distributed`` on the default (or a given) process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_gather_rows", "count_group"]
+
+
+def count_group() -> dist.ProcessGroup | None:
+    """A process group for the row counts that needs no device synchronisation: the default group when it is
+    gloo (CPU), otherwise a new gloo group (counts are host integers, so NCCL would need a device round trip).
+
+    Collective: every rank must call it, in the same order. ``None`` stands for the default group.
+    """
+    if dist.get_backend() == "gloo" or not dist.is_gloo_available():
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def all_gather_rows(
+    rows: Sequence[Tensor | None],
+    widths: Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    counts_group: dist.ProcessGroup | None = None,
+) -> list[Tensor | None]:
+    """Every layer's rows from every rank, concatenated in rank order, identical on every rank.
+
+    All layers travel in one flat buffer and one ``all_gather`` (padded to the largest rank's buffer), after a small
+    ``all_gather`` of the per-layer row counts over ``counts_group``. Row counts come from tensor shapes, so no
+    device synchronisation is needed for them when ``counts_group`` is a CPU (gloo) group. Every rank must call this
+    with the same layers in the same order.
+
+    Args:
+        rows: Per layer, its ``(n_i, d_i)`` rows on this rank (``n_i`` may differ between ranks), or ``None``.
+        widths: Per layer, ``d_i``.
+        dtype: The buffer's dtype (the statistics dtype, the same on every rank).
+        device: The buffer's device (where the backend of the default group communicates).
+        counts_group: Group for the counts (see :func:`count_group`); ``None``: the default group.
+
+    Returns:
+        Per layer, the ``(sum of n_i over ranks, d_i)`` pooled rows, or ``None`` when no rank has any.
+    """
+    world = dist.get_world_size()
+    counts = torch.tensor([0 if r is None else r.shape[0] for r in rows], dtype=torch.long)  # host ints
+    counts_device = device if counts_group is None and dist.get_backend() != "gloo" else torch.device("cpu")
+    gathered_counts = [torch.empty_like(counts, device=counts_device) for _ in range(world)]
+    dist.all_gather(gathered_counts, counts.to(counts_device), group=counts_group)
+    per_rank = [c.tolist() for c in gathered_counts]  # (world, layers); host read of a CPU tensor, or one per update
+    sizes = [sum(n * d for n, d in zip(ns, widths)) for ns in per_rank]
+    longest = max(sizes)
+    if longest == 0:
+        return [None] * len(rows)
+    flat = torch.zeros(longest, dtype=dtype, device=device)  # padded to the largest rank
+    local = [r.reshape(-1).to(device=device, dtype=dtype) for r in rows if r is not None and r.shape[0] > 0]
+    if local:
+        flat[: sizes[dist.get_rank()]].copy_(torch.cat(local))
+    buckets = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(buckets, flat)
+    pooled: list[list[Tensor]] = [[] for _ in rows]
+    for bucket, ns in zip(buckets, per_rank):
+        offset = 0
+        for i, (n, d) in enumerate(zip(ns, widths)):
+            if n:
+                pooled[i].append(bucket[offset : offset + n * d].view(n, d))
+            offset += n * d
+    return [torch.cat(parts) if parts else None for parts in pooled]
