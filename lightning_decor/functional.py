@@ -52,11 +52,29 @@ def _check_kappa(kappa: float) -> None:
         raise ValueError(f"Expected `kappa` in [0, 1], but got {kappa!r}.")
 
 
-def _loss_from_parts(off_sq: Tensor, c: Tensor, kappa: float, d: int) -> Tensor:
-    return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).pow(2).sum()) / (d * d)
+def _blocks(R: Tensor) -> Tensor:
+    """``R`` as a stack of diagonal blocks ``(G, b, b)``: a dense ``(d, d)`` matrix is one block."""
+    return R if R.dim() == 3 else R.unsqueeze(0)
 
 
-def decorrelation_loss(z: Tensor, kappa: float) -> Tensor:
+def _block_losses(z: Tensor, c: Tensor, kappa: float, gram_or_cov: Tensor, through_rows: bool) -> Tensor:
+    """Loss of each block ``(G,)`` from its rows ``z`` (G, n, b), diagonal ``c`` (G, b) and Gram or covariance."""
+    n, b = z.shape[1], z.shape[2]
+    total_sq = gram_or_cov.pow(2).sum((1, 2)) / (n * n if through_rows else 1)  # sum_ij C_ij^2 per block
+    off_sq = total_sq - c.pow(2).sum(1)
+    return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).pow(2).sum(1)) / (b * b)
+
+
+def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``(c, gram_or_cov, through_rows)`` of rows ``z`` (G, n, b): through the ``n x n`` Gram when ``n < b``."""
+    n, b = z.shape[1], z.shape[2]
+    c = z.pow(2).sum(1) / n  # (G, b) = diag(C)
+    if n < b:
+        return c, torch.bmm(z, z.transpose(1, 2)), True  # (G, n, n)
+    return c, torch.bmm(z.transpose(1, 2), z) / n, False  # (G, b, b) = C
+
+
+def decorrelation_loss(z: Tensor, kappa: float, *, blocks: int = 1) -> Tensor:
     """Decorrelation loss of decorrelated rows ``z`` (n, d), computed in at least float32.
 
     ``L = [(1 - kappa) * sum_{i != j} C_ij^2 + kappa * sum_i (C_ii - 1)^2] / d^2`` with ``C = z.T @ z / n``.
@@ -66,6 +84,9 @@ def decorrelation_loss(z: Tensor, kappa: float) -> Tensor:
     Args:
         z: Decorrelated input rows, shape ``(n, d)``.
         kappa: Weight of the unit-variance term, in ``[0, 1]``.
+        blocks: For a block-diagonal ``R`` with this many equal blocks: only correlations within each block of
+            ``d / blocks`` consecutive features count, and the loss is the mean of the blocks' losses (with ``b``
+            in place of ``d``).
 
     Returns:
         A scalar tensor (float32, or float64 for float64 input).
@@ -76,16 +97,12 @@ def decorrelation_loss(z: Tensor, kappa: float) -> Tensor:
     """
     _check_rows("z", z)
     _check_kappa(kappa)
-    z = z.to(stats_dtype(z.dtype))
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or z.shape[1] % blocks:
+        raise ValueError(f"Expected `blocks` to be a positive divisor of d = {z.shape[1]}, but got {blocks!r}.")
     n, d = z.shape
-    c = z.pow(2).sum(0) / n  # (d,) diagonal of C
-    if n < d:
-        gram = z @ z.T  # (n, n)
-        off_sq = gram.pow(2).sum() / (n * n) - c.pow(2).sum()
-    else:
-        cov = z.T @ z / n  # (d, d)
-        off_sq = cov.pow(2).sum() - c.pow(2).sum()
-    return _loss_from_parts(off_sq, c, kappa, d)
+    zg = z.to(stats_dtype(z.dtype)).reshape(n, blocks, d // blocks).transpose(0, 1)  # (G, n, b)
+    c, m, through_rows = _second_moments(zg)
+    return _block_losses(zg, c, kappa, m, through_rows).mean()
 
 
 def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
@@ -95,43 +112,43 @@ def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
         raise TypeError(f"Expected `lr` to be a float, but got {type(lr).__name__}: {lr!r}.")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"Expected `lr` to be a finite number > 0, but got {lr!r}.")
-    if R.dim() != 2 or R.shape[0] != R.shape[1] or R.shape[0] != x.shape[1]:
+    blocks = _blocks(R) if R.dim() in (2, 3) else R
+    if R.dim() not in (2, 3) or blocks.shape[1] != blocks.shape[2] or blocks.shape[0] * blocks.shape[1] != x.shape[1]:
         raise ValueError(
-            f"Expected `R` of shape (d, d) with d = x.shape[1] = {x.shape[1]}, but got {tuple(R.shape)}."
+            f"Expected `R` of shape (d, d) or (G, d / G, d / G) with d = x.shape[1] = {x.shape[1]}, "
+            f"but got {tuple(R.shape)}."
         )
 
 
 def _updated(R: Tensor, x: Tensor, lr: float, kappa: float, guard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(R_new, loss, ok)`` in the statistics dtype; ``ok`` (with ``guard``) says the statistics were finite."""
+    """``(R_new, loss, ok)`` in the statistics dtype; ``ok`` (with ``guard``) says the statistics were finite.
+
+    Works on ``R`` as a stack of ``G`` diagonal blocks (one block for a dense ``R``), each updated by the rule
+    from its own ``b = d / G`` input features.
+    """
     dtype = stats_dtype(R.dtype)
-    r = R.to(dtype)
-    x = x.to(device=R.device, dtype=dtype)
-    n, d = x.shape
-    z = x @ r.T  # (n, d) decorrelated rows
-    c = z.pow(2).sum(0) / n  # (d,) = diag(C)
+    r = _blocks(R).to(dtype)  # (G, b, b)
+    n = x.shape[0]
+    g, b = r.shape[0], r.shape[1]
+    xg = x.to(device=R.device, dtype=dtype).reshape(n, g, b).transpose(0, 1)  # (G, n, b)
+    z = torch.bmm(xg, r.transpose(1, 2))  # (G, n, b) decorrelated rows
+    c, m, through_rows = _second_moments(z)
+    loss = _block_losses(z, c, kappa, m, through_rows).mean()
     # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R
     # with s = kappa * (c - 1) - (1 - kappa) * c; so R_new = diag(1 - lr * s) @ R - lr * (1 - kappa) * C @ R.
-    s = kappa * (c - 1.0) - (1.0 - kappa) * c
-    if n < d:  # through the rows: C @ R = z.T @ (z @ R) / n, 4 n d^2 flops, no d x d x d product
-        gram = z @ z.T  # (n, n)
-        off_sq = gram.pow(2).sum() / (n * n) - c.pow(2).sum()
-    else:
-        cov = z.T @ z / n  # (d, d)
-        off_sq = cov.pow(2).sum() - c.pow(2).sum()
-    loss = _loss_from_parts(off_sq, c, kappa, d)
+    scale = 1.0 - lr * (kappa * (c - 1.0) - (1.0 - kappa) * c)  # (G, b)
     ok = None
-    scale = 1.0 - lr * s
     if guard:  # non-finite statistics contribute nothing (no host sync: masks, not branches)
         ok = torch.isfinite(loss)
         scale = torch.where(ok, scale, 1.0)
         z = torch.where(ok, z, 0.0)
-    new = r * scale[:, None]
-    if n < d:
-        new.addmm_(z.T, z @ r, alpha=-lr * (1.0 - kappa) / n)
+        m = torch.where(ok, m, 0.0)
+    new = r * scale[:, :, None]
+    if through_rows:  # C @ R = z.T @ (z @ R) / n: 4 n b^2 flops per block, no b x b x b product
+        new.baddbmm_(z.transpose(1, 2), torch.bmm(z, r), alpha=-lr * (1.0 - kappa) / n)
     else:
-        cov = torch.where(ok, cov, 0.0) if ok is not None else cov
-        new.addmm_(cov, r, alpha=-lr * (1.0 - kappa))
-    return new, loss, ok
+        new.baddbmm_(m, r, alpha=-lr * (1.0 - kappa))
+    return new.reshape(R.shape), loss, ok
 
 
 @torch.no_grad()
@@ -280,10 +297,17 @@ def _gather_rows(
 def fuse_weight(weight: Tensor, R: Tensor) -> Tensor:
     """The fused weight ``A = W @ R`` with ``W`` reshaped to ``(C_out, d)``; same shape and dtype as ``weight``.
 
-    Autograd through ``A`` gives ``dL/dW = dL/dA @ R.T = delta.T @ z``: backprop on the decorrelated input.
+    A block-diagonal ``R`` given as ``(G, b, b)`` multiplies each group of ``b`` consecutive input features
+    (``2 C_out d b`` flops instead of ``2 C_out d^2``). Autograd through ``A`` gives
+    ``dL/dW = dL/dA @ R.T = delta.T @ z``: backprop on the decorrelated input.
     """
-    w2 = weight.reshape(weight.shape[0], -1)  # (C_out, d)
-    fused = (w2 @ R.to(weight.dtype)).reshape(weight.shape)
+    c_out = weight.shape[0]
+    if R.dim() == 3:
+        g, b = R.shape[0], R.shape[1]
+        w3 = weight.reshape(c_out, g, b).transpose(0, 1)  # (G, C_out, b)
+        fused = torch.bmm(w3, R.to(weight.dtype)).transpose(0, 1).reshape(weight.shape)
+    else:
+        fused = (weight.reshape(c_out, -1) @ R.to(weight.dtype)).reshape(weight.shape)  # (C_out, d) @ (d, d)
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         fused = fused.contiguous(memory_format=torch.channels_last)
     return fused

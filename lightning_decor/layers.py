@@ -64,10 +64,11 @@ class DecorrelatedLayer(nn.Module):
     decor_generator: torch.Generator | None
     _decor_rows: list[Tensor]
 
-    def _decor_init(self) -> None:
+    def _decor_init(self, block_size: int | None = None) -> None:
         d = self.weight[0].numel()  # in_features, or C_in/groups * k_h * k_w
-        eye = torch.eye(d, device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
-        self.register_buffer("decor_R", eye, persistent=False)
+        g = _n_blocks(self.weight, block_size)
+        eye = torch.eye(d // g, device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
+        self.register_buffer("decor_R", eye if g == 1 else eye.expand(g, -1, -1).clone(), persistent=False)
         self.decor_collect = False
         self.decor_sample_fraction = 1.0
         self.decor_max_rows = None
@@ -76,8 +77,13 @@ class DecorrelatedLayer(nn.Module):
 
     @property
     def decor_features(self) -> int:
-        """``d``, the side of ``R``."""
-        return self.decor_R.shape[0]
+        """``d``, the number of input features (rows' width) ``R`` acts on."""
+        return self.weight[0].numel()
+
+    @property
+    def decor_blocks(self) -> int:
+        """Number of diagonal blocks of ``R`` (1 for a dense ``R``)."""
+        return 1 if self.decor_R.dim() == 2 else self.decor_R.shape[0]
 
     def _decor_keep(self, x: Tensor) -> bool:
         return self.decor_collect and self.training and torch.is_grad_enabled() and x.shape[0] > 0
@@ -218,6 +224,19 @@ _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
 }
 
 
+def _n_blocks(weight: Tensor, block_size: int | None) -> int:
+    """Fewest equal diagonal blocks of at most ``block_size`` features, aligned to input channels for convolutions
+    (a block holds whole ``k_h * k_w`` patches of some channels); 1 when ``block_size`` is ``None`` or ``>= d``."""
+    d = weight[0].numel()
+    if block_size is None or d <= block_size:
+        return 1
+    units, unit = weight.shape[1], d // weight.shape[1]  # channels (or features) and features per channel
+    for g in range(2, units + 1):
+        if units % g == 0 and (units // g) * unit <= block_size:
+            return g
+    return units
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     # A pattern matches a qualified name by glob, or any module below a matching prefix ("layer4" -> "layer4.0.conv1").
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p.rstrip(".") + ".") for p in patterns)
@@ -250,7 +269,18 @@ def eligible_layers(model: nn.Module, max_features: int | None = None) -> dict[s
     ``None`` means the layer would be patched. Subclasses (such as ``nn.MultiheadAttention.out_proj``, whose weight
     is read directly rather than through ``forward``) are not eligible.
     """
-    return {name: _skip_reason(m, max_features) for name, m in model.named_modules() if type(m) in _PATCHED}
+    # A weight read by another module too (weight tying) would see the raw W there but W @ R here, and fold
+    # would change the other module: such layers stay plain.
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    reasons = {}
+    for name, m in model.named_modules():
+        if type(m) in _PATCHED:
+            tied = owners.get(id(m.weight), 0) > 1
+            reasons[name] = "weight shared with another module (tied weights)" if tied else _skip_reason(m, max_features)
+    return reasons
 
 
 def decorrelate(
@@ -259,6 +289,7 @@ def decorrelate(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     max_features: int | None = None,
+    block_size: int | None = None,
 ) -> list[str]:
     """Patch, in place, every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` for decorrelated backpropagation.
 
@@ -274,6 +305,10 @@ def decorrelate(
         exclude: Patterns of layers to leave plain, applied after ``include``.
         max_features: Leave plain every layer whose ``d`` exceeds this (``R`` takes ``4 d^2`` bytes and its
             update ``O(d^2)`` to ``O(d^3)`` flops); ``None`` for no limit.
+        block_size: Give layers with ``d > block_size`` a block-diagonal ``R`` of equal blocks of at most this many
+            features (whole input channels for convolutions), stored as ``(G, b, b)``: fusing costs
+            ``2 C_out d b`` instead of ``2 C_out d^2`` flops and ``R`` takes ``d b`` instead of ``d^2`` floats;
+            only correlations within a block are removed. ``None``: dense ``R`` everywhere.
 
     Returns:
         The qualified names of the layers patched by this call.
@@ -291,13 +326,17 @@ def decorrelate(
         raise TypeError(f"Expected `max_features` to be an int or None, but got {type(max_features).__name__}.")
     if max_features is not None and max_features < 1:
         raise ValueError(f"Expected `max_features` to be >= 1 or None, but got {max_features!r}.")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
+        raise TypeError(f"Expected `block_size` to be an int or None, but got {type(block_size).__name__}.")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"Expected `block_size` to be >= 1 or None, but got {block_size!r}.")
     patched: list[str] = []
     for name, reason in eligible_layers(model, max_features).items():
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)
         module.__class__ = _PATCHED[type(module)]  # the class swap torch.nn.utils.parametrize also uses
-        module._decor_init()  # type: ignore[operator]
+        module._decor_init(block_size)  # type: ignore[operator]
         patched.append(name)
     return patched
 

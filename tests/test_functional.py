@@ -106,7 +106,9 @@ def test_errors_name_the_argument() -> None:
         decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=-0.1, kappa=0.5)
     with pytest.raises(TypeError, match=r"Expected `lr` to be a float, but got list: \[0.1\]"):
         decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=[0.1], kappa=0.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"Expected `R` of shape \(d, d\) with d = x.shape\[1\] = 3, but got \(2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"Expected `R` of shape \(d, d\) or \(G, d / G, d / G\) with d = x.shape\[1\] = 3, but got \(2, 2\)"
+    ):
         decorrelation_update_(torch.eye(2), torch.randn(4, 3), lr=0.1, kappa=0.5)
     with pytest.raises(ValueError, match=r"Expected `padding` to be a tuple of ints, 'valid' or 'same', but got 'full'"):
         conv_patch_rows(torch.randn(1, 1, 4, 4), (3, 3), stride=(1, 1), padding="full", dilation=(1, 1))
@@ -135,3 +137,22 @@ def test_sampled_patch_rows_are_patch_rows(padding, padding_mode, stride, dilati
     assert dist.min(dim=1).values.max() < 1e-12  # every drawn row is one of the layer's patch rows
     hit = dist.argmin(dim=1).unique()
     assert len(hit) > 0.6 * len(full)  # and the draws spread over them
+
+
+@pytest.mark.parametrize("n", [40, 3])
+def test_block_diagonal_update_is_the_rule_per_block(n: int) -> None:
+    rng = np.random.default_rng(1)
+    G, b = 3, 4
+    R0 = np.stack([np.eye(b) + 0.1 * rng.standard_normal((b, b)) for _ in range(G)])
+    x = rng.standard_normal((n, G * b)) @ rng.standard_normal((G * b, G * b))
+    R = torch.tensor(R0)
+    loss = decorrelation_update_(R, torch.tensor(x), lr=0.02, kappa=0.3)
+    refs = [reference_step(R0[g], x[:, g * b : (g + 1) * b], 0.02, 0.3) for g in range(G)]
+    np.testing.assert_allclose(R.numpy(), np.stack([r for r, _ in refs]), rtol=0, atol=1e-6)
+    assert abs(loss.item() - np.mean([l for _, l in refs])) <= 1e-6
+    z = np.concatenate([x[:, g * b : (g + 1) * b] @ R0[g].T for g in range(G)], axis=1)
+    assert abs(decorrelation_loss(torch.tensor(z), 0.3, blocks=G).item() - np.mean([l for _, l in refs])) <= 1e-6
+    w = torch.randn(5, G * b, dtype=torch.float64)
+    torch.testing.assert_close(fuse_weight(w, R), w @ torch.block_diag(*R))
+    with pytest.raises(ValueError, match=r"Expected `blocks` to be a positive divisor of d = 12, but got 5"):
+        decorrelation_loss(torch.tensor(z), 0.3, blocks=5)

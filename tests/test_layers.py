@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_decor import decorrelate, decorrelation_matrices, fold
+from lightning_decor import decorrelate, decorrelation_matrices, decorrelation_update_, fold
 from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear, eligible_layers
 
 
@@ -235,3 +235,70 @@ def test_max_features_skips_wide_layers() -> None:
         decorrelate(nn.Linear(2, 2), max_features=0)
     with pytest.raises(TypeError, match=r"Expected `max_features` to be an int or None, but got float"):
         decorrelate(nn.Linear(2, 2), max_features=1.5)  # type: ignore[arg-type]
+
+
+def test_tied_weights_and_frozen_layers_stay_plain() -> None:
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # weight tying, as in language models
+    net = nn.ModuleDict({"emb": emb, "head": head, "mid": nn.Linear(4, 4), "frozen": nn.Linear(4, 4)})
+    net["frozen"].requires_grad_(False)
+    reasons = eligible_layers(net)
+    assert reasons == {
+        "head": "weight shared with another module (tied weights)",
+        "mid": None,
+        "frozen": "frozen (weight.requires_grad is False)",
+    }
+    assert decorrelate(net) == ["mid"]
+
+
+def test_layer_called_twice_pools_both_calls() -> None:
+    lin = nn.Linear(3, 3)
+    decorrelate(lin)
+    lin.decor_collect = True
+    x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
+    lin(lin(x1))
+    lin(x2)
+    rows = lin.decor_take_rows()
+    assert rows is not None and rows.shape == (4 + 4 + 5, 3)
+    torch.testing.assert_close(rows[:4], x1)
+    torch.testing.assert_close(rows[8:], x2)
+
+
+def test_block_diagonal_r_for_wide_layers() -> None:
+    conv = nn.Conv2d(8, 5, 3, padding=1).double()  # d = 72
+    w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    decorrelate(conv, block_size=20)  # whole channels per block: 2 channels * 9 = 18 <= 20 -> 4 blocks
+    assert conv.decor_R.shape == (4, 18, 18) and conv.decor_blocks == 4 and conv.decor_features == 72
+    for g in range(4):
+        conv.decor_R[g].copy_(random_R(18, seed=g).double())
+    dense = torch.block_diag(*conv.decor_R)  # the (72, 72) matrix the blocks stand for
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    rows, h_out, w_out = explicit_conv_rows(x, conv)
+    expected = ((rows @ dense.T) @ w.reshape(5, -1).T + b).reshape(2, h_out, w_out, 5).permute(0, 3, 1, 2)
+    y = conv(x)
+    torch.testing.assert_close(y, expected)
+    delta = torch.randn_like(y)
+    (y * delta).sum().backward()
+    delta_rows = delta.permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(conv.weight.grad.reshape(5, -1), delta_rows.T @ (rows @ dense.T))
+    # the update moves each block by the rule on its own features
+    before = conv.decor_R.clone()
+    conv.decor_update_(rows, lr=0.01, kappa=0.5)
+    for g in range(4):
+        R_g = before[g].clone()
+        decorrelation_update_(R_g, rows[:, g * 18 : (g + 1) * 18], lr=0.01, kappa=0.5)
+        torch.testing.assert_close(conv.decor_R[g], R_g)
+    with torch.no_grad():
+        y_patched = conv(x)
+    fold(conv)
+    assert type(conv) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), y_patched)
+    lin = nn.Linear(10, 3)
+    decorrelate(lin, block_size=4)  # 10 features: fewest equal blocks of <= 4 -> 5 blocks of 2
+    assert lin.decor_R.shape == (5, 2, 2)
+    with pytest.raises(ValueError, match=r"Expected `block_size` to be >= 1 or None, but got 0"):
+        decorrelate(nn.Linear(2, 2), block_size=0)
+    with pytest.raises(TypeError, match=r"Expected `block_size` to be an int or None, but got str"):
+        decorrelate(nn.Linear(2, 2), block_size="4")  # type: ignore[arg-type]

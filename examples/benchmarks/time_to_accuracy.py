@@ -59,6 +59,9 @@ def run(method: str, seed: int, epochs: int, lr: float, args: argparse.Namespace
     )
     trainer.fit(module, datamodule=data)
     hist = clock.history
+    if not hist or hist[-1][1] != trainer.global_step:  # evaluate the final model too
+        acc = trainer.validate(module, datamodule=data, verbose=False)[0]["val/acc"]
+        hist.append((clock.train_seconds, trainer.global_step, float(acc)))
     print(f"    {method:<4} seed {seed} lr {lr:g} {epochs} ep: final acc {hist[-1][2]:.4f}, "
           f"train {clock.train_seconds:.1f} s", flush=True)
     return {"history": hist, "train_seconds": clock.train_seconds, "final_acc": hist[-1][2],
