@@ -72,9 +72,21 @@ def _abs_correlation(rows: Tensor) -> Tensor:
     return (c / s[:, None] / s[None, :]).abs().clamp_(max=1.0)
 
 
+def _dense(R: Tensor) -> Tensor:
+    """``R`` as one ``(d, d)`` matrix (a stack of diagonal blocks ``(G, b, b)`` becomes block-diagonal)."""
+    return R if R.dim() == 2 else torch.block_diag(*R.unbind(0))
+
+
+def _off_diagonal(R: Tensor) -> Tensor:
+    """The off-diagonal entries of ``R`` (of each diagonal block, for a stack of blocks), flattened."""
+    b = R.shape[-1]
+    return R.reshape(-1, b, b)[:, ~torch.eye(b, dtype=torch.bool, device=R.device)].flatten()
+
+
 def _correlation_picture(x: Tensor, R: Tensor) -> Tensor:
     """A ``(1, h, 2 * w + 2)`` grey image in [0, 1]: ``|corr|`` of the raw rows ``x`` (left) and of the
     decorrelated rows ``z = x @ R.T`` (right), separated by a mid-grey bar; ``h = w = min(d, 256)``."""
+    R = _dense(R)
     x = x.to(R.dtype)
     pictures = [_abs_correlation(x), _abs_correlation(x @ R.T)]
     if R.shape[0] > _PICTURE_SIDE:  # mean |corr| over blocks of features
@@ -114,13 +126,36 @@ class DecorrelationCallback(Callback):
     side stream; the main stream waits for it before the next forward. No host synchronisation happens per layer
     or per step, except when metrics are logged.
 
+    With the rest of the Trainer:
+
+    - **Optimizer steps**: ``R`` moves in ``on_before_optimizer_step``, at most once per training batch. Under
+      gradient accumulation (``accumulate_grad_batches``, ``GradientAccumulationScheduler``) that is the micro-batch
+      that steps, from the rows of the whole window. Under manual optimisation it is the batch's first
+      ``optimizer.step()`` (several optimizers still give one update per batch); rows of forwards after it count
+      towards the next update. A batch whose optimizers never step through Lightning leaves ``R`` unchanged.
+    - **DDP** (``"ddp"``, ``"ddp_spawn"``, ...): before each update the sampled rows of all layers of all ranks are
+      pooled by one ``all_gather`` of a single flat buffer (after a small exchange of the row counts over a CPU
+      group), so every rank applies the same update and holds the same ``R``. The ``decor_R`` buffers are excluded
+      from DDP's per-forward buffer broadcast. After ``ddp_spawn`` the launching process receives the trained weights
+      (``W @ R``) in its plain model; the callback there has not run. Sharded strategies (FSDP, DeepSpeed,
+      ModelParallel) are refused in ``setup``.
+    - **Precision**: statistics and ``R`` are float32 (float64 for float64 models) under every precision; with
+      ``"16-true"``/``"bf16-true"`` ``R`` stays float32 while the weights are cast.
+    - **torch.compile**: ``trainer.fit(torch.compile(model))`` works; the row capture runs eagerly (one graph break
+      per patched layer in training), so the graph does not recompile as rows accumulate.
+    - **Checkpoints**: the module's ``state_dict`` holds the fused weights (plain-loadable, also with
+      ``save_weights_only=True``); the callback's state (``R``, raw weights, sampling RNG) makes
+      ``fit(ckpt_path=...)`` continue exactly.
+    - **configure_model**: layers built there are created early, in Lightning's init contexts, and patched in
+      ``setup``; the hook must be idempotent, as Lightning requires.
+
     Logged metrics (through the Trainer's loggers, every ``Trainer(log_every_n_steps)`` optimizer steps):
 
     - ``decor/loss``: the decorrelation loss, mean over the patched layers and over the steps since the last log;
     - ``decor/<layer name>``: that layer's loss at the logged step, when ``log_per_layer=True``;
     - ``decor/skipped``: total number of layer updates skipped because they would have made ``R`` non-finite.
 
-    Pictures, opt-in, written only through a ``TensorBoardLogger`` (``add_histogram``/``add_image``), on rank zero,
+    Pictures, opt-in, written only through a ``TensorBoardLogger`` (``add_histogram_raw``/``add_image``), on rank zero,
     at the end of every N-th training epoch (the step axis is ``trainer.global_step``):
 
     - ``decor/R_offdiag/<layer name>``: histogram of the off-diagonal entries of each layer's ``R``, with
@@ -214,9 +249,8 @@ class DecorrelationCallback(Callback):
                 f"{type(log_correlation_image).__name__}: {log_correlation_image!r}."
             )
         self.log_correlation_image = log_correlation_image
-        self.log_image_every_n_epochs = int(
-            _check_every("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)  # type: ignore[arg-type]
-        )
+        _check_every("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
+        self.log_image_every_n_epochs = log_image_every_n_epochs
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._layers: dict[str, DecorrelatedLayer] = {}
         self._stream: torch.cuda.Stream | None = None
@@ -270,7 +304,8 @@ class DecorrelationCallback(Callback):
         self._layers = decorrelated_layers(pl_module)
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by `update_` instead.
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self._layers})
+        R_names = {f"{name}.decor_R" for name in self._layers}
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | R_names)  # type: ignore[assignment]
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv2d, not frozen, "
@@ -380,7 +415,7 @@ class DecorrelationCallback(Callback):
                     device=layers[0].decor_R.device,
                     counts_group=self._counts_group,
                 )
-            for layer, rows in zip(layers, taken):
+            for layer, rows in zip(layers, taken, strict=True):
                 if rows is None:  # layer not used in this step's forward
                     losses.append(torch.full((), math.nan, device=layer.decor_R.device))
                     oks.append(torch.ones((), dtype=torch.bool, device=layer.decor_R.device))
@@ -482,6 +517,7 @@ class DecorrelationCallback(Callback):
             return []
         return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
+    @torch.compiler.disable  # eager even in a compiled model, as the layers' own row capture
     def _keep_picture_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if args and module.training and torch.is_grad_enabled():
             self._picture_input = args[0].detach()  # a reference, no copy: replaced by the next training forward
@@ -497,7 +533,7 @@ class DecorrelationCallback(Callback):
         if wanted and self._picture_hook is None and self._tensorboards(trainer):
             layer = self._layers[self.log_correlation_image]  # type: ignore[index]
             self._picture_hook = layer.register_forward_hook(self._keep_picture_input)
-        if trainer.current_epoch == 0 and not trainer.fast_dev_run and trainer.is_global_zero:
+        if trainer.current_epoch == 0 and not getattr(trainer, "fast_dev_run", False) and trainer.is_global_zero:
             pictures = self.log_histograms_every_n_epochs is not None or self.log_correlation_image is not None
             if pictures and not self._tensorboards(trainer):
                 rank_zero_warn(
@@ -515,10 +551,10 @@ class DecorrelationCallback(Callback):
         step = trainer.global_step
         if self._due(trainer, self.log_histograms_every_n_epochs):
             for name, layer in self._layers.items():
-                R = layer.decor_R
-                if R.shape[0] < 2:  # no off-diagonal entries
+                off_diagonal = _off_diagonal(layer.decor_R)
+                if off_diagonal.numel() == 0:  # d = 1
                     continue
-                histogram = _histogram(R[~torch.eye(R.shape[0], dtype=torch.bool, device=R.device)])
+                histogram = _histogram(off_diagonal)
                 for writer in writers:
                     writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **histogram)
         x = self._picture_input
@@ -534,18 +570,19 @@ class DecorrelationCallback(Callback):
         """The raw input rows behind the correlation picture: at most 8192 rows of the layer's input ``x``
         (im2col patches for a convolution), drawn with a fixed seed so that pictures do not move the training RNG."""
         generator = torch.Generator(device=x.device).manual_seed(0)
-        if isinstance(layer, nn.Conv2d):
-            x = x if x.dim() == 4 else x.unsqueeze(0)
-            geometry: dict[str, Any] = dict(
-                stride=layer.stride,
-                padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
-                dilation=layer.dilation,
-                padding_mode=layer.padding_mode,
-            )
-            if x.shape[0] * x.shape[2] * x.shape[3] > _PICTURE_ROWS:  # more patches (for stride 1) than needed
-                return sample_conv_patch_rows(x, _PICTURE_ROWS, layer.kernel_size, generator=generator, **geometry)
-            return conv_patch_rows(x, layer.kernel_size, **geometry)  # (N * H_out * W_out, d)
-        rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
-        if rows.shape[0] > _PICTURE_ROWS:
-            rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
-        return rows
+        if isinstance(layer, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
+            if rows.shape[0] > _PICTURE_ROWS:
+                rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
+            return rows
+        conv: Any = layer  # a Conv1d/2d/3d with groups == 1
+        x = x if x.dim() == conv.weight.dim() else x.unsqueeze(0)  # unbatched input
+        geometry: dict[str, Any] = dict(
+            stride=conv.stride,
+            padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+            dilation=conv.dilation,
+            padding_mode=conv.padding_mode,
+        )
+        if x[:, 0].numel() > _PICTURE_ROWS:  # more patches (for stride 1) than needed
+            return sample_conv_patch_rows(x, _PICTURE_ROWS, conv.kernel_size, generator=generator, **geometry)
+        return conv_patch_rows(x, conv.kernel_size, **geometry)  # (N * positions, d)

@@ -22,7 +22,8 @@ def count_group() -> dist.ProcessGroup | None:
     """
     if dist.get_backend() == "gloo" or not dist.is_gloo_available():
         return None
-    return dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo")  # every rank is a member
+    return group if isinstance(group, dist.ProcessGroup) else None
 
 
 def all_gather_rows(
@@ -56,7 +57,7 @@ def all_gather_rows(
     gathered_counts = [torch.empty_like(counts, device=counts_device) for _ in range(world)]
     dist.all_gather(gathered_counts, counts.to(counts_device), group=counts_group)
     per_rank = [c.tolist() for c in gathered_counts]  # (world, layers); host read of a CPU tensor, or one per update
-    sizes = [sum(n * d for n, d in zip(ns, widths)) for ns in per_rank]
+    sizes = [sum(n * d for n, d in zip(ns, widths, strict=True)) for ns in per_rank]
     longest = max(sizes)
     if longest == 0:
         return [None] * len(rows)
@@ -67,9 +68,9 @@ def all_gather_rows(
     buckets = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(buckets, flat)
     pooled: list[list[Tensor]] = [[] for _ in rows]
-    for bucket, ns in zip(buckets, per_rank):
+    for bucket, ns in zip(buckets, per_rank, strict=True):
         offset = 0
-        for i, (n, d) in enumerate(zip(ns, widths)):
+        for i, (n, d) in enumerate(zip(ns, widths, strict=True)):
             if n:
                 pooled[i].append(bucket[offset : offset + n * d].view(n, d))
             offset += n * d

@@ -1,0 +1,331 @@
+"""The user's path: ``examples/train.py`` (LightningCLI) with every shipped YAML config, the README's snippets and
+commands, and the example DataModules. Nothing here downloads: Fashion-MNIST comes from Debian's
+``dataset-fashion-mnist`` (installed by ``make test``), the CIFAR-10 and ImageNet configs are only built, not fit."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TinyModule, correlated_data
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from lightning_decor import DecorrelationCallback
+from lightning_decor.layers import DecorrelatedLayer, eligible_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
+README = (ROOT / "README.md").read_text()
+LOCAL_DATA = {"FashionMNISTDataModule"}  # data this machine and CI have; the others need the user's data
+
+sys.path.insert(0, str(EXAMPLES))
+
+from train import cli_main  # noqa: E402
+
+from data import (  # noqa: E402
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CIFAR10DataModule,
+    ImageNetDataModule,
+    prepare_fashion_mnist,
+)
+
+# A value other than the default for every DecorrelationCallback argument (a new argument must be added here).
+CALLBACK_VALUES: dict[str, Any] = {
+    "decor_lr": 0.002,
+    "kappa": 0.25,
+    "sample_fraction": 0.5,
+    "max_rows": 64,
+    "max_features": 4096,
+    "include": ["net.*"],
+    "exclude": ["net.19"],
+    "log_per_layer": True,
+    "use_cuda_stream": False,
+    "fold_on_fit_end": False,
+    "log_histograms_every_n_epochs": 2,
+    "log_correlation_image": "net.0",
+    "log_image_every_n_epochs": 3,
+}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def data_class(config: dict[str, Any]) -> str:
+    return config["data"]["class_path"].rsplit(".", 1)[-1]
+
+
+def decor_callbacks(trainer: pl.Trainer) -> list[DecorrelationCallback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, DecorrelationCallback)]
+
+
+def section(title: str) -> str:
+    """The README text under ``## <title>`` up to the next ``## `` heading."""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fashion")
+    prepare_fashion_mnist(root, download=False)  # from /usr/share/datasets/fashion-mnist; never downloads
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when both `args` and sys.argv are given
+
+
+@pytest.fixture()
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder: the configs write to the relative ``runs/`` and ``data/``."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------- the configs
+def test_configs_are_shipped_in_dbp_bp_pairs() -> None:
+    assert CONFIGS, "no YAML config in examples/configs"
+    names = {path.stem for path in CONFIGS}
+    for path in CONFIGS:
+        assert path.read_text().startswith("# "), f"{path.name} does not document itself at the top"
+        pair = path.stem.rsplit("_", 1)
+        assert pair[1] in ("dbp", "bp") and f"{pair[0]}_dbp" in names and f"{pair[0]}_bp" in names, path.name
+
+
+@pytest.mark.parametrize("dbp", [p for p in CONFIGS if p.stem.endswith("_dbp")], ids=lambda p: p.stem)
+def test_bp_config_is_the_dbp_config_without_the_callback(dbp: Path) -> None:
+    with_dbp, without = load(dbp), load(dbp.with_name(dbp.name.replace("_dbp.yaml", "_bp.yaml")))
+    callbacks = with_dbp["trainer"].pop("callbacks")
+    assert [cb["class_path"] for cb in callbacks] == ["lightning_decor.DecorrelationCallback"]
+    assert "callbacks" not in without["trainer"]
+    assert with_dbp["trainer"]["logger"]["init_args"].pop("name") == dbp.stem
+    assert without["trainer"]["logger"]["init_args"].pop("name") == dbp.stem.replace("_dbp", "_bp")
+    assert with_dbp == without
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_what_it_names_without_touching_the_disk(config: Path, in_tmp: Path) -> None:
+    expected = load(config)
+    cli = cli_main(["--config", str(config)], run=False)
+    assert type(cli.datamodule).__name__ == data_class(expected)
+    for key, value in expected["data"]["init_args"].items():
+        assert getattr(cli.datamodule, key) == value, key
+    assert {k: cli.model.hparams[k] for k in expected["model"]} == expected["model"]
+    assert cli.trainer.max_epochs == expected["trainer"]["max_epochs"]
+    cbs = decor_callbacks(cli.trainer)
+    yaml_cbs = [cb["init_args"] for cb in expected["trainer"].get("callbacks", [])]
+    assert len(cbs) == len(yaml_cbs)
+    for cb, init_args in zip(cbs, yaml_cbs, strict=True):
+        assert {k: getattr(cb, k) for k in init_args} == init_args
+        if cb.log_correlation_image is not None:  # names a layer the callback will patch (checked again in setup)
+            assert eligible_layers(cli.model, cb.max_features)[cb.log_correlation_image] is None
+    assert list(in_tmp.iterdir()) == []  # no download, no log folder
+
+
+@pytest.mark.parametrize("config", [p for p in CONFIGS if data_class(load(p)) in LOCAL_DATA], ids=lambda p: p.stem)
+def test_config_with_local_data_fits_one_batch(config: Path, fashion_dir: Path, in_tmp: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    args = [
+        "--trainer.fast_dev_run=true",
+        f"--data.init_args.data_dir={fashion_dir}",
+        "--data.init_args.download=false",
+    ]
+    cli = cli_main(["fit", "--config", str(config), *args])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    cbs = decor_callbacks(cli.trainer)
+    assert [cb.updates for cb in cbs] == ([1] if config.stem.endswith("_dbp") else [])
+    assert not any(isinstance(m, DecorrelatedLayer) for m in cli.model.modules())  # folded at fit end
+    assert "(fast_dev_run): loggers and checkpoints are off" in capsys.readouterr().out
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(EXAMPLES / "train.py"), "fit",
+        "--config", str(EXAMPLES / "configs" / "fashion_mnist_dbp.yaml"),
+        f"--data.init_args.data_dir={fashion_dir}", "--data.init_args.download=false",
+        "--data.init_args.train_limit=256", "--data.init_args.eval_batch_size=100", "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0.01", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log_dir = (tmp_path / "runs" / "fashion_mnist_dbp" / "version_0").resolve()
+    assert f"Training: logs in {log_dir}\n" in done.stdout
+    assert f"Done: logs in {log_dir}\n" in done.stdout
+    assert done.stdout.count("View them with: tensorboard --logdir runs\n") == 2
+    assert (log_dir / "config.yaml").exists()  # LightningCLI's copy of the resolved config
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    assert {"decor/loss", "train/loss", "val/acc"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("decor/loss")) == 2  # 256 images / batch 128, logged every step
+    assert "decor/R_offdiag/net.0" in acc.Tags()["histograms"]  # every conv and the head: 6 layers
+    assert len(acc.Tags()["histograms"]) == 6
+    assert acc.Tags()["images"] == ["decor/correlation/net.0"]
+
+
+# ------------------------------------------------------------------------------------ the callback's CLI arguments
+def test_print_config_shows_every_callback_argument_with_its_help(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(
+            ["--config", str(EXAMPLES / "configs" / "fashion_mnist_dbp.yaml"), "--print_config=comments"], run=False
+        )
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)["trainer"]["callbacks"][0]
+    params = inspect.signature(DecorrelationCallback).parameters
+    assert printed["class_path"] == "lightning_decor.DecorrelationCallback"
+    assert set(printed["init_args"]) == set(params)
+    comments = " ".join(line.strip().lstrip("#").strip() for line in out.splitlines() if line.strip().startswith("#"))
+    doc = inspect.getdoc(DecorrelationCallback) or ""
+    args = doc.split("\nArgs:\n", 1)[1].split("\n\n", 1)[0]
+    helps = dict(re.findall(r"^    (\w+): (.*?)(?=^    \w+: |\Z)", args, flags=re.DOTALL | re.MULTILINE))
+    assert set(helps) == set(params)
+    for name, text in helps.items():
+        assert " ".join(text.split()) in comments, name
+
+
+def test_every_callback_argument_from_yaml_and_from_the_command_line(in_tmp: Path) -> None:
+    assert set(CALLBACK_VALUES) == set(inspect.signature(DecorrelationCallback).parameters)
+    defaults = DecorrelationCallback()
+    assert all(getattr(defaults, k) != v for k, v in CALLBACK_VALUES.items())  # each value really is set
+    bp = str(EXAMPLES / "configs" / "fashion_mnist_bp.yaml")
+    extra = in_tmp / "decor.yaml"
+    callback = {"class_path": "lightning_decor.DecorrelationCallback", "init_args": CALLBACK_VALUES}
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    from_yaml = cli_main(["--config", bp, "--config", str(extra)], run=False)
+    # As a user types them: strings bare (jsonargparse keeps quotes of a `str` argument), the rest as YAML/JSON.
+    flags = [
+        f"--trainer.callbacks.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in CALLBACK_VALUES.items()
+    ]
+    from_flags = cli_main(["--config", bp, "--trainer.callbacks+=DecorrelationCallback", *flags], run=False)
+    for cli in (from_yaml, from_flags):
+        (cb,) = decor_callbacks(cli.trainer)
+        assert {k: getattr(cb, k) for k in CALLBACK_VALUES} == CALLBACK_VALUES
+
+
+def test_command_line_overrides_the_callback_of_a_config(in_tmp: Path) -> None:
+    dbp = str(EXAMPLES / "configs" / "fashion_mnist_dbp.yaml")
+    (cb,) = decor_callbacks(cli_main(["--config", dbp, "--trainer.callbacks.kappa=0.2"], run=False).trainer)
+    assert cb.kappa == 0.2 and cb.decor_lr == load(Path(dbp))["trainer"]["callbacks"][0]["init_args"]["decor_lr"]
+    assert decor_callbacks(cli_main(["--config", dbp, "--trainer.callbacks=[]"], run=False).trainer) == []
+
+
+# -------------------------------------------------------------------------------------------------- the README
+class InOrderData(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(correlated_data(), batch_size=32)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(correlated_data(64, seed=1), batch_size=32)
+
+
+def test_readme_python_usage_runs(in_tmp: Path) -> None:
+    (snippet,) = code_blocks(section("Usage"), "python")
+    namespace: dict[str, Any] = {"MyLightningModule": TinyModule, "my_datamodule": InOrderData()}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    trainer, model = namespace["trainer"], namespace["model"]
+    (cb,) = decor_callbacks(trainer)
+    assert cb.updates == trainer.max_epochs * 8 == trainer.global_step  # 256 samples / batch 32 per epoch
+    assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # "a plain model again"
+
+
+def test_readme_yaml_usage_parses(in_tmp: Path) -> None:
+    blocks = [b for b in code_blocks(section("Usage in YAML (LightningCLI)"), "yaml") if "DecorrelationCallback" in b]
+    assert len(blocks) == 1
+    (in_tmp / "snippet.yaml").write_text(blocks[0])
+    bp = str(EXAMPLES / "configs" / "fashion_mnist_bp.yaml")
+    (cb,) = decor_callbacks(cli_main(["--config", bp, "--config", "snippet.yaml"], run=False).trainer)
+    init_args = yaml.safe_load(blocks[0])["trainer"]["callbacks"][0]["init_args"]
+    assert {k: getattr(cb, k) for k in init_args} == init_args
+
+
+def test_readme_train_commands_parse(in_tmp: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (bash,) = code_blocks(section("Usage in YAML (LightningCLI)"), "bash")
+    lines = [line for line in bash.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    commands = [shlex.split(line) for line in lines if line.startswith("python examples/train.py")]
+    assert len(commands) >= 5
+    for command in commands:
+        assert command[2] == "fit"
+        args = [a.replace("examples/configs/", f"{EXAMPLES}/configs/") for a in command[3:]]
+        if any(a.startswith("--print_config") for a in args):
+            with pytest.raises(SystemExit) as exit_info:
+                cli_main(args, run=False)
+            assert exit_info.value.code == 0 and "DecorrelationCallback" in capsys.readouterr().out
+        else:
+            cli_main(args, run=False)
+    save_dirs = {load(p)["trainer"]["logger"]["init_args"]["save_dir"] for p in CONFIGS}
+    assert save_dirs == {"runs"} and "tensorboard --logdir runs" in bash
+
+
+# ----------------------------------------------------------------------------------------------- the DataModules
+def test_imagenet_datamodule_reads_an_image_folder(tmp_path: Path) -> None:
+    colours = {"cat": (255, 0, 128), "dog": (10, 200, 30)}
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                size = (40 + 7 * i, 30 + 5 * i)
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) if split == "train" else None
+                image = Image.fromarray(pixels) if pixels is not None else Image.new("RGB", size, colour)
+                image.save(tmp_path / split / name / f"{i}.png")
+    dm = ImageNetDataModule(
+        str(tmp_path), batch_size=4, eval_batch_size=6, num_workers=0, image_size=32, eval_resize=36
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1}
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]  # ImageFolder: classes sorted by name
+    for image, label in zip(x, y, strict=True):  # a plain-coloured image stays plain through resize and crop
+        colour = torch.tensor(colours[["cat", "dog"][label]]) / 255
+        expected = (colour - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        torch.testing.assert_close(image, expected[:, None, None].expand(3, 32, 32), atol=1e-2, rtol=0)
+
+
+def test_imagenet_datamodule_says_what_is_missing(tmp_path: Path) -> None:
+    match = rf"Expected an ImageFolder tree at {re.escape(str(tmp_path / 'nope' / 'train'))} \(train/<class>/<image>\)"
+    with pytest.raises(FileNotFoundError, match=match):
+        ImageNetDataModule(str(tmp_path / "nope")).prepare_data()
+
+
+def test_cifar10_datamodule_does_not_download_unless_asked(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="Dataset not found or corrupted"):  # torchvision's message
+        CIFAR10DataModule(str(tmp_path), download=False).prepare_data()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar10_transforms_normalise_and_augment() -> None:
+    dm = CIFAR10DataModule(augment=True)
+    image = Image.new("RGB", (32, 32), (255, 0, 128))
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)
+    torch.testing.assert_close(dm.transform(False)(image), expected[:, None, None].expand(3, 32, 32))
+    torch.manual_seed(0)
+    augmented = torch.stack([dm.transform(True)(image) for _ in range(8)])
+    assert augmented.shape == (8, 3, 32, 32)
+    padded = -torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD)  # RandomCrop pads with black
+    assert any(torch.allclose(a[:, :, 0], padded[:, None].expand(3, 32)) for a in augmented)  # some crops shift

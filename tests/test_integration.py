@@ -1,0 +1,517 @@
+"""DecorrelationCallback with the rest of the Trainer: checkpoints and resume, gradient accumulation, DDP, precision,
+torch.compile, manual optimisation and the fit/validate/test/predict lifecycle.
+
+References are independent of the package: the update rule written out in float64 below, an uninterrupted run for
+resume, a plain unpatched module for checkpoints, an eager run for torch.compile.
+
+Run as a script (``python tests/test_integration.py ddp OUT``), this file is the training script that
+``strategy="ddp"`` relaunches for its second rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyModule, correlated_data, quiet_trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_decor import DecorrelationCallback, decorrelation_matrices
+from lightning_decor.layers import DecorrelatedLayer
+
+LR, KAPPA = 0.05, 0.5
+
+
+def reference_update(R: torch.Tensor, x: torch.Tensor, lr: float = LR, kappa: float = KAPPA) -> torch.Tensor:
+    """One step of the rule of Dalm et al. in float64: z = x R^T, C = z^T z / n,
+    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R."""
+    R, x = R.double(), x.double()
+    z = x @ R.T
+    C = z.T @ z / z.shape[0]
+    c = torch.diagonal(C)
+    return R - lr * ((1 - kappa) * (C - torch.diag(c)) + kappa * torch.diag(c - 1)) @ R
+
+
+def callback(**kwargs: Any) -> DecorrelationCallback:
+    """Every row kept, R readable after fit; a large rate so R moves visibly in a few steps."""
+    return DecorrelationCallback(**{"decor_lr": LR, "sample_fraction": 1.0, "fold_on_fit_end": False, **kwargs})
+
+
+class Recorder(pl.Callback):
+    """Per training batch: the first layer's input, every R before and after the batch, the raw parameters after."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        before = {name: R.clone() for name, R in decorrelation_matrices(pl_module).items()}
+        self.batches.append({"x": batch[0].clone(), "before": before})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.batches[-1]["after"] = {name: R.clone() for name, R in decorrelation_matrices(pl_module).items()}
+        self.batches[-1]["params"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def raw_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The raw parameters (W, not W R) and every R of a patched model."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"{n}.R": R.clone() for n, R in decorrelation_matrices(model).items()})
+    return state
+
+
+def eval_outputs(model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+    x = correlated_data(16, seed=3).tensors[0] if x is None else x
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# ---------------------------------------------------------------------------------------------- 1. checkpoints
+@pytest.mark.parametrize("fold_on_fit_end", [False, True])
+@pytest.mark.parametrize("save_weights_only", [False, True])
+def test_checkpoints_load_into_the_plain_module(tmp_path: Path, save_weights_only: bool, fold_on_fit_end: bool) -> None:
+    model = TinyModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=save_weights_only)
+    cb = callback(fold_on_fit_end=fold_on_fit_end)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb, ckpt], enable_checkpointing=True).fit(model)
+    assert cb.updates == 16
+    expected = eval_outputs(model)  # the trained model, patched or folded
+    plain = TinyModule.load_from_checkpoint(tmp_path / "last.ckpt")  # strict
+    assert type(plain.net[0]) is nn.Linear and not hasattr(plain.net[0], "decor_R")
+    torch.testing.assert_close(eval_outputs(plain), expected, rtol=0, atol=1e-6)
+    untrained = TinyModule()
+    assert (eval_outputs(untrained) - expected).abs().max() > 1e-2
+    loaded = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(loaded["state_dict"]) == set(untrained.state_dict())
+
+
+class IndexedData(TinyModule):
+    """Each batch is a function of (epoch, batch_idx), shuffled per epoch: a plain DataLoader restarts from its first
+    batch after a mid-epoch resume, so the data must not depend on the loader's position for an exact comparison."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(256)), batch_size=32)  # 8 batches; only their number is used
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = correlated_data().tensors
+        order = torch.randperm(256, generator=torch.Generator().manual_seed(1000 + self.current_epoch))
+        idx = order[32 * batch_idx : 32 * (batch_idx + 1)]
+        return F.cross_entropy(self(x[idx]), y[idx])
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, epoch: int, batch_idx: int) -> None:
+        self.at = (epoch, batch_idx)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if (trainer.current_epoch, batch_idx) == self.at:
+            raise RuntimeError("crash")
+
+
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the ModelCheckpoint is left out on purpose
+@pytest.mark.parametrize("stop", ["epoch_boundary", "mid_epoch"])
+def test_resume_continues_exactly(tmp_path: Path, stop: str) -> None:
+    # sampled rows (max_rows) exercise the generator state; momentum the optimizer state; accumulation the counters
+    kwargs: dict[str, Any] = dict(max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0)
+    options = dict(sample_fraction=0.5, max_rows=12)
+
+    pl.seed_everything(0)
+    full = IndexedData()
+    quiet_trainer(tmp_path / "full", callbacks=[callback(**options)], **kwargs).fit(full)
+
+    pl.seed_everything(0)
+    first = IndexedData()
+    if stop == "epoch_boundary":  # a finished run of one epoch
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer = quiet_trainer(tmp_path, callbacks=[callback(**options), ckpt], enable_checkpointing=True,
+                                **{**kwargs, "max_epochs": 1})  # fmt: skip
+        trainer.fit(first)
+        path = tmp_path / "ckpt" / "last.ckpt"
+    else:  # checkpoint after optimizer step 5 (epoch 1, batch 1), crash three batches later
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+        trainer = quiet_trainer(tmp_path, callbacks=[callback(**options), ckpt, CrashAt(1, 4)],
+                                enable_checkpointing=True, **kwargs)  # fmt: skip
+        with pytest.raises(RuntimeError, match="crash"):
+            trainer.fit(first)
+        path = tmp_path / "ckpt" / "epoch=1-step=5.ckpt"
+
+    pl.seed_everything(123)  # the resumed run must not depend on the fresh model's initialisation
+    resumed = IndexedData()
+    cb = callback(**options)
+    quiet_trainer(tmp_path / "resumed", callbacks=[cb], **kwargs).fit(resumed, ckpt_path=path)
+    assert cb.updates == 12  # the count continues from the checkpoint
+    expected, got = raw_state(full), raw_state(resumed)
+    assert (
+        set(got) == set(expected) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.0.R", "net.2.R"}
+    )
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    saved = torch.load(path, weights_only=True)["callbacks"]["DecorrelationCallback"]["R"]["net.0"]
+    assert (saved - expected["net.0.R"]).abs().max() > 1e-3  # R moved on after the checkpoint: a real continuation
+
+
+# ---------------------------------------------------------------------------------------------- 2. accumulation
+@pytest.mark.parametrize("schedule", ["fixed", "scheduler"])
+def test_accumulation_moves_r_once_per_step_from_the_pooled_micro_batches(tmp_path: Path, schedule: str) -> None:
+    if schedule == "fixed":  # 8 batches: windows of 3, 3 and a last partial one of 2 (Lightning steps at epoch end)
+        kwargs: dict[str, Any] = dict(max_epochs=1, accumulate_grad_batches=3)
+        windows = [3, 3, 2]
+    else:
+        kwargs = dict(max_epochs=2, callbacks=[GradientAccumulationScheduler({0: 2, 1: 4})])
+        windows = [2, 2, 2, 2, 4, 4]
+    recorder, cb = Recorder(), callback()
+    trainer = quiet_trainer(
+        tmp_path, limit_val_batches=0, **{**kwargs, "callbacks": [cb, recorder, *kwargs.get("callbacks", [])]}
+    )
+    trainer.fit(TinyModule())
+    assert trainer.global_step == cb.updates == len(windows)
+    batches = iter(recorder.batches)
+    for size in windows:
+        window = [next(batches) for _ in range(size)]
+        for b in window[:-1]:  # micro-batches that do not step leave R alone
+            for name in b["before"]:
+                assert torch.equal(b["after"][name], b["before"][name]), name
+        R0 = window[0]["before"]["net.0"]
+        expected = reference_update(R0, torch.cat([b["x"] for b in window]))  # rows of all micro-batches pooled
+        torch.testing.assert_close(window[-1]["after"]["net.0"].double(), expected, rtol=0, atol=1e-6)
+    assert next(batches, None) is None
+
+
+# ---------------------------------------------------------------------------------------------- 3. DDP
+class RankRecorder(Recorder):
+    """A :class:`Recorder` that also notes which buffers DDP broadcasts and saves everything to ``<out>/rank<r>.pt``
+    (DDP workers share nothing else with the test process)."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.broadcast: list[str] = []
+
+    def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        self.broadcast = sorted(trainer.model.named_module_buffers)  # what DDP sends from rank 0 before a forward
+
+    def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        record = dict(batches=self.batches, broadcast=self.broadcast, state_dict=pl_module.state_dict())
+        torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+class BufferedModule(TinyModule):
+    """TinyModule with a buffer of its own, which DDP must still broadcast, and a smaller batch on rank 1 (so the
+    ranks contribute different numbers of rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(correlated_data(), batch_size=32 if self.global_rank == 0 else 24, shuffle=True)
+
+
+def fit_on_two_ranks(strategy: str, out: str) -> TinyModule:
+    pl.seed_everything(0)
+    model = BufferedModule()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback(), RankRecorder(out)],
+    )  # fmt: skip
+    trainer.fit(model)
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_ranks_pool_their_rows_and_stay_identical(
+    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    if strategy == "ddp":  # the subprocess launcher reruns the script, so it cannot run inside pytest
+        run = subprocess.run([sys.executable, __file__, "ddp", str(tmp_path)], timeout=240,
+                             cwd=Path(__file__).parent, capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+    else:
+        model = fit_on_two_ranks(strategy, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:  # R is not broadcast by DDP (each rank computes the same R); the module's own buffer is
+        assert rank["broadcast"] == ["scale"]
+    steps = list(zip(ranks[0]["batches"], ranks[1]["batches"], strict=True))
+    assert len(steps) == 3
+    for b0, b1 in steps:
+        assert (len(b0["x"]), len(b1["x"])) == (32, 24)  # each rank saw its own data, in batches of its own size
+        for name in b0["after"]:  # the same R and the same model on both ranks after every step
+            assert torch.equal(b0["after"][name], b1["after"][name]), name
+        for name in b0["params"]:
+            assert torch.equal(b0["params"][name], b1["params"][name]), name
+        pooled = reference_update(b0["before"]["net.0"], torch.cat([b0["x"], b1["x"]]))
+        torch.testing.assert_close(b0["after"]["net.0"].double(), pooled, rtol=0, atol=1e-6)
+        rank0_only = reference_update(b0["before"]["net.0"], b0["x"])
+        assert (rank0_only - pooled).abs().max() > 1e-4  # the comparison tells pooling from rank 0 alone
+    if strategy == "ddp_spawn":  # the launching process gets the trained weights (fused W R in the state_dict)
+        assert type(model.net[0]) is nn.Linear  # the callback ran in the workers only
+        final = ranks[0]["state_dict"]
+        assert set(model.state_dict()) == set(final)
+        for name, value in final.items():
+            assert torch.equal(model.state_dict()[name], value), name
+        assert not torch.equal(final["net.0.weight"], steps[0][0]["params"]["net.0.weight"])
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
+def test_sharded_strategies_are_refused(strategy: type) -> None:
+    trainer = SimpleNamespace(strategy=strategy.__new__(strategy))  # DeepSpeed needs its package to be constructed
+    with pytest.raises(ValueError, match=rf"does not support `strategy`={strategy.__name__}: it shards the weights"):
+        DecorrelationCallback().setup(trainer, TinyModule(), "fit")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- 4. precision
+@pytest.mark.parametrize(
+    "precision, weight_dtype",
+    [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16), ("16-true", torch.float16)],
+)
+def test_low_precision_keeps_statistics_and_r_in_float32(
+    tmp_path: Path, precision: str, weight_dtype: torch.dtype
+) -> None:
+    recorder, model = Recorder(), TinyModule()
+    trainer = quiet_trainer(tmp_path, precision=precision, limit_train_batches=3, limit_val_batches=0,
+                            callbacks=[callback(), recorder])  # fmt: skip
+    trainer.fit(model)
+    assert model.net[0].weight.dtype == weight_dtype
+    for name, R in decorrelation_matrices(model).items():
+        assert R.dtype == torch.float32, name  # "-true" casts every buffer; R must not lose its small steps
+        assert torch.isfinite(R).all() and (R - torch.eye(len(R))).abs().max() > 1e-3, name
+    assert recorder.batches[0]["x"].dtype == (torch.float32 if precision == "bf16-mixed" else weight_dtype)
+    for b in recorder.batches:  # statistics in float32 from the rows as the layer saw them
+        expected = reference_update(b["before"]["net.0"], b["x"])
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 5. torch.compile
+class NoLogModule(TinyModule):
+    """Without `self.log` in the step, whose guards on Lightning's logger state recompile on their own."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+class FrameCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.frames: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.frames.append(torch._dynamo.utils.counters["frames"]["ok"])  # frames compiled so far
+
+
+def test_compiled_model_trains_without_recompiling(tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    states, counter = {}, FrameCounter()
+    for compiled in (False, True):  # the eager run is the reference
+        pl.seed_everything(0)
+        model = NoLogModule()
+        cb = callback(sample_fraction=0.5, max_rows=8)  # random row sampling with the callback's generator
+        trainer = quiet_trainer(tmp_path, max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0,
+                                callbacks=[cb, counter] if compiled else [cb])  # fmt: skip
+        trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model)  # aot_eager: no C++ build
+        assert cb.updates == 8
+        states[compiled] = raw_state(model)
+    frames = counter.frames
+    assert len(frames) == 16 and frames[1] > 0
+    assert frames[1:] == [frames[1]] * 15  # all compiled in the first batch: no recompilation as rows accumulate
+    for name, value in states[False].items():
+        torch.testing.assert_close(states[True][name], value, rtol=0, atol=1e-6, msg=name)
+    assert (states[True]["net.0.R"] - torch.eye(8)).abs().max() > 1e-2  # rows were captured while compiled
+
+
+# ---------------------------------------------------------------------------------------------- 6. manual optimisation
+class TwoOptimizers(TinyModule):
+    """Manual optimisation, two optimizers: the classifier steps, then a critic on a second forward steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.critic = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt_net, opt_critic = self.optimizers()
+        x, y = batch
+        opt_net.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt_net.step()
+        opt_critic.zero_grad()
+        self.manual_backward(self.critic(self(x).detach()).pow(2).mean())  # second forward through net
+        opt_critic.step()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(self.critic.parameters(), lr=0.05)
+
+
+def test_manual_optimization_with_two_optimizers_moves_r_once_per_batch(tmp_path: Path) -> None:
+    recorder, cb = Recorder(), callback()
+    trainer = quiet_trainer(tmp_path, limit_val_batches=0, callbacks=[cb, recorder])
+    model = TwoOptimizers()
+    trainer.fit(model)
+    assert set(decorrelation_matrices(model)) == {"net.0", "net.2", "critic.0", "critic.2"}
+    assert trainer.global_step == 16 and cb.updates == 8  # two optimizer steps per batch, one R update
+    previous: torch.Tensor | None = None
+    for b in recorder.batches:  # R moves at the batch's first step, from the rows seen since the last update:
+        rows = b["x"] if previous is None else torch.cat([previous, b["x"]])  # the previous second forward + this one
+        torch.testing.assert_close(b["after"]["net.0"].double(), reference_update(b["before"]["net.0"], rows),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+        previous = b["x"]
+
+
+# ---------------------------------------------------------------------------------------------- 7. lifecycle
+class FullModule(TinyModule):
+    def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self(batch[0])
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def plain_copy(model: nn.Module) -> FullModule:
+    """An unpatched FullModule holding ``model``'s (fused) weights."""
+    plain = FullModule()
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+@pytest.mark.parametrize("fold_on_fit_end", [False, True])
+def test_one_trainer_fits_validates_tests_predicts_and_fits_again(tmp_path: Path, fold_on_fit_end: bool) -> None:
+    model, cb = FullModule(), callback(fold_on_fit_end=fold_on_fit_end)
+    trainer = quiet_trainer(tmp_path, callbacks=[cb])
+    x_val = torch.cat([b[0] for b in model.val_dataloader()])
+    assert trainer.validate(model, verbose=False)[0]["val_loss"] > 0  # before fit: nothing patched, nothing moves
+    assert not decorrelation_matrices(model)
+    for round_ in (1, 2):
+        trainer.fit_loop.max_epochs = round_  # the second fit continues with the same Trainer
+        trainer.fit(model)
+        assert cb.updates == 8 * round_
+        assert bool(decorrelation_matrices(model)) is not fold_on_fit_end
+        reference = plain_copy(model)
+        with torch.no_grad():
+            expected = reference(x_val)
+            loss = F.cross_entropy(expected, torch.cat([b[1] for b in model.val_dataloader()])).item()
+        assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(loss, abs=1e-5)
+        assert trainer.test(model, verbose=False)[0]["test_loss"] == pytest.approx(loss, abs=1e-5)
+        torch.testing.assert_close(torch.cat(trainer.predict(model)), expected, rtol=0, atol=1e-6)
+
+
+def test_callback_reused_by_a_new_trainer_updates_from_its_first_batch(tmp_path: Path) -> None:
+    model, cb = TinyModule(), callback()
+    for _ in range(2):  # each Trainer counts batches from 1 again
+        quiet_trainer(tmp_path, callbacks=[cb], limit_train_batches=1, limit_val_batches=0).fit(model)
+    assert cb.updates == 2
+
+
+class SnapshotAt(CrashAt):
+    """Crashes like CrashAt, after keeping the model's (fused) state at that moment."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+@pytest.mark.parametrize("fold_on_fit_end", [False, True])
+def test_exception_mid_fit_leaves_a_usable_model(tmp_path: Path, fold_on_fit_end: bool) -> None:
+    model, cb, crash = FullModule(), callback(fold_on_fit_end=fold_on_fit_end), SnapshotAt(0, 3)
+    with pytest.raises(RuntimeError, match="crash"):
+        quiet_trainer(tmp_path, callbacks=[cb, crash]).fit(model)
+    assert cb.updates == 3
+    layers = [m for m in model.modules() if isinstance(m, DecorrelatedLayer)]
+    assert len(layers) == (0 if fold_on_fit_end else 2)
+    for layer in layers:  # still patched: no longer collecting, nothing pending, R finite
+        assert not layer.decor_collect and layer.decor_pending_rows() == 0 and torch.isfinite(layer.decor_R).all()
+    x = correlated_data(16, seed=3).tensors[0]
+    torch.testing.assert_close(eval_outputs(model, x), eval_outputs(plain_copy(model), x), rtol=0, atol=1e-6)
+    plain = FullModule()
+    plain.load_state_dict(crash.state)  # the model as it was when the exception struck
+    torch.testing.assert_close(eval_outputs(model, x), eval_outputs(plain, x), rtol=0, atol=1e-6)
+    cb_again = callback()
+    quiet_trainer(tmp_path, callbacks=[cb_again]).fit(model.train())  # and it trains on
+    assert cb_again.updates == 8
+
+
+class OnTrainEndOutputs(pl.Callback):
+    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]  (before the callbacks' on_fit_end)
+        self.outputs = eval_outputs(pl_module)
+        pl_module.train()
+
+
+def test_fold_on_fit_end_hands_back_a_plain_model(tmp_path: Path) -> None:
+    model, outputs = TinyModule(), OnTrainEndOutputs()
+    quiet_trainer(tmp_path, callbacks=[callback(fold_on_fit_end=True), outputs]).fit(model)
+    assert [type(m) for m in model.net] == [nn.Linear, nn.Tanh, nn.Linear]
+    assert not any(hasattr(m, "decor_R") for m in model.modules()) and not decorrelation_matrices(model)
+    assert set(model.state_dict()) == set(TinyModule().state_dict())
+    torch.testing.assert_close(eval_outputs(model), outputs.outputs, rtol=0, atol=1e-6)
+    assert (outputs.outputs - eval_outputs(TinyModule())).abs().max() > 1e-2
+
+
+class BuiltInConfigureModel(TinyModule):
+    """Builds its layers in `configure_model`, idempotently as Lightning requires."""
+
+    def __init__(self, idempotent: bool = True) -> None:
+        super().__init__()
+        self.net = None  # type: ignore[assignment]
+        self.idempotent = idempotent
+
+    def configure_model(self) -> None:
+        if self.net is None or not self.idempotent:
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_layers_built_in_configure_model_are_decorrelated(tmp_path: Path) -> None:
+    model, recorder, cb = BuiltInConfigureModel(), Recorder(), callback()
+    quiet_trainer(tmp_path, callbacks=[cb, recorder], limit_val_batches=0).fit(model)
+    assert set(decorrelation_matrices(model)) == {"net.0", "net.2"} and cb.updates == 8
+    for b in recorder.batches:
+        expected = reference_update(b["before"]["net.0"], b["x"])
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=1e-6)
+    assert not torch.equal(
+        recorder.batches[0]["params"]["net.0.weight"], recorder.batches[-1]["params"]["net.0.weight"]
+    )
+
+
+def test_configure_model_that_rebuilds_its_layers_is_refused(tmp_path: Path) -> None:
+    model = BuiltInConfigureModel(idempotent=False)
+    with pytest.raises(
+        RuntimeError,
+        match=r"patched \['net.0', 'net.2'\] in `setup`, but `configure_model` built "
+        r"them anew afterwards\. Expected `configure_model` to be idempotent",
+    ):
+        quiet_trainer(tmp_path, callbacks=[callback()]).fit(model)
+
+
+if __name__ == "__main__":  # python tests/test_integration.py ddp OUT (also how strategy="ddp" starts rank 1)
+    fit_on_two_ranks(sys.argv[1], sys.argv[2])
