@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -19,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_decor.distributed import all_gather_rows, count_group
-from lightning_decor.functional import conv_patch_rows, sample_conv_patch_rows
+from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
 from lightning_decor.layers import (
     DecorrelatedLayer,
     _check_patterns,
@@ -47,8 +46,8 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def _check_every(name: str, value: Any, optional: bool = True) -> int | None:
-    """``value`` as an epoch interval (an int >= 1; ``None`` too when ``optional``)."""
+def _check_positive_int(name: str, value: Any, optional: bool = True) -> int | None:
+    """``value`` as an int >= 1 (a count or an interval; ``None`` too when ``optional``)."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -60,39 +59,7 @@ def _check_every(name: str, value: Any, optional: bool = True) -> int | None:
 
 
 _PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
-_PICTURE_SIDE = 256  # larger matrices are average-pooled to this side, so pictures stay small in the event file
 _HISTOGRAM_BINS = 64
-
-
-def _abs_correlation(rows: Tensor) -> Tensor:
-    """``|C_ij| / sqrt(C_ii * C_jj)`` for ``C = rows.T @ rows / n``: the normalised second moments that DBP drives
-    towards a diagonal (no mean removal, as in the update). A feature that is always zero gets a zero row."""
-    c = rows.T @ rows / rows.shape[0]  # (d, d)
-    s = c.diagonal().clamp_min(torch.finfo(c.dtype).tiny).sqrt()
-    return (c / s[:, None] / s[None, :]).abs().clamp_(max=1.0)
-
-
-def _dense(R: Tensor) -> Tensor:
-    """``R`` as one ``(d, d)`` matrix (a stack of diagonal blocks ``(G, b, b)`` becomes block-diagonal)."""
-    return R if R.dim() == 2 else torch.block_diag(*R.unbind(0))
-
-
-def _off_diagonal(R: Tensor) -> Tensor:
-    """The off-diagonal entries of ``R`` (of each diagonal block, for a stack of blocks), flattened."""
-    b = R.shape[-1]
-    return R.reshape(-1, b, b)[:, ~torch.eye(b, dtype=torch.bool, device=R.device)].flatten()
-
-
-def _correlation_picture(x: Tensor, R: Tensor) -> Tensor:
-    """A ``(1, h, 2 * w + 2)`` grey image in [0, 1]: ``|corr|`` of the raw rows ``x`` (left) and of the
-    decorrelated rows ``z = x @ R.T`` (right), separated by a mid-grey bar; ``h = w = min(d, 256)``."""
-    R = _dense(R)
-    x = x.to(R.dtype)
-    pictures = [_abs_correlation(x), _abs_correlation(x @ R.T)]
-    if R.shape[0] > _PICTURE_SIDE:  # mean |corr| over blocks of features
-        pictures = [F.adaptive_avg_pool2d(p[None, None], _PICTURE_SIDE)[0, 0] for p in pictures]
-    bar = torch.full((pictures[0].shape[0], 2), 0.5, dtype=R.dtype, device=R.device)
-    return torch.cat([pictures[0], bar, pictures[1]], dim=1)[None].float().cpu()
 
 
 def _histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
@@ -178,6 +145,11 @@ class DecorrelationCallback(Callback):
         exclude: Patterns of layers to leave plain (e.g. the classifier head).
         max_features: Layers whose ``d`` exceeds this stay plain, with a warning (``R`` takes ``4 d^2`` bytes: a
             VGG classifier's ``d = 25088`` would need 2.4 GiB). ``None`` for no limit.
+        block_size: Layers with ``d > block_size`` get a block-diagonal ``R`` of equal blocks of at most this many
+            features (whole input channels for convolutions): fusing ``W @ R`` then costs ``2 C_out d b`` instead of
+            ``2 C_out d^2`` flops and only correlations within a block are removed. ``None``: dense ``R``.
+        update_every: Update ``R`` on every k-th optimizer step only (rows are sampled only for those steps), which
+            divides the sampling and update cost by k; fusing ``W @ R`` still happens every step.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
         use_cuda_stream: Run the update on a side CUDA stream when training on a GPU.
         fold_on_fit_end: At the end of ``fit``, fold ``R`` into the weights and restore the plain layers, so the
@@ -205,6 +177,8 @@ class DecorrelationCallback(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         max_features: int | None = 8192,
+        block_size: int | None = None,
+        update_every: int = 1,
         log_per_layer: bool = False,
         use_cuda_stream: bool = True,
         fold_on_fit_end: bool = True,
@@ -217,20 +191,12 @@ class DecorrelationCallback(Callback):
         self.sample_fraction = _check_float(
             "sample_fraction", sample_fraction, 0 < _number(sample_fraction) <= 1, "in (0, 1]"
         )
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)):
-            raise TypeError(f"Expected `max_rows` to be an int or None, but got {type(max_rows).__name__}: {max_rows!r}.")
-        if max_rows is not None and max_rows < 1:
-            raise ValueError(f"Expected `max_rows` to be >= 1 or None, but got {max_rows!r}.")
-        self.max_rows = max_rows
+        self.max_rows = _check_positive_int("max_rows", max_rows)
         self.include = _check_patterns("include", include)
         self.exclude = _check_patterns("exclude", exclude)
-        if max_features is not None and (isinstance(max_features, bool) or not isinstance(max_features, int)):
-            raise TypeError(
-                f"Expected `max_features` to be an int or None, but got {type(max_features).__name__}: {max_features!r}."
-            )
-        if max_features is not None and max_features < 1:
-            raise ValueError(f"Expected `max_features` to be >= 1 or None, but got {max_features!r}.")
-        self.max_features = max_features
+        self.max_features = _check_positive_int("max_features", max_features)
+        self.block_size = _check_positive_int("block_size", block_size)
+        self.update_every: int = _check_positive_int("update_every", update_every, optional=False)  # type: ignore[assignment]
         for name, flag in (
             ("log_per_layer", log_per_layer),
             ("use_cuda_stream", use_cuda_stream),
@@ -241,7 +207,7 @@ class DecorrelationCallback(Callback):
         self.log_per_layer = log_per_layer
         self.use_cuda_stream = use_cuda_stream
         self.fold_on_fit_end = fold_on_fit_end
-        every = _check_every("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
+        every = _check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
         self.log_histograms_every_n_epochs = every
         if log_correlation_image is not None and not isinstance(log_correlation_image, str):
             raise TypeError(
@@ -249,7 +215,7 @@ class DecorrelationCallback(Callback):
                 f"{type(log_correlation_image).__name__}: {log_correlation_image!r}."
             )
         self.log_correlation_image = log_correlation_image
-        _check_every("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
+        _check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
         self.log_image_every_n_epochs = log_image_every_n_epochs
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._layers: dict[str, DecorrelatedLayer] = {}
@@ -300,7 +266,13 @@ class DecorrelationCallback(Callback):
                         f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
                         f"Eligible layers: {sorted(eligible)}."
                     )
-        decorrelate(pl_module, include=self.include, exclude=self.exclude, max_features=self.max_features)  # idempotent: patched layers stay
+        decorrelate(
+            pl_module,
+            include=self.include,
+            exclude=self.exclude,
+            max_features=self.max_features,
+            block_size=self.block_size,
+        )  # idempotent: patched layers stay
         self._layers = decorrelated_layers(pl_module)
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by `update_` instead.
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
@@ -379,6 +351,14 @@ class DecorrelationCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._wait()  # the forward reads R
+        if self.update_every > 1:  # sample rows only for the optimizer steps that update R
+            collect = self._due_step(trainer)
+            for layer in self._layers.values():
+                layer.decor_collect = collect
+
+    def _due_step(self, trainer: Trainer) -> bool:
+        """Whether the coming optimizer step (``trainer.global_step`` steps done so far) updates ``R``."""
+        return trainer.global_step % self.update_every == 0
 
     @override
     def on_before_optimizer_step(
@@ -387,7 +367,7 @@ class DecorrelationCallback(Callback):
         # Fires only when the optimizer steps: after the last micro-batch's backward under accumulation. With
         # several optimizers (manual optimisation) R moves once per training batch, at the first step.
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        if self._updated_batch == batch or trainer.sanity_checking:
+        if self._updated_batch == batch or trainer.sanity_checking or not self._due_step(trainer):
             return
         self._updated_batch = batch
         self.update_(pl_module)
@@ -551,16 +531,16 @@ class DecorrelationCallback(Callback):
         step = trainer.global_step
         if self._due(trainer, self.log_histograms_every_n_epochs):
             for name, layer in self._layers.items():
-                off_diagonal = _off_diagonal(layer.decor_R)
-                if off_diagonal.numel() == 0:  # d = 1
+                entries = off_diagonal(layer.decor_R)
+                if entries.numel() == 0:  # d = 1
                     continue
-                histogram = _histogram(off_diagonal)
+                histogram = _histogram(entries)
                 for writer in writers:
                     writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **histogram)
         x = self._picture_input
         if self.log_correlation_image is not None and x is not None:
             layer = self._layers[self.log_correlation_image]
-            picture = _correlation_picture(self._picture_rows(layer, x), layer.decor_R)
+            picture = correlation_picture(self._picture_rows(layer, x), layer.decor_R).cpu()
             for writer in writers:
                 writer.add_image(f"decor/correlation/{self.log_correlation_image}", picture, step, dataformats="CHW")
         self._stop_picture_input()

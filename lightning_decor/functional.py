@@ -22,11 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "abs_correlation",
     "conv_patch_rows",
+    "correlation_picture",
+    "dense_matrix",
     "decorrelation_loss",
     "decorrelation_update_",
     "fuse_weight",
     "guarded_decorrelation_update_",
+    "off_diagonal",
     "sample_conv_patch_rows",
     "stats_dtype",
 ]
@@ -326,7 +330,9 @@ def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Te
         period = 2 * (size - 1) if size > 1 else 1
         pos = pos.remainder(period)
         return torch.where(pos >= size, period - pos, pos), None
-    raise ValueError(f"Expected `padding_mode` in ('zeros', 'reflect', 'replicate', 'circular'), but got {padding_mode!r}.")
+    raise ValueError(
+        f"Expected `padding_mode` in ('zeros', 'reflect', 'replicate', 'circular'), but got {padding_mode!r}."
+    )
 
 
 def sample_conv_patch_rows(
@@ -358,3 +364,38 @@ def sample_conv_patch_rows(
         [torch.randint(s, (n,), device=x.device, generator=generator) for s in (x.shape[0], *sizes)], dim=1
     )  # (n, 1 + S)
     return _gather_rows(x, pos, kernel_size, stride, dilation, pads, padding_mode)
+
+
+# Pictures and summaries for monitoring (TensorBoard): still pure tensor functions.
+_PICTURE_SIDE = 256  # larger matrices are average-pooled to this side, so pictures stay small in the event file
+
+
+def abs_correlation(rows: Tensor) -> Tensor:
+    """``|C_ij| / sqrt(C_ii * C_jj)`` for ``C = rows.T @ rows / n``: the normalised second moments that DBP drives
+    towards a diagonal (no mean removal, as in the update). A feature that is always zero gets a zero row."""
+    c = rows.T @ rows / rows.shape[0]  # (d, d)
+    s = c.diagonal().clamp_min(torch.finfo(c.dtype).tiny).sqrt()
+    return (c / s[:, None] / s[None, :]).abs().clamp_(max=1.0)
+
+
+def dense_matrix(R: Tensor) -> Tensor:
+    """``R`` as one ``(d, d)`` matrix (a stack of diagonal blocks ``(G, b, b)`` becomes block-diagonal)."""
+    return R if R.dim() == 2 else torch.block_diag(*R.unbind(0))
+
+
+def off_diagonal(R: Tensor) -> Tensor:
+    """The off-diagonal entries of ``R`` (of each diagonal block, for a stack of blocks), flattened."""
+    b = R.shape[-1]
+    return R.reshape(-1, b, b)[:, ~torch.eye(b, dtype=torch.bool, device=R.device)].flatten()
+
+
+def correlation_picture(x: Tensor, R: Tensor) -> Tensor:
+    """A ``(1, h, 2 * w + 2)`` grey image in [0, 1]: ``|corr|`` of the raw rows ``x`` (left) and of the
+    decorrelated rows ``z = x @ R.T`` (right), separated by a mid-grey bar; ``h = w = min(d, 256)``."""
+    R = dense_matrix(R)
+    x = x.to(R.dtype)
+    pictures = [abs_correlation(x), abs_correlation(x @ R.T)]
+    if R.shape[0] > _PICTURE_SIDE:  # mean |corr| over blocks of features
+        pictures = [F.adaptive_avg_pool2d(p[None, None], _PICTURE_SIDE)[0, 0] for p in pictures]
+    bar = torch.full((pictures[0].shape[0], 2), 0.5, dtype=R.dtype, device=R.device)
+    return torch.cat([pictures[0], bar, pictures[1]], dim=1)[None].float()

@@ -255,7 +255,9 @@ def _skip_reason(module: nn.Module, max_features: int | None = None) -> str | No
     d = module.weight[0].numel()
     if max_features is not None and d > max_features:
         mib = d * d * 4 / 2**20
-        return f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
+        return (
+            f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
+        )
     if not module.weight.requires_grad:
         return "frozen (weight.requires_grad is False)"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
@@ -279,7 +281,9 @@ def eligible_layers(model: nn.Module, max_features: int | None = None) -> dict[s
     for name, m in model.named_modules():
         if type(m) in _PATCHED:
             tied = owners.get(id(m.weight), 0) > 1
-            reasons[name] = "weight shared with another module (tied weights)" if tied else _skip_reason(m, max_features)
+            reasons[name] = (
+                "weight shared with another module (tied weights)" if tied else _skip_reason(m, max_features)
+            )
     return reasons
 
 

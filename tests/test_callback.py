@@ -179,3 +179,34 @@ def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:
         DecorrelationCallback(max_features=-3)
     with pytest.raises(TypeError, match=r"Expected `max_features` to be an int or None, but got str: '8'"):
         DecorrelationCallback(max_features="8")  # type: ignore[arg-type]
+
+
+def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seen: list[tuple[int, int]] = []
+
+    class Spy(DecorrelationCallback):
+        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+            seen.append((pl_module.trainer.global_step, self._layers["net.0"].decor_pending_rows()))
+            super().update_(pl_module)
+
+    model = TinyModule()
+    cb = Spy(update_every=3, sample_fraction=1.0, fold_on_fit_end=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
+    trainer.fit(model)
+    assert trainer.global_step == 8
+    assert seen == [(0, 32), (3, 32), (6, 32)]  # steps 0, 3, 6; rows of that step's batch only
+    with pytest.raises(ValueError, match=r"Expected `update_every` to be >= 1, but got 0"):
+        DecorrelationCallback(update_every=0)
+    with pytest.raises(TypeError, match=r"Expected `update_every` to be an int, but got NoneType: None"):
+        DecorrelationCallback(update_every=None)  # type: ignore[arg-type]
+
+
+def test_block_size_gives_block_diagonal_r(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = TinyModule(d=8, hidden=16)
+    cb = DecorrelationCallback(block_size=4, decor_lr=0.02, fold_on_fit_end=False)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
+    Rs = decorrelation_matrices(model)
+    assert Rs["net.0"].shape == (2, 4, 4) and Rs["net.2"].shape == (4, 4, 4)
+    assert not torch.equal(Rs["net.0"][0], torch.eye(4))
+    with pytest.raises(ValueError, match=r"Expected `block_size` to be >= 1 or None, but got 0"):
+        DecorrelationCallback(block_size=0)

@@ -53,6 +53,8 @@ CALLBACK_VALUES: dict[str, Any] = {
     "sample_fraction": 0.5,
     "max_rows": 64,
     "max_features": 4096,
+    "block_size": 256,
+    "update_every": 2,
     "include": ["net.*"],
     "exclude": ["net.19"],
     "log_per_layer": True,
