@@ -226,7 +226,8 @@ class DecorrelationCallback(Callback):
         self._last_losses: Tensor | None = None
         self._skipped: Tensor | None = None
         self._warned_skips = 0
-        self._updated_batch: int | None = None
+        self._fresh = False  # an update happened since the last log
+        self._stepped_batch: int | None = None
         self._picture_hook: RemovableHandle | None = None
         self._picture_input: Tensor | None = None
         self._pool_ranks = False  # DDP: pool the rows of every rank before each update
@@ -255,7 +256,7 @@ class DecorrelationCallback(Callback):
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
-        eligible = eligible_layers(pl_module, self.max_features)
+        eligible = eligible_layers(pl_module, self.max_features, self.block_size)
         wide = {name: why for name, why in eligible.items() if why is not None and why.startswith("d = ")}
         if wide:
             rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {wide}.")
@@ -295,7 +296,10 @@ class DecorrelationCallback(Callback):
                 "afterwards. Expected `configure_model` to be idempotent (Lightning calls it again), e.g. return "
                 "early when the layers exist."
             )
-        self._updated_batch = None  # batch counters restart with a new Trainer
+        self._stepped_batch = None  # batch counters restart with a new Trainer
+        self._fresh, self._warned_skips, self._last_losses = False, 0, None
+        self._metric.reset()
+        self._stream = None
         dist = torch.distributed
         self._pool_ranks = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         if self._pool_ranks and self._layers:
@@ -367,10 +371,11 @@ class DecorrelationCallback(Callback):
         # Fires only when the optimizer steps: after the last micro-batch's backward under accumulation. With
         # several optimizers (manual optimisation) R moves once per training batch, at the first step.
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        if self._updated_batch == batch or trainer.sanity_checking or not self._due_step(trainer):
+        if self._stepped_batch == batch or trainer.sanity_checking:
             return
-        self._updated_batch = batch
-        self.update_(pl_module)
+        self._stepped_batch = batch
+        if self._due_step(trainer):
+            self.update_(pl_module)
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
@@ -380,13 +385,13 @@ class DecorrelationCallback(Callback):
         """
         losses: list[Tensor] = []
         oks: list[Tensor] = []
+        layers = list(self._layers.values())
+        taken = [layer.decor_take_rows() for layer in layers]  # on the main stream, where the rows were written
         with self._stream_context():
-            layers = list(self._layers.values())
-            taken = [layer.decor_take_rows() for layer in layers]
             if self._stream is not None:
                 for rows in taken:
                     if rows is not None:
-                        rows.record_stream(self._stream)
+                        rows.record_stream(self._stream)  # freed after the side stream is done with it
             if self._pool_ranks and layers:  # DDP: every rank updates from the rows of all ranks, so R stays equal
                 taken = all_gather_rows(
                     taken,
@@ -410,34 +415,52 @@ class DecorrelationCallback(Callback):
             if self._skipped is not None:
                 self._skipped += (~torch.stack(oks)).long()
         self.updates += 1
+        self._fresh = True
 
     # ------------------------------------------------------------------ logging
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._last_losses is None or trainer.global_step % max(trainer.log_every_n_steps, 1) != 0:
+        self._wait()  # validation and checkpoints may follow this hook and read R
+        every = trainer.log_every_n_steps
+        stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
+        if not self._fresh or every <= 0 or not stepped or trainer.global_step % every != 0:
             return
-        if self._updated_batch != trainer.fit_loop.epoch_loop.batch_progress.total.ready:
-            return  # no update in this batch (accumulating)
-        self._wait()
+        self._fresh = False
         metrics = {"decor/loss": self._metric.compute()}
         self._metric.reset()
-        if self.log_per_layer:
+        if self.log_per_layer and self._last_losses is not None:
             metrics.update({f"decor/{name}": loss for name, loss in zip(self._layers, self._last_losses)})
-        if self._skipped is not None:
-            total = self._skipped.sum()
-            metrics["decor/skipped"] = total.float()
-            skipped = int(total)  # one host read per log interval, where the logger reads anyway
-            if skipped > self._warned_skips:
-                names = [n for n, s in zip(self._layers, self._skipped.tolist()) if s > 0]
-                rank_zero_warn(
-                    f"DecorrelationCallback skipped {skipped - self._warned_skips} decorrelation update(s) that "
-                    f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.decor_lr}); "
-                    f"R was kept. Layers: {names}."
-                )
-                self._warned_skips = skipped
+        skipped = self._check_skipped()
+        if skipped is not None:
+            metrics["decor/skipped"] = skipped
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _check_skipped(self) -> Tensor | None:
+        """The total of skipped layer updates; warns (once per new skip) naming the layers. One host read."""
+        if self._skipped is None:
+            return None
+        total = self._skipped.sum()
+        skipped = int(total)  # at log intervals and epoch ends only, where the logger reads anyway
+        if skipped > self._warned_skips:
+            names = [n for n, k in zip(self._layers, self._skipped.tolist()) if k > 0]
+            rank_zero_warn(
+                f"DecorrelationCallback skipped {skipped - self._warned_skips} decorrelation update(s) that "
+                f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.decor_lr}); "
+                f"R was kept. Layers: {names}."
+            )
+            self._warned_skips = skipped
+        return total.float()
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._wait()
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._wait()
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -470,9 +493,12 @@ class DecorrelationCallback(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         state = getattr(self, "_pending_generator_state", None)
+        self._pending_generator_state = None
         if state is not None and self._generator is not None:
-            self._generator.set_state(state)
-            self._pending_generator_state = None
+            try:
+                self._generator.set_state(state)
+            except RuntimeError:  # a checkpoint from another device type: rows are sampled afresh
+                rank_zero_warn("DecorrelationCallback: the checkpoint's row-sampling state does not fit this device.")
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:
         """The patched layers by qualified name."""
@@ -524,6 +550,8 @@ class DecorrelationCallback(Callback):
     @override
     @torch.no_grad()
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.log_every_n_steps <= 0:  # no step logging: still warn about skipped updates once an epoch
+            self._check_skipped()
         writers = self._tensorboards(trainer)
         if not writers or not self._layers:
             return

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "abs_correlation",
+    "conv_output_positions",
     "conv_patch_rows",
     "correlation_picture",
     "dense_matrix",
@@ -274,6 +275,19 @@ def _out_sizes(
         (size + before + after - dil * (k - 1) - 1) // st + 1
         for size, k, st, dil, (before, after) in zip(x.shape[2:], kernel_size, stride, dilation, pads)
     ]
+
+
+def conv_output_positions(
+    x: Tensor,
+    kernel_size: tuple[int, ...],
+    *,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    padding_mode: str = "zeros",
+) -> int:
+    """Output positions per sample of a convolution on ``x`` ``(N, C, *spatial)``: each gives one patch row."""
+    return math.prod(_out_sizes(x, kernel_size, stride, dilation, _pads(kernel_size, dilation, padding)))
 
 
 def _gather_rows(

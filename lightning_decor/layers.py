@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_decor.functional import (
+    conv_output_positions,
     conv_patch_rows,
     fuse_weight,
     guarded_decorrelation_update_,
@@ -145,6 +147,16 @@ class DecorrelatedLayer(nn.Module):
         """
         return guarded_decorrelation_update_(self.decor_R, rows, lr=lr, kappa=kappa)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A state dict holds the fused W @ R under "weight" (see _save_to_state_dict): loading it into W means the
+        # layer must restart from R = I to compute the same function. (Resuming training restores raw W and R
+        # afterwards, from the callback's own state.)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:
+            with torch.no_grad():
+                eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
+                self.decor_R.copy_(eye.expand_as(self.decor_R))
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # A plain layer's state: the fused weight under the usual key, so checkpoints load into the plain model.
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -164,7 +176,10 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         rows = input.detach().reshape(-1, input.shape[-1])  # (N * T, in_features)
-        return self._decor_cap(rows[: self._decor_n_samples(rows.shape[0])])
+        k = self._decor_n_samples(rows.shape[0])
+        if k < rows.shape[0] and (self.decor_max_rows is None or k <= self.decor_max_rows):
+            return rows[:k].clone()  # a copy: a view would keep the whole activation alive until the update
+        return self._decor_cap(rows[:k])
 
 
 class _DecorrelatedConvNd(DecorrelatedLayer):
@@ -192,7 +207,7 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
             padding_mode=self.padding_mode,
         )
         cap = self.decor_max_rows
-        if cap is not None and cap < x[:, 0].numel():  # fewer rows than patches (for stride 1)
+        if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
             # (cap, d), gathered without unfolding
             return sample_conv_patch_rows(x, cap, self.kernel_size, generator=self.decor_generator, **geometry)
         return self._decor_cap(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * L_out, d)
@@ -231,9 +246,18 @@ def _n_blocks(weight: Tensor, block_size: int | None) -> int:
     if block_size is None or d <= block_size:
         return 1
     units, unit = weight.shape[1], d // weight.shape[1]  # channels (or features) and features per channel
-    for g in range(2, units + 1):
+    for g in range(2, units):
         if units % g == 0 and (units // g) * unit <= block_size:
             return g
+    # No equal split fits (e.g. a prime number of features): blocks of one unit would not decorrelate a Linear
+    # at all, so keep R dense there; a convolution keeps one block per channel (its k_h * k_w patch).
+    if unit == 1:
+        warnings.warn(
+            f"block_size={block_size}: {d} features have no equal split into blocks of at most {block_size}; "
+            "this layer keeps a dense R.",
+            stacklevel=3,
+        )
+        return 1
     return units
 
 
@@ -250,10 +274,10 @@ def _check_patterns(arg: str, patterns: Sequence[str] | None) -> list[str] | Non
     return list(patterns)
 
 
-def _skip_reason(module: nn.Module, max_features: int | None = None) -> str | None:
+def _skip_reason(module: nn.Module, max_features: int | None = None, block_size: int | None = None) -> str | None:
     """Why an eligible-type layer is not patched, or ``None``."""
     d = module.weight[0].numel()
-    if max_features is not None and d > max_features:
+    if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
         mib = d * d * 4 / 2**20
         return (
             f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
@@ -265,7 +289,9 @@ def _skip_reason(module: nn.Module, max_features: int | None = None) -> str | No
     return None
 
 
-def eligible_layers(model: nn.Module, max_features: int | None = None) -> dict[str, str | None]:
+def eligible_layers(
+    model: nn.Module, max_features: int | None = None, block_size: int | None = None
+) -> dict[str, str | None]:
     """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) mapped to why it would be skipped.
 
     ``None`` means the layer would be patched. Subclasses (such as ``nn.MultiheadAttention.out_proj``, whose weight
@@ -282,7 +308,9 @@ def eligible_layers(model: nn.Module, max_features: int | None = None) -> dict[s
         if type(m) in _PATCHED:
             tied = owners.get(id(m.weight), 0) > 1
             reasons[name] = (
-                "weight shared with another module (tied weights)" if tied else _skip_reason(m, max_features)
+                "weight shared with another module (tied weights)"
+                if tied
+                else _skip_reason(m, max_features, block_size)
             )
     return reasons
 
@@ -307,8 +335,9 @@ def decorrelate(
         include: Glob patterns on qualified module names (``"features.*"``; a plain prefix such as ``"layer4"``
             also matches the modules below it). ``None`` includes every eligible layer.
         exclude: Patterns of layers to leave plain, applied after ``include``.
-        max_features: Leave plain every layer whose ``d`` exceeds this (``R`` takes ``4 d^2`` bytes and its
-            update ``O(d^2)`` to ``O(d^3)`` flops); ``None`` for no limit.
+        max_features: Leave plain every layer whose ``d`` exceeds this (a dense ``R`` takes ``4 d^2`` bytes and
+            its update ``O(d^2)`` to ``O(d^3)`` flops), unless ``block_size <= max_features`` gives it a
+            block-diagonal ``R``; ``None`` for no limit.
         block_size: Give layers with ``d > block_size`` a block-diagonal ``R`` of equal blocks of at most this many
             features (whole input channels for convolutions), stored as ``(G, b, b)``: fusing costs
             ``2 C_out d b`` instead of ``2 C_out d^2`` flops and ``R`` takes ``d b`` instead of ``d^2`` floats;
@@ -335,7 +364,7 @@ def decorrelate(
     if block_size is not None and block_size < 1:
         raise ValueError(f"Expected `block_size` to be >= 1 or None, but got {block_size!r}.")
     patched: list[str] = []
-    for name, reason in eligible_layers(model, max_features).items():
+    for name, reason in eligible_layers(model, max_features, block_size).items():
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)

@@ -17,6 +17,7 @@ class DecorrelationLoss(Metric):
     ``update`` takes either decorrelated rows ``z`` (a 2-D ``(n, d)`` tensor, whose loss is computed with
     :func:`lightning_decor.functional.decorrelation_loss` and this metric's ``kappa``), or loss values already
     computed (a scalar or a 1-D tensor of per-layer losses, as the decorrelation update returns them).
+    Non-finite values (a layer that saw no rows, an update skipped for NaN/Inf input) are left out of the mean.
     Synchronises across processes like any torchmetrics ``Metric`` (sum and count states).
 
     Args:
@@ -50,9 +51,10 @@ class DecorrelationLoss(Metric):
             value = decorrelation_loss(value, self.kappa)
         elif value.dim() > 2:
             raise ValueError(f"Expected `value` with at most 2 dimensions, but got shape {tuple(value.shape)}.")
-        value = value.detach().reshape(-1)
-        self.total += value.to(self.total.dtype).sum()
-        self.count += value.numel()
+        value = value.detach().reshape(-1).to(self.total.dtype)
+        finite = torch.isfinite(value)  # NaN marks "no rows this step" or a skipped update: left out (no host sync)
+        self.total += torch.where(finite, value, 0.0).sum()
+        self.count += finite.sum()
 
     def compute(self) -> Tensor:
         """The mean loss (NaN before any update)."""

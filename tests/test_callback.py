@@ -65,7 +65,6 @@ def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:  # type: igno
 
 def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule()
-    cb = DecorrelationCallback(sample_fraction=1.0, fold_on_fit_end=False)
     seen: list[int] = []
 
     class Spy(DecorrelationCallback):
@@ -126,12 +125,10 @@ def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:  # type: ignore[n
 def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
     class NanModule(TinyModule):
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-            x, y = batch
-            if batch_idx == 1:
-                x = x.clone()
+            if batch_idx == 1:  # a forward on a corrupted copy: its rows reach the statistics, not the loss
+                x = batch[0].clone()
                 x[0, 0] = float("nan")
-                out = self(x)
-                return (out.nan_to_num() * 0).sum()
+                self(x)
             return super().training_step(batch, batch_idx)
 
     model = NanModule()
@@ -140,6 +137,7 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[
         quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], log_every_n_steps=1).fit(model)
     for R in decorrelation_matrices(model).values():
         assert torch.isfinite(R).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize(
@@ -210,3 +208,51 @@ def test_block_size_gives_block_diagonal_r(tmp_path) -> None:  # type: ignore[no
     assert not torch.equal(Rs["net.0"][0], torch.eye(4))
     with pytest.raises(ValueError, match=r"Expected `block_size` to be >= 1 or None, but got 0"):
         DecorrelationCallback(block_size=0)
+
+
+class AuxModule(TinyModule):
+    """An auxiliary head used on even batches only: its layer has no rows on odd steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(8, 2)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx % 2 == 0:
+            loss = loss + self.aux(batch[0]).pow(2).mean()
+        return loss
+
+
+def read_csv_metric(tmp_path, key: str) -> list[float]:  # type: ignore[no-untyped-def]
+    import csv
+
+    (path,) = glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))
+    with open(path) as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    per_step: list[torch.Tensor] = []
+
+    class Spy(DecorrelationCallback):
+        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+            super().update_(pl_module)
+            per_step.append(self._last_losses.clone())
+
+    cb = Spy(log_per_layer=True, fold_on_fit_end=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
+                  ).fit(AuxModule())  # fmt: skip
+    assert all(torch.isnan(v[2]) for v in per_step[1::2])  # the aux layer had no rows on odd steps
+    logged = read_csv_metric(tmp_path, "decor/loss")
+    assert len(logged) == 4
+    for i, value in enumerate(logged):  # independent reference: mean of the finite per-layer losses of 2 steps
+        window = torch.cat(per_step[2 * i : 2 * i + 2])
+        assert value == pytest.approx(window[torch.isfinite(window)].mean().item(), rel=1e-5)
+
+
+def test_update_every_still_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cb = DecorrelationCallback(update_every=2, fold_on_fit_end=False)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
+                  ).fit(TinyModule())  # fmt: skip
+    assert cb.updates == 8 and len(read_csv_metric(tmp_path, "decor/loss")) == 8

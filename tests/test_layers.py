@@ -133,7 +133,9 @@ def test_eligibility_and_patterns() -> None:
     assert decorrelate(copy.deepcopy(net), include=["features"]) == ["features.0"]
     assert decorrelate(copy.deepcopy(net), exclude=["head"]) == ["features.0"]
     assert decorrelate(copy.deepcopy(net), include=["*.0", "head"], exclude=["he*"]) == ["features.0"]
-    assert isinstance(decorrelate, object) and DecorrelatedLinear is not None
+    patched = copy.deepcopy(net)
+    decorrelate(patched, include=["head"])
+    assert type(patched.head) is DecorrelatedLinear and type(patched.attn.out_proj) is not DecorrelatedLinear
 
 
 def test_rows_collected_only_when_asked_and_training() -> None:
@@ -162,7 +164,9 @@ def test_update_skips_non_finite() -> None:
     loss, ok = lin.decor_update_(rows, lr=0.1, kappa=0.5)
     assert not ok and torch.equal(lin.decor_R, torch.eye(3))
     loss, ok = lin.decor_update_(torch.randn(8, 3) * 1e30, lr=1.0, kappa=0.5)
-    assert not ok and torch.equal(lin.decor_R, torch.eye(3))
+    assert not ok and torch.equal(lin.decor_R, torch.eye(3))  # non-finite statistics
+    loss, ok = lin.decor_update_(torch.randn(8, 3) * 10, lr=1e38, kappa=0.5)
+    assert torch.isfinite(loss) and not ok and torch.equal(lin.decor_R, torch.eye(3))  # finite stats, R overflows
     loss, ok = lin.decor_update_(torch.randn(8, 3), lr=0.1, kappa=0.5)
     assert ok and not torch.equal(lin.decor_R, torch.eye(3)) and torch.isfinite(loss)
 
@@ -302,3 +306,34 @@ def test_block_diagonal_r_for_wide_layers() -> None:
         decorrelate(nn.Linear(2, 2), block_size=0)
     with pytest.raises(TypeError, match=r"Expected `block_size` to be an int or None, but got str"):
         decorrelate(nn.Linear(2, 2), block_size="4")  # type: ignore[arg-type]
+
+
+def test_loading_a_state_dict_into_a_patched_layer_keeps_its_function() -> None:
+    lin = nn.Linear(4, 3)
+    decorrelate(lin)
+    lin.decor_R.copy_(random_R(4))
+    x = torch.randn(5, 4)
+    expected = lin(x).detach()
+    other = nn.Linear(4, 3)
+    decorrelate(other)
+    other.decor_R.copy_(random_R(4, seed=7))
+    other.load_state_dict(lin.state_dict())  # the fused W @ R under "weight": R restarts from the identity
+    torch.testing.assert_close(other(x), expected)
+    torch.testing.assert_close(other.decor_R, torch.eye(4))
+
+
+def test_block_size_without_an_equal_split_keeps_a_linear_dense() -> None:
+    lin = nn.Linear(7, 2)  # 7 features: no equal split into blocks of at most 4
+    with pytest.warns(UserWarning, match=r"block_size=4: 7 features have no equal split into blocks of at most 4"):
+        decorrelate(lin, block_size=4)
+    assert lin.decor_R.shape == (7, 7)
+
+
+def test_strided_conv_cap_between_patches_and_pixels_keeps_distinct_patches() -> None:
+    conv = nn.Conv2d(1, 1, 2, stride=2)  # 4x4 input: 16 pixels but only 4 patches per image
+    decorrelate(conv)
+    conv.decor_max_rows = 10
+    x = torch.randn(2, 1, 4, 4)
+    rows = conv.decor_sample_rows(x)
+    assert rows.shape == (8, 4)  # all 2 * 4 patches, fewer than the cap: no draws with replacement
+    torch.testing.assert_close(rows, F.unfold(x, 2, stride=2).transpose(1, 2).reshape(-1, 4))

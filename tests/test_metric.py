@@ -10,6 +10,7 @@ def test_mean_of_losses_and_rows() -> None:
     metric = DecorrelationLoss(kappa=0.0)
     metric.update(torch.tensor([0.5, 1.5]))
     metric.update(torch.tensor(4.0))
+    metric.update(torch.tensor([float("nan"), float("inf")]))  # no rows / skipped: left out of the mean
     assert metric.compute().item() == pytest.approx(2.0)
     metric.reset()
     z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.0]])  # C = [[2, 0], [0, 2/3]]: no off-diagonal
