@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import FashionMNISTDataModule  # noqa: E402
 from models import ImageClassifier  # noqa: E402
 from timing import TrainClock, first_time_reaching  # noqa: E402
 
+from data import FashionMNISTDataModule  # noqa: E402
 from lightning_decor import DecorrelationCallback  # noqa: E402
 
 
@@ -43,7 +43,8 @@ def run(method: str, args: argparse.Namespace, log_dir: Path) -> TrainClock:
         enable_model_summary=False,
         log_every_n_steps=10,
     )
-    print(f"\n=== {method}: {args.epochs} epoch(s) of Fashion-MNIST, batch 128, Adam {args.lr} one-cycle ===", flush=True)
+    title = f"{method}: {args.epochs} epoch(s) of Fashion-MNIST, batch 128, Adam {args.lr} one-cycle"
+    print(f"\n=== {title} ===", flush=True)
     data = FashionMNISTDataModule(args.data_dir, seed=args.seed)
     trainer.fit(model, datamodule=data)
     if not clock.history or clock.history[-1][1] != trainer.global_step:  # evaluate the final model too

@@ -85,7 +85,7 @@ _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "
 class DecorrelationCallback(Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
-    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv2d`` (exact types; see
+    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; see
     :func:`lightning_decor.decorrelate`) is patched to compute with the fused weight ``W @ R``. During training
     each patched layer keeps a sample of its input rows; once per optimizer step (after the backward of the
     micro-batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
@@ -281,7 +281,7 @@ class DecorrelationCallback(Callback):
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | R_names)  # type: ignore[assignment]
         if not self._layers:
             rank_zero_warn(
-                "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv2d, not frozen, "
+                "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
                 "groups == 1, matching `include`/`exclude`); training proceeds as plain backpropagation."
             )
         self._check_picture_layer()

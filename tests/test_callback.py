@@ -115,8 +115,11 @@ def test_checkpoint_loads_into_plain_module(tmp_path) -> None:  # type: ignore[n
 def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule()
     cb = DecorrelationCallback(include=["nothing"])
-    with pytest.warns(UserWarning, match=r"`include` pattern 'nothing' matches no eligible layer\. Eligible layers: "
-                      r"\['net.0', 'net.2'\]"):
+    with pytest.warns(
+        UserWarning,
+        match=r"`include` pattern 'nothing' matches no eligible layer\. Eligible layers: "
+        r"\['net.0', 'net.2'\]",
+    ):
         with pytest.warns(UserWarning, match="found no layer to decorrelate"):
             quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
     assert cb.updates == 0
@@ -133,7 +136,10 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[
 
     model = NanModule()
     cb = DecorrelationCallback(fold_on_fit_end=False)
-    with pytest.warns(UserWarning, match=r"skipped 2 decorrelation update\(s\) that would have made R non-finite .*Layers: \[.net.0., .net.2.\]"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 2 decorrelation update\(s\) that would have made R non-finite .*Layers: \[.net.0., .net.2.\]",
+    ):
         quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], log_every_n_steps=1).fit(model)
     for R in decorrelation_matrices(model).values():
         assert torch.isfinite(R).all()
@@ -169,8 +175,11 @@ def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
 def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule(hidden=16)
     cb = DecorrelationCallback(max_features=10, fold_on_fit_end=False)
-    with pytest.warns(UserWarning, match=r"leaves these layers plain: \{'net.2': 'd = 16 > max_features = 10 .*"
-                      r"raise `max_features` to include it'\}"):
+    with pytest.warns(
+        UserWarning,
+        match=r"leaves these layers plain: \{'net.2': 'd = 16 > max_features = 10 .*"
+        r"raise `max_features` to include it'\}",
+    ):
         quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
     assert sorted(decorrelation_matrices(model)) == ["net.0"]
     with pytest.raises(ValueError, match=r"Expected `max_features` to be >= 1 or None, but got -3"):

@@ -11,7 +11,6 @@ from lightning_decor.functional import (
     decorrelation_loss,
     decorrelation_update_,
     fuse_weight,
-    guarded_decorrelation_update_,
     sample_conv_patch_rows,
 )
 
@@ -107,10 +106,13 @@ def test_errors_name_the_argument() -> None:
     with pytest.raises(TypeError, match=r"Expected `lr` to be a float, but got list: \[0.1\]"):
         decorrelation_update_(torch.eye(3), torch.randn(4, 3), lr=[0.1], kappa=0.5)  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match=r"Expected `R` of shape \(d, d\) or \(G, d / G, d / G\) with d = x.shape\[1\] = 3, but got \(2, 2\)"
+        ValueError,
+        match=r"Expected `R` of shape \(d, d\) or \(G, d / G, d / G\) with d = x.shape\[1\] = 3, but got \(2, 2\)",
     ):
         decorrelation_update_(torch.eye(2), torch.randn(4, 3), lr=0.1, kappa=0.5)
-    with pytest.raises(ValueError, match=r"Expected `padding` to be a tuple of ints, 'valid' or 'same', but got 'full'"):
+    with pytest.raises(
+        ValueError, match=r"Expected `padding` to be a tuple of ints, 'valid' or 'same', but got 'full'"
+    ):
         conv_patch_rows(torch.randn(1, 1, 4, 4), (3, 3), stride=(1, 1), padding="full", dilation=(1, 1))
 
 
@@ -149,9 +151,11 @@ def test_block_diagonal_update_is_the_rule_per_block(n: int) -> None:
     loss = decorrelation_update_(R, torch.tensor(x), lr=0.02, kappa=0.3)
     refs = [reference_step(R0[g], x[:, g * b : (g + 1) * b], 0.02, 0.3) for g in range(G)]
     np.testing.assert_allclose(R.numpy(), np.stack([r for r, _ in refs]), rtol=0, atol=1e-6)
-    assert abs(loss.item() - np.mean([l for _, l in refs])) <= 1e-6
+    assert abs(loss.item() - np.mean([loss_g for _, loss_g in refs])) <= 1e-6
     z = np.concatenate([x[:, g * b : (g + 1) * b] @ R0[g].T for g in range(G)], axis=1)
-    assert abs(decorrelation_loss(torch.tensor(z), 0.3, blocks=G).item() - np.mean([l for _, l in refs])) <= 1e-6
+    assert (
+        abs(decorrelation_loss(torch.tensor(z), 0.3, blocks=G).item() - np.mean([loss_g for _, loss_g in refs])) <= 1e-6
+    )
     w = torch.randn(5, G * b, dtype=torch.float64)
     torch.testing.assert_close(fuse_weight(w, R), w @ torch.block_diag(*R))
     with pytest.raises(ValueError, match=r"Expected `blocks` to be a positive divisor of d = 12, but got 5"):

@@ -210,7 +210,9 @@ def test_patched_conv1d_and_conv3d_are_w_of_rx() -> None:
     torch.testing.assert_close(conv3(x), expected)
 
 
-@pytest.mark.parametrize("conv", [nn.Conv1d(2, 3, 3, padding=1), nn.Conv3d(2, 3, 2, padding=1, padding_mode="circular")])
+@pytest.mark.parametrize(
+    "conv", [nn.Conv1d(2, 3, 3, padding=1), nn.Conv3d(2, 3, 2, padding=1, padding_mode="circular")]
+)
 def test_sampled_rows_of_conv1d_conv3d_are_patch_rows(conv: nn.Module) -> None:
     decorrelate(conv)
     x = torch.randn(2, 2, *([5] * (conv.weight.dim() - 2)), dtype=torch.float64)

@@ -151,8 +151,10 @@ def main() -> None:
             for method in args.methods:
                 t = fit_steps(model_name, batch, args.steps, METHODS[method], args)
                 times[method].append(t)
-                print(f"  repeat {rep + 1}/{args.repeats} {method:<15} median step {statistics.median(t) * 1e3:8.1f} ms",
-                      flush=True)
+                print(
+                    f"  repeat {rep + 1}/{args.repeats} {method:<15} median step {statistics.median(t) * 1e3:8.1f} ms",
+                    flush=True,
+                )
         entry: dict[str, Any] = {"batch": batch, "methods": {}}
         for method in args.methods:
             ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(times[method], times["BP"])]
@@ -173,10 +175,14 @@ def main() -> None:
         for method, layers in entry.get("breakdown", {}).items():
             print(f"\n  per layer, {method} (ms): layer, d, rows, fuse fwd+bwd, sample, update")
             for r in layers:
-                print(f"  {r['layer']:<28} {r['d']:6d} {r['rows']:7d} {r['fuse_ms']:8.2f} {r['sample_ms']:8.2f} "
-                      f"{r['update_ms']:8.2f}")
+                print(
+                    f"  {r['layer']:<28} {r['d']:6d} {r['rows']:7d} {r['fuse_ms']:8.2f} {r['sample_ms']:8.2f} "
+                    f"{r['update_ms']:8.2f}"
+                )
             tot = {k: sum(r[k] for r in layers) for k in ("fuse_ms", "sample_ms", "update_ms")}
-            print(f"  {'total':<28} {'':6} {'':7} {tot['fuse_ms']:8.2f} {tot['sample_ms']:8.2f} {tot['update_ms']:8.2f}")
+            print(
+                f"  {'total':<28} {'':6} {'':7} {tot['fuse_ms']:8.2f} {tot['sample_ms']:8.2f} {tot['update_ms']:8.2f}"
+            )
     out = write_json(args.out, results)
     print(f"\nJSON written to {out}")
 

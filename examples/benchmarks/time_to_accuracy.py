@@ -23,15 +23,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from common import machine, write_json
-from data import FashionMNISTDataModule
 from models import ImageClassifier
 from timing import TrainClock, first_time_reaching
 
+from data import FashionMNISTDataModule
 from lightning_decor import DecorrelationCallback
 
 
-def run(method: str, seed: int, epochs: int, lr: float, args: argparse.Namespace, dbp: dict[str, Any],
-        validation: bool = False, eval_every: int | None = None) -> dict[str, Any]:
+def run(
+    method: str,
+    seed: int,
+    epochs: int,
+    lr: float,
+    args: argparse.Namespace,
+    dbp: dict[str, Any],
+    validation: bool = False,
+    eval_every: int | None = None,
+) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     module = ImageClassifier(model="cnn", lr=lr)
     clock = TrainClock()
@@ -62,10 +70,17 @@ def run(method: str, seed: int, epochs: int, lr: float, args: argparse.Namespace
     if not hist or hist[-1][1] != trainer.global_step:  # evaluate the final model too
         acc = trainer.validate(module, datamodule=data, verbose=False)[0]["val/acc"]
         hist.append((clock.train_seconds, trainer.global_step, float(acc)))
-    print(f"    {method:<4} seed {seed} lr {lr:g} {epochs} ep: final acc {hist[-1][2]:.4f}, "
-          f"train {clock.train_seconds:.1f} s", flush=True)
-    return {"history": hist, "train_seconds": clock.train_seconds, "final_acc": hist[-1][2],
-            "best_acc": max(h[2] for h in hist)}
+    print(
+        f"    {method:<4} seed {seed} lr {lr:g} {epochs} ep: final acc {hist[-1][2]:.4f}, "
+        f"train {clock.train_seconds:.1f} s",
+        flush=True,
+    )
+    return {
+        "history": hist,
+        "train_seconds": clock.train_seconds,
+        "final_acc": hist[-1][2],
+        "best_acc": max(h[2] for h in hist),
+    }
 
 
 def main() -> None:
@@ -76,7 +91,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam peak lr for both methods (unless --tune)")
     parser.add_argument("--tune", type=float, nargs="*", help="lr grid tuned per method on a validation split")
     parser.add_argument("--eval-every", type=int, default=40, help="steps between test evaluations in (a)")
-    parser.add_argument("--dbp", type=json.loads, default={}, help='DecorrelationCallback kwargs as JSON')
+    parser.add_argument("--dbp", type=json.loads, default={}, help="DecorrelationCallback kwargs as JSON")
     parser.add_argument("--quick", action="store_true", help="1 seed, budgets [2], 10k images")
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     parser.add_argument("--data-dir", default="data")
@@ -92,8 +107,10 @@ def main() -> None:
     if args.tune:
         print(f"Tuning lr over {args.tune} on a validation split ({max(args.budgets)} epochs, seed 0)", flush=True)
         for method in ("BP", "DBP"):
-            scores = {lr: run(method, 0, max(args.budgets), lr, args, args.dbp, validation=True)["final_acc"]
-                      for lr in args.tune}
+            scores = {
+                lr: run(method, 0, max(args.budgets), lr, args, args.dbp, validation=True)["final_acc"]
+                for lr in args.tune
+            }
             lrs[method] = max(scores, key=scores.__getitem__)
             tuning[method] = scores
         print(f"Chosen: {lrs}", flush=True)
@@ -113,36 +130,56 @@ def main() -> None:
         bp_best = bp["best_acc"]
         t_bp = first_time_reaching(bp["history"], bp_best)
         t_dbp = first_time_reaching(dbp["history"], bp_best)
-        protocol.append({
-            "seed": seed, "bp_best": bp_best, "bp_time_to_best": t_bp[0], "bp_steps_to_best": t_bp[1],
-            "dbp_time_to_bp_best": t_dbp[0] if t_dbp else None, "dbp_steps_to_bp_best": t_dbp[1] if t_dbp else None,
-            "speedup": t_bp[0] / t_dbp[0] if t_dbp else None,
-            "step_speedup": t_bp[1] / t_dbp[1] if t_dbp else None,
-            "final_diff_pp": 100 * (dbp["final_acc"] - bp["final_acc"]),
-            "time_ratio": dbp["train_seconds"] / bp["train_seconds"],
-        })
+        protocol.append(
+            {
+                "seed": seed,
+                "bp_best": bp_best,
+                "bp_time_to_best": t_bp[0],
+                "bp_steps_to_best": t_bp[1],
+                "dbp_time_to_bp_best": t_dbp[0] if t_dbp else None,
+                "dbp_steps_to_bp_best": t_dbp[1] if t_dbp else None,
+                "speedup": t_bp[0] / t_dbp[0] if t_dbp else None,
+                "step_speedup": t_bp[1] / t_dbp[1] if t_dbp else None,
+                "final_diff_pp": 100 * (dbp["final_acc"] - bp["final_acc"]),
+                "time_ratio": dbp["train_seconds"] / bp["train_seconds"],
+            }
+        )
     pareto = {
         b: {m: statistics.mean(runs[m][b][s]["final_acc"] for s in args.seeds) for m in ("BP", "DBP")}
         | {f"{m}_seconds": statistics.mean(runs[m][b][s]["train_seconds"] for s in args.seeds) for m in ("BP", "DBP")}
         for b in sorted(args.budgets)
     }
     print(f"\n(a) time to BP's best test accuracy ({top} epochs of {args.train_limit} images, lr {lrs})")
-    print(f"{'seed':>4} {'BP best':>8} {'BP t':>8} {'DBP t':>8} {'speed-up':>9} {'steps BP/DBP':>13} {'final diff':>11}")
+    print(
+        f"{'seed':>4} {'BP best':>8} {'BP t':>8} {'DBP t':>8} {'speed-up':>9} {'steps BP/DBP':>13} {'final diff':>11}"
+    )
     for p in protocol:
         dbp_t = f"{p['dbp_time_to_bp_best']:7.1f}s" if p["speedup"] else "  never"
         sp = f"{p['speedup']:8.2f}x" if p["speedup"] else "      -"
         steps = f"{p['bp_steps_to_best']}/{p['dbp_steps_to_bp_best']}"
-        print(f"{p['seed']:>4} {p['bp_best']:8.2%} {p['bp_time_to_best']:7.1f}s {dbp_t:>8} {sp:>9} {steps:>13} "
-              f"{p['final_diff_pp']:+10.2f}pp")
+        print(
+            f"{p['seed']:>4} {p['bp_best']:8.2%} {p['bp_time_to_best']:7.1f}s {dbp_t:>8} {sp:>9} {steps:>13} "
+            f"{p['final_diff_pp']:+10.2f}pp"
+        )
     speedups = [p["speedup"] for p in protocol if p["speedup"]]
     if speedups:
         print(f"mean speed-up {statistics.mean(speedups):.2f}x over {len(speedups)}/{len(protocol)} seeds")
     print(f"(b) final accuracy difference, mean: {statistics.mean(p['final_diff_pp'] for p in protocol):+.2f} pp")
     print("(c) Pareto: mean final test accuracy and training seconds per budget")
     for b, v in pareto.items():
-        print(f"  {b} epoch(s): BP {v['BP']:.2%} in {v['BP_seconds']:.0f} s | DBP {v['DBP']:.2%} in {v['DBP_seconds']:.0f} s")
-    payload = {"machine": machine(), "args": vars(args), "lrs": lrs, "tuning": tuning, "protocol": protocol,
-               "pareto": pareto, "runs": runs}
+        print(
+            f"  {b} epoch(s): BP {v['BP']:.2%} in {v['BP_seconds']:.0f} s | "
+            f"DBP {v['DBP']:.2%} in {v['DBP_seconds']:.0f} s"
+        )
+    payload = {
+        "machine": machine(),
+        "args": vars(args),
+        "lrs": lrs,
+        "tuning": tuning,
+        "protocol": protocol,
+        "pareto": pareto,
+        "runs": runs,
+    }
     print(f"\nJSON: {write_json(args.out, payload)}")
     plot(runs, top, args.seeds, Path(args.plot))
     print(f"Plot: {args.plot}")
