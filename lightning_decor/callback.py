@@ -133,7 +133,8 @@ class DecorrelationCallback(Callback):
 
     Args:
         decor_lr: Learning rate ``eta`` of the decorrelation rule (> 0). The rule is stable for
-            ``eta * ||C|| << 1``; 1e-3 suits normalised inputs.
+            ``eta * ||C|| << 1``; the default 3e-3 was the best of 3e-4, 1e-3, 3e-3 and 1e-2 on the benchmark
+            CNN (docs/TUNING.md).
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the
             variances, 0.5 pulls the second moments towards the identity.
         sample_fraction: Fraction of each batch's samples (images for convolutions, rows for Linear) whose input
@@ -170,10 +171,10 @@ class DecorrelationCallback(Callback):
 
     def __init__(
         self,
-        decor_lr: float = 1e-3,
+        decor_lr: float = 3e-3,
         kappa: float = 0.5,
         sample_fraction: float = 0.1,
-        max_rows: int | None = None,
+        max_rows: int | None = 64,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         max_features: int | None = 8192,

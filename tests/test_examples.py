@@ -51,7 +51,7 @@ CALLBACK_VALUES: dict[str, Any] = {
     "decor_lr": 0.002,
     "kappa": 0.25,
     "sample_fraction": 0.5,
-    "max_rows": 64,
+    "max_rows": 32,
     "max_features": 4096,
     "block_size": 256,
     "update_every": 2,

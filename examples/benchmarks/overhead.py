@@ -35,7 +35,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "BP": None,
     "DBP defaults": {},
     "DBP paper-like": {"sample_fraction": 0.1, "max_rows": None},
+    # Cheaper variants, measured for docs/TUNING.md (not in the default comparison):
+    "DBP block_size=576": {"block_size": 576},
+    "DBP update_every=2": {"update_every": 2},
 }
+DEFAULT_METHODS = ["BP", "DBP defaults", "DBP paper-like"]
 
 
 def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | None, args: argparse.Namespace):
@@ -134,7 +138,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--out", default="examples/benchmarks/results/overhead.json")
     args = parser.parse_args()
