@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -12,50 +10,18 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_decor.distributed import all_gather_rows, count_group
+from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
+from lightning_decor.engine import Decorrelator
 from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
-from lightning_decor.layers import (
-    DecorrelatedLayer,
-    _check_patterns,
-    _matches,
-    decorrelate,
-    decorrelated_layers,
-    eligible_layers,
-    fold,
-)
+from lightning_decor.layers import DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
 
 __all__ = ["DecorrelationCallback"]
-
-
-def _check_float(name: str, value: Any, ok: bool, expected: str) -> float:
-    """``value`` as a float; ``ok`` says whether it lies where ``expected`` describes (NaN never does)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected `{name}` to be a float, but got {type(value).__name__}: {value!r}.")
-    if not ok or not math.isfinite(value):
-        raise ValueError(f"Expected `{name}` {expected}, but got {value!r}.")
-    return float(value)
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
-def _check_positive_int(name: str, value: Any, optional: bool = True) -> int | None:
-    """``value`` as an int >= 1 (a count or an interval; ``None`` too when ``optional``)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"Expected `{name}` to be {kind}, but got {type(value).__name__}: {value!r}.")
-    if value < 1:
-        raise ValueError(f"Expected `{name}` to be >= 1{' or None' if optional else ''}, but got {value!r}.")
-    return value
 
 
 _PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
@@ -85,13 +51,24 @@ _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "
 class DecorrelationCallback(Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
-    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; see
-    :func:`lightning_decor.decorrelate`) is patched to compute with the fused weight ``W @ R``. During training
-    each patched layer keeps a sample of its input rows; once per optimizer step (after the backward of the
-    micro-batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
-    decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`. On CUDA the update runs on a
-    side stream; the main stream waits for it before the next forward. No host synchronisation happens per layer
-    or per step, except when metrics are logged.
+    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions
+    get one ``R`` per group; see :func:`lightning_decor.decorrelate`) is patched to compute ``W (R x)``. The work is
+    done by a :class:`lightning_decor.Decorrelator` (``callback.engine``); the callback decides when it runs and
+    where its numbers are logged.
+
+    **The cost plan** (``max_overhead``, default 0.1): the first three optimizer steps run plain (``R`` is the
+    identity) and measure the training step and the shapes each layer sees; then every layer gets the cheapest
+    form that fits the budget (``R`` fused into the weight or applied to the input rows; a block-diagonal ``R`` for
+    layers whose dense ``R`` would cost too much; plain for layers not worth their cost), printed once as a table
+    (``callback.plan``), saved in checkpoints, and ``R`` moves from the fourth step on. ``max_overhead=None``
+    skips the plan: every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the
+    first step. See docs/TUNING.md for how the plan decides.
+
+    During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (after the
+    backward of the micro-batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by
+    the decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block
+    sizes in one batched step. On CUDA the update runs on a side stream; the main stream waits for it before the
+    next forward. No host synchronisation happens per layer or per step, except when metrics are logged.
 
     With the rest of the Trainer:
 
@@ -111,8 +88,9 @@ class DecorrelationCallback(Callback):
     - **torch.compile**: ``trainer.fit(torch.compile(model))`` works; the row capture runs eagerly (one graph break
       per patched layer in training), so the graph does not recompile as rows accumulate.
     - **Checkpoints**: the module's ``state_dict`` holds the fused weights (plain-loadable, also with
-      ``save_weights_only=True``); the callback's state (``R``, raw weights, sampling RNG) makes
-      ``fit(ckpt_path=...)`` continue exactly.
+      ``save_weights_only=True``); the callback's state (the plan, ``R``, raw weights, sampling RNG) makes
+      ``fit(ckpt_path=...)`` continue exactly. A layer whose saved ``R`` does not fit (another ``include`` or
+      layout) keeps the function the checkpoint holds, with a warning.
     - **configure_model**: layers built there are created early, in Lightning's init contexts, and patched in
       ``setup``; the hook must be idempotent, as Lightning requires.
 
@@ -148,7 +126,11 @@ class DecorrelationCallback(Callback):
             VGG classifier's ``d = 25088`` would need 2.4 GiB). ``None`` for no limit.
         block_size: Layers with ``d > block_size`` get a block-diagonal ``R`` of equal blocks of at most this many
             features (whole input channels for convolutions): fusing ``W @ R`` then costs ``2 C_out d b`` instead of
-            ``2 C_out d^2`` flops and only correlations within a block are removed. ``None``: dense ``R``.
+            ``2 C_out d^2`` flops and only correlations within a block are removed. ``None``: dense ``R`` allowed.
+            The plan never makes a block larger than this.
+        max_overhead: The cost plan's budget: the estimated extra time of all DBP parts (forming or applying ``R``,
+            sampling rows, the update) as a fraction of the measured plain training step, > 0. ``None``: no plan,
+            every layer at its largest allowed block, fused into the weight, from the first step.
         update_every: Update ``R`` on every k-th optimizer step only (rows are sampled only for those steps), which
             divides the sampling and update cost by k; fusing ``W @ R`` still happens every step.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
@@ -179,6 +161,7 @@ class DecorrelationCallback(Callback):
         exclude: list[str] | None = None,
         max_features: int | None = 8192,
         block_size: int | None = None,
+        max_overhead: float | None = 0.1,
         update_every: int = 1,
         log_per_layer: bool = False,
         use_cuda_stream: bool = True,
@@ -187,28 +170,22 @@ class DecorrelationCallback(Callback):
         log_correlation_image: str | None = None,
         log_image_every_n_epochs: int = 1,
     ) -> None:
-        self.decor_lr = _check_float("decor_lr", decor_lr, _number(decor_lr) > 0, "to be a finite number > 0")
-        self.kappa = _check_float("kappa", kappa, 0 <= _number(kappa) <= 1, "in [0, 1]")
-        self.sample_fraction = _check_float(
-            "sample_fraction", sample_fraction, 0 < _number(sample_fraction) <= 1, "in (0, 1]"
+        self.decor_lr = check_float("decor_lr", decor_lr, 0.0, math.inf, low_open=True)
+        self.kappa = check_float("kappa", kappa, 0.0, 1.0)
+        self.sample_fraction = check_float("sample_fraction", sample_fraction, 0.0, 1.0, low_open=True)
+        self.max_rows = check_positive_int("max_rows", max_rows)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.max_features = check_positive_int("max_features", max_features)
+        self.block_size = check_positive_int("block_size", block_size)
+        self.max_overhead = (
+            None if max_overhead is None else check_float("max_overhead", max_overhead, 0.0, math.inf, low_open=True)
         )
-        self.max_rows = _check_positive_int("max_rows", max_rows)
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
-        self.max_features = _check_positive_int("max_features", max_features)
-        self.block_size = _check_positive_int("block_size", block_size)
-        self.update_every: int = _check_positive_int("update_every", update_every, optional=False)  # type: ignore[assignment]
-        for name, flag in (
-            ("log_per_layer", log_per_layer),
-            ("use_cuda_stream", use_cuda_stream),
-            ("fold_on_fit_end", fold_on_fit_end),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Expected `{name}` to be a bool, but got {type(flag).__name__}: {flag!r}.")
-        self.log_per_layer = log_per_layer
-        self.use_cuda_stream = use_cuda_stream
-        self.fold_on_fit_end = fold_on_fit_end
-        every = _check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
+        self.update_every: int = check_positive_int("update_every", update_every, optional=False)  # type: ignore[assignment]
+        self.log_per_layer = check_bool("log_per_layer", log_per_layer)
+        self.use_cuda_stream = check_bool("use_cuda_stream", use_cuda_stream)
+        self.fold_on_fit_end = check_bool("fold_on_fit_end", fold_on_fit_end)
+        every = check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
         self.log_histograms_every_n_epochs = every
         if log_correlation_image is not None and not isinstance(log_correlation_image, str):
             raise TypeError(
@@ -216,24 +193,39 @@ class DecorrelationCallback(Callback):
                 f"{type(log_correlation_image).__name__}: {log_correlation_image!r}."
             )
         self.log_correlation_image = log_correlation_image
-        _check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
+        check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
         self.log_image_every_n_epochs = log_image_every_n_epochs
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
-        self._layers: dict[str, DecorrelatedLayer] = {}
-        self._stream: torch.cuda.Stream | None = None
-        self._generator: torch.Generator | None = None
+        self._engine: Decorrelator | None = None
+        self._past_updates = 0  # updates of engines of earlier fits (a fit after folding makes a new engine)
         # Every rank computes the same losses from the same pooled rows, so the metric needs no sync of its own.
         self._metric = DecorrelationLoss(kappa=self.kappa, sync_on_compute=False)
-        self._last_losses: Tensor | None = None
-        self._skipped: Tensor | None = None
         self._warned_skips = 0
+        self._logged_updates = 0  # engine updates already in the metric
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
+        self._plan_shown: Any = None
         self._picture_hook: RemovableHandle | None = None
         self._picture_input: Tensor | None = None
-        self._pool_ranks = False  # DDP: pool the rows of every rank before each update
-        self._counts_group: Any = None  # a process group, created in on_fit_start (not picklable)
-        self.updates = 0  # number of R updates done (a plain int: no device sync)
+
+    @property
+    def engine(self) -> Decorrelator | None:
+        """The :class:`lightning_decor.Decorrelator` doing the work (made in ``setup("fit")``)."""
+        return self._engine
+
+    @property
+    def updates(self) -> int:
+        """Number of ``R`` updates done."""
+        return self._past_updates + (0 if self._engine is None else self._engine.updates)
+
+    @property
+    def plan(self) -> Any:
+        """The per-layer plan (:class:`lightning_decor.plan.Plan`), ``None`` until it is made."""
+        return None if self._engine is None else self._engine.plan
+
+    @property
+    def _layers(self) -> dict[str, DecorrelatedLayer]:
+        return {} if self._engine is None else self._engine.layers
 
     # ------------------------------------------------------------------ setup and teardown
     @override
@@ -268,22 +260,30 @@ class DecorrelationCallback(Callback):
                         f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
                         f"Eligible layers: {sorted(eligible)}."
                     )
-        decorrelate(
-            pl_module,
-            include=self.include,
-            exclude=self.exclude,
-            max_features=self.max_features,
-            block_size=self.block_size,
-        )  # idempotent: patched layers stay
-        self._layers = decorrelated_layers(pl_module)
-        # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by `update_` instead.
+        if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
+            self._past_updates += 0 if self._engine is None else self._engine.updates
+            self._engine = Decorrelator(
+                pl_module,
+                decor_lr=self.decor_lr,
+                kappa=self.kappa,
+                sample_fraction=self.sample_fraction,
+                max_rows=self.max_rows,
+                include=self.include,
+                exclude=self.exclude,
+                max_features=self.max_features,
+                block_size=self.block_size,
+                max_overhead=self.max_overhead,
+                update_every=self.update_every,
+                use_cuda_stream=self.use_cuda_stream,
+            )  # patches in place; layers patched before (a refit without folding) keep their R
+        # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by the engine instead.
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
         R_names = {f"{name}.decor_R" for name in self._layers}
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | R_names)  # type: ignore[assignment]
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
-                "groups == 1, matching `include`/`exclude`); training proceeds as plain backpropagation."
+                "matching `include`/`exclude`); training proceeds as plain backpropagation."
             )
         self._check_picture_layer()
 
@@ -298,40 +298,22 @@ class DecorrelationCallback(Callback):
                 "early when the layers exist."
             )
         self._stepped_batch = None  # batch counters restart with a new Trainer
-        self._fresh, self._warned_skips, self._last_losses = False, 0, None
+        self._fresh, self._warned_skips = False, 0
         self._metric.reset()
-        self._stream = None
-        dist = torch.distributed
-        self._pool_ranks = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        if self._pool_ranks and self._layers:
-            self._counts_group = count_group()  # collective: every rank has the same layers
         device = trainer.strategy.root_device
-        if self.use_cuda_stream and device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=device)
-        if self._generator is None or self._generator.device != device:
-            # A private generator: sampling rows must not shift the global RNG (and so the data order).
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(torch.initial_seed() % 2**63)
+        if self._engine is not None:
+            self._engine.start(device)
+            self._logged_updates = self._engine.updates
         self._metric = self._metric.to(device)
-        self._skipped = torch.zeros(len(self._layers), dtype=torch.long, device=device)
-        for layer in self._layers.values():
-            layer.decor_collect = True
-            layer.decor_sample_fraction = self.sample_fraction
-            layer.decor_max_rows = self.max_rows
-            layer.decor_generator = self._generator
 
     def _release(self, fold_layers: bool) -> None:
-        self._wait()
         self._stop_picture_input()
-        for layer in self._layers.values():
-            if isinstance(layer, DecorrelatedLayer):
-                layer.decor_collect = False
-                layer.decor_take_rows()
-        self._counts_group = None
+        if self._engine is None:
+            return
         if fold_layers:
-            for layer in self._layers.values():
-                fold(layer)  # a no-op on a layer the user folded already
-            self._layers = {}
+            self._engine.fold()  # a no-op on layers the user folded already
+        else:
+            self._engine.stop()
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -344,26 +326,12 @@ class DecorrelationCallback(Callback):
 
     # ------------------------------------------------------------------ the update
     def _wait(self) -> None:
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)  # device-side, no host sync
-
-    def _stream_context(self) -> contextlib.AbstractContextManager[Any]:
-        if self._stream is None:
-            return contextlib.nullcontext()
-        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))  # rows written on main
-        return torch.cuda.stream(self._stream)
+        if self._engine is not None:
+            self._engine.wait()  # device-side, no host sync
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._wait()  # the forward reads R
-        if self.update_every > 1:  # sample rows only for the optimizer steps that update R
-            collect = self._due_step(trainer)
-            for layer in self._layers.values():
-                layer.decor_collect = collect
-
-    def _due_step(self, trainer: Trainer) -> bool:
-        """Whether the coming optimizer step (``trainer.global_step`` steps done so far) updates ``R``."""
-        return trainer.global_step % self.update_every == 0
 
     @override
     def on_before_optimizer_step(
@@ -375,48 +343,24 @@ class DecorrelationCallback(Callback):
         if self._stepped_batch == batch or trainer.sanity_checking:
             return
         self._stepped_batch = batch
-        if self._due_step(trainer):
-            self.update_(pl_module)
+        self.update_(pl_module)
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
-        """Move every patched layer's ``R`` by one step from the rows collected since the last call.
-
-        Override to customise (e.g. a different schedule); called once per optimizer step.
-        """
-        losses: list[Tensor] = []
-        oks: list[Tensor] = []
-        layers = list(self._layers.values())
-        taken = [layer.decor_take_rows() for layer in layers]  # on the main stream, where the rows were written
-        with self._stream_context():
-            if self._stream is not None:
-                for rows in taken:
-                    if rows is not None:
-                        rows.record_stream(self._stream)  # freed after the side stream is done with it
-            if self._pool_ranks and layers:  # DDP: every rank updates from the rows of all ranks, so R stays equal
-                taken = all_gather_rows(
-                    taken,
-                    [layer.decor_features for layer in layers],
-                    dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in layers]),
-                    device=layers[0].decor_R.device,
-                    counts_group=self._counts_group,
-                )
-            for layer, rows in zip(layers, taken, strict=True):
-                if rows is None:  # layer not used in this step's forward
-                    losses.append(torch.full((), math.nan, device=layer.decor_R.device))
-                    oks.append(torch.ones((), dtype=torch.bool, device=layer.decor_R.device))
-                    continue
-                loss, ok = layer.decor_update_(rows, lr=self.decor_lr, kappa=self.kappa)
-                losses.append(loss.float())
-                oks.append(ok)
-            if not losses:
-                return
-            self._last_losses = torch.stack(losses)
-            self._metric.update(self._last_losses)
-            if self._skipped is not None:
-                self._skipped += (~torch.stack(oks)).long()
-        self.updates += 1
-        self._fresh = True
+        """One step of the engine (:meth:`lightning_decor.Decorrelator.step`): measure and plan during the first
+        steps, then move every patched layer's ``R`` from the rows collected since the last update (every
+        ``update_every``-th call). Override to customise; called once per optimizer step."""
+        engine = self._engine
+        if engine is None:
+            return
+        before = engine.updates
+        engine.step()
+        if engine.plan is not None and self._plan_shown is not engine.plan:
+            self._plan_shown = engine.plan
+            rank_zero_info(engine.plan.table())
+        if engine.updates > before and engine.last_losses is not None:
+            self._metric.update(engine.last_losses)
+            self._fresh = True
 
     # ------------------------------------------------------------------ logging
     @override
@@ -432,8 +376,9 @@ class DecorrelationCallback(Callback):
         self._fresh = False
         metrics = {"decor/loss": self._metric.compute()}
         self._metric.reset()
-        if self.log_per_layer and self._last_losses is not None:
-            metrics.update({f"decor/{name}": loss for name, loss in zip(self._layers, self._last_losses)})
+        engine = self._engine
+        if self.log_per_layer and engine is not None and engine.last_losses is not None:
+            metrics.update({f"decor/{name}": loss for name, loss in zip(engine.layers, engine.last_losses)})
         skipped = self._check_skipped()
         if skipped is not None:
             metrics["decor/skipped"] = skipped
@@ -441,12 +386,13 @@ class DecorrelationCallback(Callback):
 
     def _check_skipped(self) -> Tensor | None:
         """The total of skipped layer updates; warns (once per new skip) naming the layers. One host read."""
-        if self._skipped is None:
+        engine = self._engine
+        if engine is None or engine.skipped is None:
             return None
-        total = self._skipped.sum()
+        total = engine.skipped.sum()
         skipped = int(total)  # at log intervals and epoch ends only, where the logger reads anyway
         if skipped > self._warned_skips:
-            names = [n for n, k in zip(self._layers, self._skipped.tolist()) if k > 0]
+            names = [n for n, k in zip(engine.layers, engine.skipped.tolist()) if k > 0]
             rank_zero_warn(
                 f"DecorrelationCallback skipped {skipped - self._warned_skips} decorrelation update(s) that "
                 f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.decor_lr}); "
@@ -466,40 +412,14 @@ class DecorrelationCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        if not self._layers:
+        if self._engine is None or not self._engine.layers:
             return {}
-        self._wait()
-        return {
-            "version": 1,
-            "R": {name: layer.decor_R.detach().cpu().clone() for name, layer in self._layers.items()},
-            # Checkpoints hold the fused W @ R under "weight"; the raw W lets a resumed run continue exactly.
-            "raw_weight": {name: layer.weight.detach().cpu().clone() for name, layer in self._layers.items()},
-            "generator": self._generator.get_state() if self._generator is not None else None,
-            "updates": self.updates,
-        }
+        return self._engine.state_dict()
 
     @override
-    @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
-            rank_zero_warn("DecorrelationCallback: unknown checkpoint state; training continues with R = I.")
-            return
-        for name, layer in self._layers.items():
-            if name in state_dict["R"]:
-                layer.decor_R.copy_(state_dict["R"][name])
-                layer.weight.copy_(state_dict["raw_weight"][name])
-        self._pending_generator_state = state_dict.get("generator")
-        self.updates = int(state_dict.get("updates", 0))
-
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state = getattr(self, "_pending_generator_state", None)
-        self._pending_generator_state = None
-        if state is not None and self._generator is not None:
-            try:
-                self._generator.set_state(state)
-            except RuntimeError:  # a checkpoint from another device type: rows are sampled afresh
-                rank_zero_warn("DecorrelationCallback: the checkpoint's row-sampling state does not fit this device.")
+        if self._engine is not None and state_dict:
+            self._engine.load_state_dict(state_dict)
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:
         """The patched layers by qualified name."""
@@ -529,6 +449,18 @@ class DecorrelationCallback(Callback):
         if args and module.training and torch.is_grad_enabled():
             self._picture_input = args[0].detach()  # a reference, no copy: replaced by the next training forward
 
+    def _picture_layer(self) -> bool:
+        """Whether the ``log_correlation_image`` layer is still decorrelated; warns once when the plan left it plain."""
+        if self.log_correlation_image in self._layers:
+            return True
+        if not getattr(self, "_warned_picture", False):
+            self._warned_picture = True
+            rank_zero_warn(
+                f"DecorrelationCallback: the plan left {self.log_correlation_image!r} plain (over the `max_overhead` "
+                "budget), so it has no correlation picture. Raise `max_overhead` or pick another layer."
+            )
+        return False
+
     def _stop_picture_input(self) -> None:
         if self._picture_hook is not None:
             self._picture_hook.remove()
@@ -537,7 +469,7 @@ class DecorrelationCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         wanted = self.log_correlation_image is not None and self._due(trainer, self.log_image_every_n_epochs)
-        if wanted and self._picture_hook is None and self._tensorboards(trainer):
+        if wanted and self._picture_hook is None and self._tensorboards(trainer) and self._picture_layer():
             layer = self._layers[self.log_correlation_image]  # type: ignore[index]
             self._picture_hook = layer.register_forward_hook(self._keep_picture_input)
         if trainer.current_epoch == 0 and not getattr(trainer, "fast_dev_run", False) and trainer.is_global_zero:
@@ -567,7 +499,7 @@ class DecorrelationCallback(Callback):
                 for writer in writers:
                     writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **histogram)
         x = self._picture_input
-        if self.log_correlation_image is not None and x is not None:
+        if self.log_correlation_image is not None and x is not None and self._picture_layer():
             layer = self._layers[self.log_correlation_image]
             picture = correlation_picture(self._picture_rows(layer, x), layer.decor_R).cpu()
             for writer in writers:

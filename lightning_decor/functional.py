@@ -27,6 +27,8 @@ __all__ = [
     "conv_patch_rows",
     "correlation_picture",
     "dense_matrix",
+    "block_decorrelation_step",
+    "decorrelate_rows",
     "decorrelation_loss",
     "decorrelation_update_",
     "fuse_weight",
@@ -62,21 +64,29 @@ def _blocks(R: Tensor) -> Tensor:
     return R if R.dim() == 3 else R.unsqueeze(0)
 
 
-def _block_losses(z: Tensor, c: Tensor, kappa: float, gram_or_cov: Tensor, through_rows: bool) -> Tensor:
-    """Loss of each block ``(G,)`` from its rows ``z`` (G, n, b), diagonal ``c`` (G, b) and Gram or covariance."""
-    n, b = z.shape[1], z.shape[2]
-    total_sq = gram_or_cov.pow(2).sum((1, 2)) / (n * n if through_rows else 1)  # sum_ij C_ij^2 per block
-    off_sq = total_sq - c.pow(2).sum(1)
+def _block_losses(z: Tensor, c: Tensor, kappa: float, gram_or_cov: Tensor) -> Tensor:
+    """Loss of each block ``(G,)`` from rows ``z`` (G, n, b) already scaled by ``1 / sqrt(n)``, so that
+    ``C = z^T z``; ``c`` (G, b) is ``diag(C)`` and ``gram_or_cov`` is ``z z^T`` or ``C``."""
+    b = z.shape[2]
+    off_sq = gram_or_cov.pow(2).sum((1, 2)) - c.pow(2).sum(1)  # sum_{i != j} C_ij^2 (||z z^T||_F = ||z^T z||_F)
     return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).pow(2).sum(1)) / (b * b)
 
 
 def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """``(c, gram_or_cov, through_rows)`` of rows ``z`` (G, n, b): through the ``n x n`` Gram when ``n < b``."""
+    """``(c, gram_or_cov, through_rows)`` of scaled rows ``z`` (G, n, b): through the ``n x n`` Gram when ``n < b``."""
     n, b = z.shape[1], z.shape[2]
-    c = z.pow(2).sum(1) / n  # (G, b) = diag(C)
+    c = z.pow(2).sum(1)  # (G, b) = diag(C)
     if n < b:
         return c, torch.bmm(z, z.transpose(1, 2)), True  # (G, n, n)
-    return c, torch.bmm(z.transpose(1, 2), z) / n, False  # (G, b, b) = C
+    return c, torch.bmm(z.transpose(1, 2), z), False  # (G, b, b) = C
+
+
+def _scaled(z: Tensor, counts: Tensor | None) -> Tensor:
+    """Rows ``z`` (G, n, b) divided by ``sqrt(n_g)``, so that ``z^T z`` is ``C``; ``counts`` (G,) gives each
+    block's number of real rows (the rest are zero padding), ``None`` means all ``n``."""
+    if counts is None:
+        return z * (1.0 / math.sqrt(z.shape[1]))
+    return z * counts.clamp_min(1).to(z.dtype).rsqrt()[:, None, None]
 
 
 def decorrelation_loss(z: Tensor, kappa: float, *, blocks: int = 1) -> Tensor:
@@ -105,9 +115,9 @@ def decorrelation_loss(z: Tensor, kappa: float, *, blocks: int = 1) -> Tensor:
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or z.shape[1] % blocks:
         raise ValueError(f"Expected `blocks` to be a positive divisor of d = {z.shape[1]}, but got {blocks!r}.")
     n, d = z.shape
-    zg = z.to(stats_dtype(z.dtype)).reshape(n, blocks, d // blocks).transpose(0, 1)  # (G, n, b)
-    c, m, through_rows = _second_moments(zg)
-    return _block_losses(zg, c, kappa, m, through_rows).mean()
+    zg = _scaled(z.to(stats_dtype(z.dtype)).reshape(n, blocks, d // blocks).transpose(0, 1), None)  # (G, n, b)
+    c, m, _ = _second_moments(zg)
+    return _block_losses(zg, c, kappa, m).mean()
 
 
 def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
@@ -125,35 +135,60 @@ def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
         )
 
 
-def _updated(R: Tensor, x: Tensor, lr: float, kappa: float, guard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(R_new, loss, ok)`` in the statistics dtype; ``ok`` (with ``guard``) says the statistics were finite.
+def block_decorrelation_step(
+    R: Tensor, x: Tensor, counts: Tensor | None, *, lr: float, kappa: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the rule for a stack of ``G`` independent diagonal blocks, out of place, without a host sync.
 
-    Works on ``R`` as a stack of ``G`` diagonal blocks (one block for a dense ``R``), each updated by the rule
-    from its own ``b = d / G`` input features.
+    This is the batched core that every update goes through: the blocks of one block-diagonal ``R``, the groups of
+    a grouped convolution and the ``R`` of several layers with blocks of equal size all move in the same few
+    batched matrix products. Call it with autocast off and tensors in the statistics dtype.
+
+    Args:
+        R: The blocks, ``(G, b, b)``.
+        x: Raw input rows per block, ``(G, n, b)``; rows past ``counts[g]`` must be zero (padding).
+        counts: ``(G,)`` number of real rows of each block (``None``: all ``n``). A block with no rows keeps
+            its ``R`` and reports a NaN loss.
+        lr: The decorrelation learning rate.
+        kappa: Weight of the unit-variance term.
+
+    Returns:
+        ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's
+        loss before the step ``(G,)``, and ``ok`` ``(G,)``: ``False`` where the statistics or the new block are
+        non-finite (the block keeps its ``R``).
     """
-    dtype = stats_dtype(R.dtype)
-    r = _blocks(R).to(dtype)  # (G, b, b)
-    n = x.shape[0]
-    g, b = r.shape[0], r.shape[1]
-    xg = x.to(device=R.device, dtype=dtype).reshape(n, g, b).transpose(0, 1)  # (G, n, b)
-    z = torch.bmm(xg, r.transpose(1, 2))  # (G, n, b) decorrelated rows
+    z = _scaled(torch.bmm(x, R.transpose(1, 2)), counts)  # (G, n, b) decorrelated rows / sqrt(n_g)
     c, m, through_rows = _second_moments(z)
-    loss = _block_losses(z, c, kappa, m, through_rows).mean()
+    loss = _block_losses(z, c, kappa, m)
     # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R
     # with s = kappa * (c - 1) - (1 - kappa) * c; so R_new = diag(1 - lr * s) @ R - lr * (1 - kappa) * C @ R.
     scale = 1.0 - lr * (kappa * (c - 1.0) - (1.0 - kappa) * c)  # (G, b)
-    ok = None
-    if guard:  # non-finite statistics contribute nothing (no host sync: masks, not branches)
-        ok = torch.isfinite(loss)
-        scale = torch.where(ok, scale, 1.0)
-        z = torch.where(ok, z, 0.0)
-        m = torch.where(ok, m, 0.0)
-    new = r * scale[:, :, None]
-    if through_rows:  # C @ R = z.T @ (z @ R) / n: 4 n b^2 flops per block, no b x b x b product
-        new.baddbmm_(z.transpose(1, 2), torch.bmm(z, r), alpha=-lr * (1.0 - kappa) / n)
+    ok = torch.isfinite(loss)  # non-finite statistics contribute nothing (masks, not branches: no host sync)
+    moves = ok if counts is None else ok & (counts > 0)
+    scale = torch.where(moves[:, None], scale, 1.0)
+    z = torch.where(moves[:, None, None], z, 0.0)
+    new = R * scale[:, :, None]
+    if through_rows:  # C @ R = z^T @ (z @ R): 4 n b^2 flops per block, no b x b x b product
+        new.baddbmm_(z.transpose(1, 2), torch.bmm(z, R), alpha=-lr * (1.0 - kappa))
     else:
-        new.baddbmm_(m, r, alpha=-lr * (1.0 - kappa))
-    return new.reshape(R.shape), loss, ok
+        new.baddbmm_(torch.where(moves[:, None, None], m, 0.0), R, alpha=-lr * (1.0 - kappa))
+    ok = ok & torch.isfinite(new.sum((1, 2)))  # one reduction per block instead of an elementwise check
+    new = torch.where(ok[:, None, None], new, R)
+    if counts is not None:
+        loss = torch.where(counts > 0, loss, math.nan)
+    return new, loss, ok
+
+
+def _updated(R: Tensor, x: Tensor, lr: float, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(R_new, loss, ok)`` in the statistics dtype for one ``R`` (dense, or a stack of equal diagonal blocks each
+    updated from its own ``b = d / G`` input features); ``ok`` is ``False`` when any block's step was non-finite."""
+    dtype = stats_dtype(R.dtype)
+    r = _blocks(R).to(dtype)  # (G, b, b)
+    g, b = r.shape[0], r.shape[1]
+    xg = x.to(device=R.device, dtype=dtype).reshape(x.shape[0], g, b).transpose(0, 1)  # (G, n, b)
+    new, loss, ok = block_decorrelation_step(r, xg, None, lr=lr, kappa=kappa)
+    ok = ok.all()
+    return torch.where(ok, new, r).reshape(R.shape), loss.mean(), ok
 
 
 @torch.no_grad()
@@ -166,10 +201,11 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
 
     The statistics are computed in ``R``'s dtype promoted to at least float32, with autocast off. When
     ``n < d`` the product ``C @ R`` is formed through the rows, ``z.T @ (z @ R) / n`` (``4 n d^2`` instead of
-    ``2 n d^2 + 2 d^3`` flops); otherwise ``C`` is formed explicitly.
+    ``2 n d^2 + 2 d^3`` flops); otherwise ``C`` is formed explicitly. A step with non-finite statistics or result
+    leaves ``R`` unchanged (:func:`guarded_decorrelation_update_` also reports it).
 
     Args:
-        R: The ``(d, d)`` decorrelation matrix, updated in place.
+        R: The ``(d, d)`` decorrelation matrix (or a ``(G, b, b)`` stack of diagonal blocks), updated in place.
         x: Raw input rows ``(n, d)`` of the layer (any floating dtype).
         lr: The decorrelation learning rate ``eta`` (> 0).
         kappa: Weight of the unit-variance term, in ``[0, 1]``.
@@ -182,11 +218,7 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
         >>> R = torch.eye(4)
         >>> loss = decorrelation_update_(R, torch.randn(64, 4) @ torch.randn(4, 4), lr=1e-2, kappa=0.5)
     """
-    _check_update_args(R, x, lr, kappa)
-    with torch.autocast(R.device.type, enabled=False):
-        new, loss, _ = _updated(R, x, lr, kappa, guard=False)
-        R.copy_(new)
-    return loss
+    return guarded_decorrelation_update_(R, x, lr=lr, kappa=kappa)[0]
 
 
 @torch.no_grad()
@@ -201,10 +233,8 @@ def guarded_decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: flo
     """
     _check_update_args(R, x, lr, kappa)
     with torch.autocast(R.device.type, enabled=False):
-        new, loss, ok = _updated(R, x, lr, kappa, guard=True)
-        assert ok is not None
-        ok = ok & torch.isfinite(new.sum())  # one reduction instead of an elementwise check
-        torch.where(ok, new.to(R.dtype), R, out=R)
+        new, loss, ok = _updated(R, x, lr, kappa)
+        R.copy_(new)  # `new` is R wherever the step was skipped
     return loss, ok
 
 
@@ -312,23 +342,40 @@ def _gather_rows(
     return rows if valid is None else rows * valid
 
 
-def fuse_weight(weight: Tensor, R: Tensor) -> Tensor:
+def fuse_weight(weight: Tensor, R: Tensor, groups: int = 1) -> Tensor:
     """The fused weight ``A = W @ R`` with ``W`` reshaped to ``(C_out, d)``; same shape and dtype as ``weight``.
 
-    A block-diagonal ``R`` given as ``(G, b, b)`` multiplies each group of ``b`` consecutive input features
-    (``2 C_out d b`` flops instead of ``2 C_out d^2``). Autograd through ``A`` gives
+    A block-diagonal ``R`` given as ``(G, b, b)`` multiplies each run of ``b`` consecutive input features
+    (``2 C_out d b`` flops instead of ``2 C_out d^2``). For a grouped convolution (``groups > 1``, ``weight`` of shape
+    ``(C_out, C_in / groups, *kernel)``) ``R`` holds ``groups`` runs of ``G / groups`` blocks, one run per group,
+    and the output channels of group ``g`` meet only that group's blocks. Autograd through ``A`` gives
     ``dL/dW = dL/dA @ R.T = delta.T @ z``: backprop on the decorrelated input.
     """
     c_out = weight.shape[0]
-    if R.dim() == 3:
-        g, b = R.shape[0], R.shape[1]
-        w3 = weight.reshape(c_out, g, b).transpose(0, 1)  # (G, C_out, b)
-        fused = torch.bmm(w3, R.to(weight.dtype)).transpose(0, 1).reshape(weight.shape)
-    else:
+    if R.dim() == 2 and groups == 1:
         fused = (weight.reshape(c_out, -1) @ R.to(weight.dtype)).reshape(weight.shape)  # (C_out, d) @ (d, d)
+    else:
+        blocks = _blocks(R)
+        per_group, b = blocks.shape[0] // groups, blocks.shape[1]
+        # (groups, C_out / groups, blocks per group, b) -> (G, C_out / groups, b): each block meets its group's rows
+        w4 = weight.reshape(groups, c_out // groups, per_group, b).transpose(1, 2).reshape(-1, c_out // groups, b)
+        fused = torch.bmm(w4, blocks.to(weight.dtype))
+        fused = fused.reshape(groups, per_group, c_out // groups, b).transpose(1, 2).reshape(weight.shape)
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         fused = fused.contiguous(memory_format=torch.channels_last)
     return fused
+
+
+def decorrelate_rows(x: Tensor, R: Tensor) -> Tensor:
+    """``z = x @ R.T`` on the last dimension of ``x`` (``(..., d)``), for a dense ``(d, d)`` or a block-diagonal
+    ``(G, b, b)`` ``R``, in ``x``'s dtype and differentiable in ``x``: the input-side form of DBP, cheaper than
+    fusing ``W @ R`` when a layer sees fewer rows per step than it has output features."""
+    R = R.to(x.dtype)
+    if R.dim() == 2:
+        return F.linear(x, R)
+    g, b = R.shape[0], R.shape[1]
+    xg = x.reshape(-1, g, b).transpose(0, 1)  # (G, rows, b)
+    return torch.bmm(xg, R.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
 
 
 def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Tensor | None]:

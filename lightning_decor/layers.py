@@ -22,14 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_decor.checks import check_patterns, check_positive_int
 from lightning_decor.functional import (
+    _out_sizes,
+    _pads,
     conv_output_positions,
     conv_patch_rows,
+    decorrelate_rows,
     fuse_weight,
     guarded_decorrelation_update_,
     sample_conv_patch_rows,
     stats_dtype,
 )
+from lightning_decor.plan import block_ladder
 
 __all__ = [
     "DecorrelatedConv1d",
@@ -49,8 +54,14 @@ class DecorrelatedLayer(nn.Module):
     """Mixin of the patched layers. Not instantiated directly: :func:`decorrelate` swaps a layer's class.
 
     Attributes:
-        decor_R: The ``(d, d)`` decorrelation matrix (non-persistent buffer, at least float32).
+        decor_R: The ``(d, d)`` decorrelation matrix, or a ``(G, b, b)`` stack of diagonal blocks (block-diagonal
+            ``R``; for a grouped convolution the blocks of each group in turn). A non-persistent buffer, at least
+            float32.
+        decor_form: How the layer applies ``R``: ``"fused"`` (one layer call with ``W @ R``), ``"input"`` (``R`` on
+            the input rows, then the plain layer) or ``"identity"`` (the plain layer: only while ``R`` is still the
+            identity, e.g. before a plan is made). All three compute ``W (R x)``.
         decor_collect: Whether training forwards keep a sample of their input rows.
+        decor_record: Whether training forwards count their rows and calls (for the cost plan).
         decor_sample_fraction: Fraction of the batch's samples (images, or rows for Linear) kept.
         decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
         decor_generator: Random generator for the row subset (``None``: torch's global one).
@@ -60,27 +71,79 @@ class DecorrelatedLayer(nn.Module):
     weight: Tensor
     bias: Tensor | None
     decor_R: Tensor
+    decor_form: str
     decor_collect: bool
+    decor_record: bool
     decor_sample_fraction: float
     decor_max_rows: int | None
     decor_generator: torch.Generator | None
+    decor_seen_rows: int
+    decor_seen_forwards: int
+    decor_seen_stat_rows: int
     _decor_rows: list[Tensor]
 
-    def _decor_init(self, block_size: int | None = None) -> None:
-        d = self.weight[0].numel()  # in_features, or C_in/groups * k_h * k_w
-        g = _n_blocks(self.weight, block_size)
-        eye = torch.eye(d // g, device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
-        self.register_buffer("decor_R", eye if g == 1 else eye.expand(g, -1, -1).clone(), persistent=False)
+    def _decor_init(self, block: int | None = None) -> None:
+        self.register_buffer("decor_R", torch.empty(0), persistent=False)
+        self.decor_set_layout_(block, "fused")
         self.decor_collect = False
+        self.decor_record = False
         self.decor_sample_fraction = 1.0
         self.decor_max_rows = None
         self.decor_generator = None
+        self.decor_seen_rows = 0
+        self.decor_seen_forwards = 0
+        self.decor_seen_stat_rows = 0
         self._decor_rows = []
+
+    @torch.no_grad()
+    def decor_set_layout_(self, block: int | None, form: str) -> None:
+        """Give the layer an identity ``R`` of blocks of ``block`` features (``None``: one dense block per group)
+        applied in ``form`` (``"fused"``, ``"input"`` or ``"identity"``). Resets ``R``: call it before ``R`` moves."""
+        d, groups = self.decor_group_features, self.decor_groups
+        b = d if block is None else block
+        if form not in ("fused", "input", "identity"):
+            raise ValueError(f"Expected `form` in ('fused', 'input', 'identity'), but got {form!r}.")
+        if form == "input" and not self.decor_input_side:
+            raise ValueError(f"Expected `form` 'fused' or 'identity' for {type(self).__name__}, but got 'input'.")
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1 or d % b or (d // b > 1 and b % self.decor_unit):
+            raise ValueError(
+                f"Expected `block` to divide d = {d} into equal blocks of whole input channels "
+                f"({self.decor_unit} features each), but got {block!r}."
+            )
+        g = groups * (d // b)
+        eye = torch.eye(b, device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
+        self.decor_R = eye if g == 1 else eye.expand(g, -1, -1).clone()
+        self.decor_form = form
 
     @property
     def decor_features(self) -> int:
-        """``d``, the number of input features (rows' width) ``R`` acts on."""
+        """``D``, the width of the rows ``R`` acts on: all input features (of every group for a grouped conv)."""
+        return self.weight[0].numel() * self.decor_groups
+
+    @property
+    def decor_group_features(self) -> int:
+        """``d``, the input features of one group (``in_features``, or ``C_in / groups * prod(kernel_size)``)."""
         return self.weight[0].numel()
+
+    @property
+    def decor_groups(self) -> int:
+        """Convolution groups (1 for Linear): each group has its own ``R`` (its own run of blocks)."""
+        return int(getattr(self, "groups", 1))
+
+    @property
+    def decor_unit(self) -> int:
+        """Features per input channel (``prod(kernel_size)``, 1 for Linear): blocks hold whole channels."""
+        return self.weight[0, 0].numel() if self.weight.dim() > 2 else 1
+
+    @property
+    def decor_input_side(self) -> bool:
+        """Whether the ``"input"`` form is available (Linear, and Conv1d/2d with ``groups == 1``)."""
+        return self.weight.dim() <= 4 and self.decor_groups == 1
+
+    @property
+    def decor_block(self) -> int:
+        """Features per diagonal block of ``R`` (``d`` for a dense ``R``)."""
+        return self.decor_R.shape[-1]
 
     @property
     def decor_blocks(self) -> int:
@@ -88,7 +151,21 @@ class DecorrelatedLayer(nn.Module):
         return 1 if self.decor_R.dim() == 2 else self.decor_R.shape[0]
 
     def _decor_keep(self, x: Tensor) -> bool:
-        return self.decor_collect and self.training and torch.is_grad_enabled() and x.shape[0] > 0
+        wanted = self.decor_collect or self.decor_record
+        return wanted and self.training and torch.is_grad_enabled() and x.shape[0] > 0
+
+    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+        """Rows the layer multiplies in this forward (``N * L``: samples times output positions)."""
+        raise NotImplementedError
+
+    def _decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
+        """How many rows :meth:`decor_sample_rows` keeps from this forward (without drawing them)."""
+        samples = input.shape[0] if input.dim() == self.weight.dim() else 1
+        if self.weight.dim() == 2:  # Linear: a fraction of all rows
+            kept = self._decor_n_samples(rows)
+        else:  # convolution: a fraction of the samples, with all their patches
+            kept = self._decor_n_samples(samples) * (rows // max(samples, 1))
+        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
 
     def _decor_n_samples(self, n: int) -> int:
         return max(1, math.ceil(self.decor_sample_fraction * n))
@@ -102,9 +179,15 @@ class DecorrelatedLayer(nn.Module):
 
     @torch.compiler.disable
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
-        # Eager even inside torch.compile (one graph break): the growing list and the private generator stay out of
-        # the graph and its guards, so a compiled model does not recompile as rows accumulate.
-        self._decor_rows.append(self.decor_sample_rows(input))
+        # Eager even inside torch.compile (one graph break): the growing list, the counters and the private
+        # generator stay out of the graph and its guards, so a compiled model does not recompile as rows accumulate.
+        if self.decor_record:
+            rows = self.decor_rows_per_forward(input)
+            self.decor_seen_rows += rows
+            self.decor_seen_forwards += 1
+            self.decor_seen_stat_rows += self._decor_stat_rows(input, rows)
+        if self.decor_collect:
+            self._decor_rows.append(self.decor_sample_rows(input))
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         """The raw input rows this layer keeps from one training forward (detached): the first
@@ -123,7 +206,11 @@ class DecorrelatedLayer(nn.Module):
 
     def decor_fused_weight(self) -> Tensor:
         """``A = W @ R`` in the weight's shape and dtype (differentiable in ``W``)."""
-        return fuse_weight(self.weight, self.decor_R)
+        return fuse_weight(self.weight, self.decor_R, self.decor_groups)
+
+    def _decor_weight(self) -> Tensor:
+        """The weight of the layer call: ``W @ R`` in the fused form, ``W`` itself otherwise."""
+        return self.decor_fused_weight() if self.decor_form == "fused" else self.weight
 
     def decor_pending_rows(self) -> int:
         """Number of input rows collected since the last update."""
@@ -172,7 +259,12 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
             self._decor_capture(input)
-        return F.linear(input, self.decor_fused_weight(), self.bias)
+        if self.decor_form == "input":
+            input = decorrelate_rows(input, self.decor_R)  # noqa: A001 (z = x R^T, then the plain layer)
+        return F.linear(input, self._decor_weight(), self.bias)
+
+    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+        return input.numel() // input.shape[-1]
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         rows = input.detach().reshape(-1, input.shape[-1])  # (N * T, in_features)
@@ -183,8 +275,9 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
 
 
 class _DecorrelatedConvNd(DecorrelatedLayer):
-    """Shared forward of the patched ``Conv1d``/``Conv2d``/``Conv3d`` (``groups == 1``): one ordinary convolution
-    with the fused weight; rows are the im2col patches (``d = C_in * prod(kernel_size)``)."""
+    """Shared forward of the patched ``Conv1d``/``Conv2d``/``Conv3d``: one ordinary convolution with the fused
+    weight, or (input form) the im2col patch rows times ``R^T`` times ``W^T``; rows are the patches
+    (``d = C_in / groups * prod(kernel_size)`` per group, the groups side by side)."""
 
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -195,17 +288,37 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
             self._decor_capture(input)
-        return self._conv_forward(input, self.decor_fused_weight(), self.bias)  # type: ignore[attr-defined]
+        if self.decor_form == "input":
+            return self._decor_input_forward(input)
+        return self._conv_forward(input, self._decor_weight(), self.bias)  # type: ignore[attr-defined]
 
-    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
-        x = x[: self._decor_n_samples(x.shape[0])].detach()  # samples, before any unfold
-        geometry: dict[str, Any] = dict(
+    def _decor_geometry(self) -> dict[str, Any]:
+        return dict(
             stride=self.stride,
             padding=self.padding if isinstance(self.padding, str) else tuple(self.padding),
             dilation=self.dilation,
             padding_mode=self.padding_mode,
         )
+
+    def _decor_input_forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        # im2col, z = rows R^T, y = z W^T: cheaper than forming W @ R when the layer sees few rows (N * L < C_out).
+        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
+        geometry = self._decor_geometry()
+        rows = decorrelate_rows(conv_patch_rows(x, self.kernel_size, **geometry), self.decor_R)  # (N * L, d)
+        y = F.linear(rows, self.weight.reshape(self.weight.shape[0], -1), self.bias)  # (N * L, C_out)
+        pads = _pads(self.kernel_size, self.dilation, geometry["padding"])
+        sizes = _out_sizes(x, self.kernel_size, self.stride, self.dilation, pads)
+        y = y.reshape(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *sizes)
+        return y if input.dim() == self.weight.dim() else y.squeeze(0)
+
+    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)
+        return x.shape[0] * conv_output_positions(x, self.kernel_size, **self._decor_geometry())
+
+    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
+        x = x[: self._decor_n_samples(x.shape[0])].detach()  # samples, before any unfold
+        geometry = self._decor_geometry()
         cap = self.decor_max_rows
         if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
             # (cap, d), gathered without unfolding
@@ -214,19 +327,19 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
 
 
 class DecorrelatedConv1d(_DecorrelatedConvNd, nn.Conv1d):
-    """``nn.Conv1d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+    """``nn.Conv1d`` computing with the fused weight ``W @ R``."""
 
     _decor_base = nn.Conv1d
 
 
 class DecorrelatedConv2d(_DecorrelatedConvNd, nn.Conv2d):
-    """``nn.Conv2d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+    """``nn.Conv2d`` computing with the fused weight ``W @ R``."""
 
     _decor_base = nn.Conv2d
 
 
 class DecorrelatedConv3d(_DecorrelatedConvNd, nn.Conv3d):
-    """``nn.Conv3d`` (``groups == 1``) computing with the fused weight ``W @ R``."""
+    """``nn.Conv3d`` computing with the fused weight ``W @ R``."""
 
     _decor_base = nn.Conv3d
 
@@ -239,39 +352,32 @@ _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
 }
 
 
-def _n_blocks(weight: Tensor, block_size: int | None) -> int:
-    """Fewest equal diagonal blocks of at most ``block_size`` features, aligned to input channels for convolutions
-    (a block holds whole ``k_h * k_w`` patches of some channels); 1 when ``block_size`` is ``None`` or ``>= d``."""
-    d = weight[0].numel()
-    if block_size is None or d <= block_size:
-        return 1
-    units, unit = weight.shape[1], d // weight.shape[1]  # channels (or features) and features per channel
-    for g in range(2, units):
-        if units % g == 0 and (units // g) * unit <= block_size:
-            return g
-    # No equal split fits (e.g. a prime number of features): blocks of one unit would not decorrelate a Linear
-    # at all, so keep R dense there; a convolution keeps one block per channel (its k_h * k_w patch).
-    if unit == 1:
+def largest_block(module: nn.Module, max_features: int | None = None, block_size: int | None = None) -> int | None:
+    """The largest block of ``R`` a layer may have: its per-group ``d`` (a dense ``R``), or with ``block_size``
+    (and ``max_features`` for layers wider than it) the largest equal split into whole input channels of at most
+    that many features. ``None`` when no such block exists and a dense ``R`` is not allowed either."""
+    d = module.weight[0].numel()  # per group: in_features, or C_in / groups * prod(kernel_size)
+    unit = module.weight[0, 0].numel() if module.weight.dim() > 2 else 1
+    wide = max_features is not None and d > max_features
+    cap = min(c for c in (block_size, max_features if wide else None, d) if c is not None)
+    ladder = block_ladder(d, unit, cap, min_block=1)
+    if ladder:
+        return ladder[0]
+    if unit > 1:  # a convolution keeps at least one block per input channel (its k_h * k_w patch)
+        return unit
+    if not wide:  # a Linear with no equal split (a prime d): blocks of one feature would not decorrelate at all
         warnings.warn(
-            f"block_size={block_size}: {d} features have no equal split into blocks of at most {block_size}; "
+            f"block_size={block_size}: {d} features have no equal split into blocks of at most {cap}; "
             "this layer keeps a dense R.",
             stacklevel=3,
         )
-        return 1
-    return units
+        return d
+    return None
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     # A pattern matches a qualified name by glob, or any module below a matching prefix ("layer4" -> "layer4.0.conv1").
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p.rstrip(".") + ".") for p in patterns)
-
-
-def _check_patterns(arg: str, patterns: Sequence[str] | None) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"Expected `{arg}` to be a list of name patterns (str), but got {patterns!r}.")
-    return list(patterns)
 
 
 def _skip_reason(module: nn.Module, max_features: int | None = None, block_size: int | None = None) -> str | None:
@@ -284,8 +390,8 @@ def _skip_reason(module: nn.Module, max_features: int | None = None, block_size:
         )
     if not module.weight.requires_grad:
         return "frozen (weight.requires_grad is False)"
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-        return f"grouped convolution (groups={module.groups}) is not decorrelated"
+    if largest_block(module, max_features, block_size) is None:
+        return f"d = {d} > max_features = {max_features}, and no equal split into blocks of at most {block_size} fits"
     return None
 
 
@@ -326,9 +432,9 @@ def decorrelate(
     """Patch, in place, every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` for decorrelated backpropagation.
 
     Only exact types are patched (``type(m) is nn.Linear``), so subclasses such as attention's ``out_proj`` stay
-    plain. Grouped convolutions and frozen layers are skipped. Layers already patched are left as they are, so
-    calling this twice is harmless. The parameters are kept (same objects), ``R`` starts as the identity on the
-    weight's device, and outputs are unchanged until ``R`` moves.
+    plain. A grouped or depthwise convolution gets one ``R`` per group. Frozen layers are skipped. Layers already
+    patched are left as they are, so calling this twice is harmless. The parameters are kept (same objects), ``R``
+    starts as the identity on the weight's device, and outputs are unchanged until ``R`` moves.
 
     Args:
         model: The model to patch.
@@ -353,23 +459,18 @@ def decorrelate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    inc = _check_patterns("include", include)
-    exc = _check_patterns("exclude", exclude)
-    if max_features is not None and (isinstance(max_features, bool) or not isinstance(max_features, int)):
-        raise TypeError(f"Expected `max_features` to be an int or None, but got {type(max_features).__name__}.")
-    if max_features is not None and max_features < 1:
-        raise ValueError(f"Expected `max_features` to be >= 1 or None, but got {max_features!r}.")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)):
-        raise TypeError(f"Expected `block_size` to be an int or None, but got {type(block_size).__name__}.")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"Expected `block_size` to be >= 1 or None, but got {block_size!r}.")
+    inc = check_patterns("include", include)
+    exc = check_patterns("exclude", exclude)
+    max_features = check_positive_int("max_features", max_features)
+    block_size = check_positive_int("block_size", block_size)
     patched: list[str] = []
     for name, reason in eligible_layers(model, max_features, block_size).items():
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)
+        block = largest_block(module, max_features, block_size)
         module.__class__ = _PATCHED[type(module)]  # the class swap torch.nn.utils.parametrize also uses
-        module._decor_init(block_size)  # type: ignore[operator]
+        module._decor_init(block)  # type: ignore[operator]
         patched.append(name)
     return patched
 
@@ -397,7 +498,10 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         m.weight.copy_(m.decor_fused_weight())
         del m.decor_R
-        for attr in ("decor_collect", "decor_sample_fraction", "decor_max_rows", "decor_generator", "_decor_rows"):
+        for attr in (
+            "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
+            "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
+        ):  # fmt: skip
             m.__dict__.pop(attr, None)
         m.__class__ = m._decor_base
         folded.append(name)

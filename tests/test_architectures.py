@@ -45,17 +45,25 @@ def test_architecture_trains_and_folds(name: str, tmp_path) -> None:  # type: ig
     reasons = eligible_layers(module)
     x = torch.randn(16, 3, 32, 32)
     data = DataLoader(TensorDataset(x, torch.randint(0, 5, (16,))), batch_size=8)
-    cb = DecorrelationCallback(fold_on_fit_end=False)
-    quiet_trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(module, data)
+    cb = DecorrelationCallback(fold_on_fit_end=False)  # the defaults, with the cost plan
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(module, data)  # 16 samples / batch 8: 6 steps
+    assert set(cb.plan.layers) == {n for n, why in reasons.items() if why is None}  # every eligible layer planned
+    kept = {n for n, p in cb.plan.layers.items() if p.form != "plain"}
     Rs = decorrelation_matrices(module)
-    assert set(Rs) == {n for n, why in reasons.items() if why is None} and Rs
+    assert set(Rs) == kept and Rs and cb.updates == 6 - 3  # after the 3 measured steps
     for layer, R in Rs.items():
         assert torch.isfinite(R).all(), layer
-        assert not torch.equal(R, torch.eye(R.shape[0])), f"R of {layer} did not move"
+        assert R.shape[-1] == cb.plan.layers[layer].block, layer
+        eye = torch.eye(R.shape[-1]).expand_as(R)
+        assert not torch.equal(R, eye), f"R of {layer} did not move"
     if name == "vit":  # attention's out_proj (a Linear subclass read directly) is left intact
         assert not any(n.endswith("out_proj") for n in Rs)
-    if name == "mobilenet_v3_small":  # depthwise convolutions are skipped with their reason
-        assert any(why and "groups=" in why for why in reasons.values())
+    if name == "mobilenet_v3_small":  # depthwise convolutions are planned too, with one R per channel
+        depthwise = [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert depthwise and set(depthwise) <= set(cb.plan.layers)
+        for n in set(depthwise) & kept:
+            conv = module.get_submodule(n)
+            assert Rs[n].shape == (conv.groups, conv.weight[0].numel(), conv.weight[0].numel())
     module.eval()
     with torch.no_grad():
         before = module(x)

@@ -23,7 +23,7 @@ def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:
 
 def test_fit_moves_r_and_lowers_the_decorrelation_loss(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule()
-    cb = DecorrelationCallback(decor_lr=0.02, sample_fraction=1.0, fold_on_fit_end=False)
+    cb = DecorrelationCallback(decor_lr=0.02, sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=5, callbacks=[cb]).fit(model)
     Rs = decorrelation_matrices(model)
     assert set(Rs) == {"net.0", "net.2"}
@@ -37,7 +37,7 @@ def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:  # type: 
     model = TinyConvModule()
     cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=0.5)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
-    assert cb.updates == 8
+    assert cb.updates == 8 - 3  # the first 3 steps measure the plain step
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # plain model handed back
     assert type(model.net[0]) is nn.Conv2d
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -45,7 +45,7 @@ def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:  # type: 
 
 def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule()
-    cb = DecorrelationCallback(log_per_layer=True)
+    cb = DecorrelationCallback(log_per_layer=True, max_overhead=None)  # no plan: R moves from the first step
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=loggers, log_every_n_steps=2).fit(model)
     text = open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0]).read()
@@ -72,7 +72,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
             seen.append(self._layers["net.0"].decor_pending_rows())
             super().update_(pl_module)
 
-    cb = Spy(sample_fraction=1.0, fold_on_fit_end=False)
+    cb = Spy(sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], accumulate_grad_batches=4)
     trainer.fit(model)
     assert trainer.global_step == 2 and cb.updates == 2
@@ -81,16 +81,18 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
 
 def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule()
-    cb = DecorrelationCallback(fold_on_fit_end=False)
+    cb = DecorrelationCallback(fold_on_fit_end=False, max_overhead=None)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
     cb.setup(trainer, model, "fit")
     cb.setup(trainer, model, "fit")
     assert sorted(n for n, _ in cb.layers()) == ["net.0", "net.2"]
-    R_before = decorrelation_matrices(model)["net.0"]
+    layer, engine = model.net[0], cb.engine
     trainer.fit(model)
-    assert decorrelation_matrices(model)["net.0"] is R_before  # not re-patched: R kept its identity
+    assert model.net[0] is layer and cb.engine is engine  # not re-patched, one engine
+    R_after_first = decorrelation_matrices(model)["net.0"].clone()
     quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model)
     assert cb.updates == 16
+    assert not torch.equal(decorrelation_matrices(model)["net.0"], R_after_first)  # R continued from its state
     trainer.validate(model, verbose=False)
 
 
@@ -135,7 +137,7 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[
             return super().training_step(batch, batch_idx)
 
     model = NanModule()
-    cb = DecorrelationCallback(fold_on_fit_end=False)
+    cb = DecorrelationCallback(fold_on_fit_end=False, max_overhead=None)  # R moves from the first step
     with pytest.warns(
         UserWarning,
         match=r"skipped 2 decorrelation update\(s\) that would have made R non-finite .*Layers: \[.net.0., .net.2.\]",
@@ -174,7 +176,7 @@ def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
 
 def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule(hidden=16)
-    cb = DecorrelationCallback(max_features=10, fold_on_fit_end=False)
+    cb = DecorrelationCallback(max_features=10, fold_on_fit_end=False, max_overhead=None)
     with pytest.warns(
         UserWarning,
         match=r"leaves these layers plain: \{'net.2': 'd = 16 > max_features = 10 .*"
@@ -189,19 +191,22 @@ def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:
 
 
 def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
 
     class Spy(DecorrelationCallback):
         def update_(self, pl_module):  # type: ignore[no-untyped-def]
-            seen.append((pl_module.trainer.global_step, self._layers["net.0"].decor_pending_rows()))
+            rows = self._layers["net.0"].decor_pending_rows()
+            before = self.updates
             super().update_(pl_module)
+            seen.append((pl_module.trainer.global_step, rows, self.updates - before))
 
     model = TinyModule()
-    cb = Spy(update_every=3, sample_fraction=1.0, fold_on_fit_end=False)
+    cb = Spy(update_every=3, sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
     trainer.fit(model)
     assert trainer.global_step == 8
-    assert seen == [(0, 32), (3, 32), (6, 32)]  # steps 0, 3, 6; rows of that step's batch only
+    # R moves on steps 0, 3, 6, from the rows of that step's batch only; no rows are sampled on the other steps
+    assert seen == [(step, 32, 1) if step % 3 == 0 else (step, 0, 0) for step in range(8)]
     with pytest.raises(ValueError, match=r"Expected `update_every` to be >= 1, but got 0"):
         DecorrelationCallback(update_every=0)
     with pytest.raises(TypeError, match=r"Expected `update_every` to be an int, but got NoneType: None"):
@@ -210,7 +215,7 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
 
 def test_block_size_gives_block_diagonal_r(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = TinyModule(d=8, hidden=16)
-    cb = DecorrelationCallback(block_size=4, decor_lr=0.02, fold_on_fit_end=False)
+    cb = DecorrelationCallback(block_size=4, decor_lr=0.02, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
     Rs = decorrelation_matrices(model)
     assert Rs["net.0"].shape == (2, 4, 4) and Rs["net.2"].shape == (4, 4, 4)
@@ -247,9 +252,9 @@ def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> Non
     class Spy(DecorrelationCallback):
         def update_(self, pl_module):  # type: ignore[no-untyped-def]
             super().update_(pl_module)
-            per_step.append(self._last_losses.clone())
+            per_step.append(self.engine.last_losses.clone())
 
-    cb = Spy(log_per_layer=True, fold_on_fit_end=False)
+    cb = Spy(log_per_layer=True, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
                   ).fit(AuxModule())  # fmt: skip
     assert all(torch.isnan(v[2]) for v in per_step[1::2])  # the aux layer had no rows on odd steps
@@ -261,7 +266,7 @@ def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> Non
 
 
 def test_update_every_still_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cb = DecorrelationCallback(update_every=2, fold_on_fit_end=False)
+    cb = DecorrelationCallback(update_every=2, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
                   ).fit(TinyModule())  # fmt: skip
     assert cb.updates == 8 and len(read_csv_metric(tmp_path, "decor/loss")) == 8

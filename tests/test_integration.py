@@ -45,8 +45,10 @@ def reference_update(R: torch.Tensor, x: torch.Tensor, lr: float = LR, kappa: fl
 
 
 def callback(**kwargs: Any) -> DecorrelationCallback:
-    """Every row kept, R readable after fit; a large rate so R moves visibly in a few steps."""
-    return DecorrelationCallback(**{"decor_lr": LR, "sample_fraction": 1.0, "fold_on_fit_end": False, **kwargs})
+    """Every row kept, R readable after fit; a large rate so R moves visibly in a few steps; no cost plan (R moves
+    from the first step; tests of the plan with the Trainer set `max_overhead` themselves)."""
+    defaults = {"decor_lr": LR, "sample_fraction": 1.0, "fold_on_fit_end": False, "max_overhead": None}
+    return DecorrelationCallback(**{**defaults, **kwargs})
 
 
 class Recorder(pl.Callback):

@@ -127,11 +127,11 @@ def test_eligibility_and_patterns() -> None:
     net = Net()
     reasons = eligible_layers(net)
     assert "attn.out_proj" not in reasons  # a Linear subclass whose weight is read directly
-    assert reasons["features.1"] is not None and "groups=2" in reasons["features.1"]
+    assert reasons["features.1"] is None  # grouped: one R per group
     assert reasons["frozen"] is not None and "frozen" in reasons["frozen"]
-    assert decorrelate(copy.deepcopy(net)) == ["features.0", "head"]
-    assert decorrelate(copy.deepcopy(net), include=["features"]) == ["features.0"]
-    assert decorrelate(copy.deepcopy(net), exclude=["head"]) == ["features.0"]
+    assert decorrelate(copy.deepcopy(net)) == ["features.0", "features.1", "head"]
+    assert decorrelate(copy.deepcopy(net), include=["features"]) == ["features.0", "features.1"]
+    assert decorrelate(copy.deepcopy(net), exclude=["head"]) == ["features.0", "features.1"]
     assert decorrelate(copy.deepcopy(net), include=["*.0", "head"], exclude=["he*"]) == ["features.0"]
     patched = copy.deepcopy(net)
     decorrelate(patched, include=["head"])

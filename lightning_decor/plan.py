@@ -1,0 +1,282 @@
+"""The per-layer cost plan: for each decorrelated layer, the cheapest form of ``R`` that fits a time budget.
+
+Pure Python on shapes and two machine constants; no Lightning, no modules. A layer can carry its ``R`` in one of
+these forms (each computes ``y = W (R x)`` exactly; see :mod:`lightning_decor.layers`):
+
+- ``"fused"``: one ordinary layer call with ``A = W @ R``; costs ``4 C_out d b`` flops per forward (forming ``A``
+  and the weight gradient through it), whatever the batch;
+- ``"input"``: ``R`` applied to the input rows, ``z = x R^T``, then the plain layer; costs ``4 M D b`` flops for
+  ``M`` rows of ``D`` features, so it wins when a layer sees fewer rows per step than it has outputs
+  (``M < C_out``: late layers on small images, Linear layers with small batches);
+- ``b < d``: a block-diagonal ``R`` of blocks of ``b`` features (whole input channels for convolutions), which
+  divides every cost above by ``d / b`` and removes only correlations within a block; a grouped or depthwise
+  convolution always has one ``R`` (or one run of blocks) per group;
+- ``"plain"``: no ``R`` at all.
+
+The update of ``R`` adds, per step, ``6 n b D + 2 n^2 D`` flops (``n < b``, through the rows) or
+``4 n b D + 2 b^2 D`` (``n >= b``) for ``n`` statistics rows, plus a number of small operations. Costs are turned
+into seconds with two constants measured on the device (:func:`measure_costs`): matrix-product throughput and the
+time of one small operation (which dominates small layers on a GPU and on busy CPUs).
+
+:func:`make_plan` starts from the strongest form of every layer (its largest allowed block, each in its cheaper
+form) and, while the estimated total exceeds the budget, gives up the decorrelation that is cheapest to give up:
+it halves the block of (or finally leaves plain) the layer whose step down saves the most time per unit of
+decorrelation lost, counting a block of ``b`` of ``d`` features as ``b / d`` of the layer's decorrelation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Costs", "LayerPlan", "LayerShape", "Plan", "block_ladder", "make_plan", "measure_costs"]
+
+# Small operations per part, counted in layers.py / functional.py / engine.py (launches, not flops).
+_OPS_FUSE = 3  # forming A (matmul or bmm with reshapes) and its weight-gradient product, per forward
+_OPS_FUSE_BLOCKS = 6
+_OPS_INPUT_LINEAR = 2  # z = x R^T and its input gradient, per forward
+_OPS_INPUT_BLOCKS = 6
+_OPS_INPUT_CONV = 10  # unfold, two matrix products, reshapes and their gradients, per forward
+_OPS_SAMPLE_CONV = 12  # drawing patch rows, per forward
+_OPS_SAMPLE_LINEAR = 3
+_OPS_LAYER_UPDATE = 4  # moving the layer's rows into its group's buffer, its loss and skip flags
+_OPS_GROUP_UPDATE = 40  # one batched update of a group of equal block sizes
+_MIN_BLOCK = 16  # smaller blocks than this decorrelate too little to be worth their launches
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Two constants of the device: seconds per flop of a mid-sized matrix product, and seconds per small op."""
+
+    seconds_per_flop: float
+    seconds_per_op: float
+
+    def __call__(self, flops: float, ops: float) -> float:
+        return flops * self.seconds_per_flop + ops * self.seconds_per_op
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the planner knows of one layer, from one training step.
+
+    Attributes:
+        name: Qualified module name.
+        d: Input features per group (``in_features``, or ``C_in / groups * prod(kernel_size)``).
+        unit: Features per input channel (``prod(kernel_size)``, 1 for Linear): blocks hold whole channels.
+        c_out: Output features.
+        groups: Convolution groups (1 for Linear).
+        rows: Rows the layer multiplies per optimizer step (``N * L`` summed over its forwards).
+        forwards: Training forwards per optimizer step.
+        stat_rows: Statistics rows per update ``n``.
+        input_side: Whether the input-side form is available (Linear, Conv1d/2d with ``groups == 1``).
+        conv: Whether the layer is a convolution (its rows are patches, drawn and unfolded at a higher op count).
+        max_block: Largest block allowed (``block_size``/``max_features``), ``None`` for ``d``.
+    """
+
+    name: str
+    d: int
+    unit: int
+    c_out: int
+    groups: int
+    rows: int
+    forwards: int
+    stat_rows: int
+    input_side: bool
+    conv: bool = False
+    max_block: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The planned form of one layer: ``form`` in ``("fused", "input", "plain")`` with blocks of ``block``
+    features (``block == d``: a dense ``R`` per group; 0 when plain), and its estimated seconds per step."""
+
+    name: str
+    form: str
+    block: int
+    d: int
+    rows: int
+    c_out: int
+    groups: int
+    cost: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The forms of all layers, with what they were planned from; ``state_dict`` round-trips through checkpoints."""
+
+    layers: dict[str, LayerPlan]
+    step_seconds: float | None = None  # the measured plain step the budget refers to
+    max_overhead: float | None = None
+    costs: Costs | None = None
+    estimate: float = 0.0  # estimated seconds of all DBP parts per step
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": {name: asdict(p) for name, p in self.layers.items()},
+            "step_seconds": self.step_seconds,
+            "max_overhead": self.max_overhead,
+            "costs": None if self.costs is None else asdict(self.costs),
+            "estimate": self.estimate,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Plan:
+        costs = state.get("costs")
+        return cls(
+            layers={name: LayerPlan(**p) for name, p in state["layers"].items()},
+            step_seconds=state.get("step_seconds"),
+            max_overhead=state.get("max_overhead"),
+            costs=None if costs is None else Costs(**costs),
+            estimate=float(state.get("estimate", 0.0)),
+        )
+
+    def table(self) -> str:
+        """The plan as a text table: layer, ``d``, rows per step, ``C_out``, groups, form, block, estimated share."""
+        step = self.step_seconds
+        if step is not None and self.max_overhead is not None:
+            head = (
+                f"budget {self.max_overhead:.0%} of a measured {step * 1e3:.1f} ms step; estimated DBP cost "
+                f"{self.estimate * 1e3:.1f} ms = {self.estimate / step:.1%}"
+            )
+        else:
+            head = "no budget (max_overhead=None): every layer at its largest allowed block"
+        width = max([len("layer"), *(len(n) for n in self.layers)])
+        lines = [
+            f"Decorrelation plan ({head}):",
+            f"{'layer':<{width}} {'d':>6} {'rows':>8} {'C_out':>6} {'groups':>6} {'form':>6} {'block':>6} {'share':>7}",
+        ]
+        for name, p in self.layers.items():
+            share = f"{p.cost / step:.2%}" if step else "-"
+            lines.append(
+                f"{name:<{width}} {p.d:>6} {p.rows:>8} {p.c_out:>6} {p.groups:>6} {p.form:>6} "
+                f"{p.block if p.block else '-':>6} {share:>7}" + (f"  ({p.note})" if p.note else "")
+            )
+        return "\n".join(lines)
+
+
+def block_ladder(d: int, unit: int, max_block: int | None = None, min_block: int = _MIN_BLOCK) -> list[int]:
+    """Block sizes a layer may use, largest first: sizes that divide ``d`` into equal blocks of whole channels
+    (multiples of ``unit``). The first is the largest one of at most ``max_block``; each next one is at most half
+    the one before and at least ``min(min_block, d)``. Empty when no size fits under ``max_block``, or when only
+    blocks of one feature would (a Linear with a prime ``d``): such blocks would not decorrelate anything."""
+    channels = d // unit
+    top = d if max_block is None else min(d, max_block)
+    sizes = [m * unit for m in range(channels, 0, -1) if channels % m == 0 and m * unit <= top]
+    if not sizes or sizes[0] == 1 < d:
+        return []
+    ladder = [sizes[0]]
+    for b in sizes[1:]:
+        if min(min_block, d) <= b <= ladder[-1] // 2:
+            ladder.append(b)
+    return ladder
+
+
+def _form_costs(s: LayerShape, b: int, costs: Costs, update_every: int) -> tuple[str, float]:
+    """``(form, seconds per step)`` of the cheaper form with blocks of ``b``, update included."""
+    D, blocked = s.groups * s.d, b < s.d or s.groups > 1  # D: all input features
+    fused = costs(4.0 * s.c_out * s.d * b * s.forwards, (_OPS_FUSE_BLOCKS if blocked else _OPS_FUSE) * s.forwards)
+    best_form, best = "fused", fused
+    if s.input_side:
+        ops = _OPS_INPUT_CONV if s.conv else (_OPS_INPUT_BLOCKS if blocked else _OPS_INPUT_LINEAR)
+        inp = costs(4.0 * s.rows * D * b, ops * s.forwards)
+        if inp < best:
+            best_form, best = "input", inp
+    n = s.stat_rows
+    flops = (6.0 * n * b * D + 2.0 * n * n * D) if n < b else (4.0 * n * b * D + 2.0 * b * b * D)
+    sample_ops = _OPS_SAMPLE_CONV if s.conv else _OPS_SAMPLE_LINEAR
+    update = costs(flops, _OPS_LAYER_UPDATE) + costs(0.0, sample_ops * s.forwards)
+    return best_form, best + update / update_every
+
+
+def _total(choice: dict[str, int], ladders: dict[str, list[int]], table: dict[str, list[tuple[str, float]]],
+           costs: Costs, update_every: int) -> float:  # fmt: skip
+    total, blocks = 0.0, set()
+    for name, k in choice.items():
+        if k < len(ladders[name]):
+            total += table[name][k][1]
+            blocks.add(ladders[name][k])
+    return total + len(blocks) * costs(0.0, _OPS_GROUP_UPDATE) / update_every
+
+
+def make_plan(
+    shapes: list[LayerShape],
+    *,
+    costs: Costs,
+    step_seconds: float | None,
+    max_overhead: float | None,
+    update_every: int = 1,
+) -> Plan:
+    """The plan for ``shapes`` (see the module docstring).
+
+    Args:
+        shapes: The layers, in model order.
+        costs: The device constants (:func:`measure_costs`).
+        step_seconds: The measured plain training step the budget refers to (``None`` with ``max_overhead=None``).
+        max_overhead: The budget: estimated seconds of all DBP parts as a fraction of ``step_seconds``; ``None``
+            keeps every layer at its largest allowed block.
+        update_every: ``R`` moves every this many steps (divides the update's cost).
+    """
+    ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes}
+    table = {s.name: [_form_costs(s, b, costs, update_every) for b in ladders[s.name]] for s in shapes}
+    choice = {s.name: 0 for s in shapes}  # index into the ladder; len(ladder) means plain
+    if max_overhead is not None and step_seconds is not None:
+        budget = max_overhead * step_seconds
+        total = _total(choice, ladders, table, costs, update_every)
+        while total > budget:
+            best: tuple[float, str, float] | None = None
+            for s in shapes:
+                k, ladder = choice[s.name], ladders[s.name]
+                if k >= len(ladder):
+                    continue
+                choice[s.name] = k + 1
+                after = _total(choice, ladders, table, costs, update_every)
+                choice[s.name] = k
+                lost = (ladder[k] - (ladder[k + 1] if k + 1 < len(ladder) else 0)) / s.d  # decorrelation given up
+                saving = total - after
+                if saving > 0 and (best is None or saving / lost > best[0]):
+                    best = (saving / lost, s.name, after)
+            if best is None:
+                break
+            choice[best[1]] += 1
+            total = best[2]
+    layers = {}
+    for s in shapes:
+        k, ladder = choice[s.name], ladders[s.name]
+        common = dict(name=s.name, d=s.d, rows=s.rows, c_out=s.c_out, groups=s.groups)
+        if k >= len(ladder):
+            note = "no allowed block size" if not ladder else "over budget"
+            layers[s.name] = LayerPlan(form="plain", block=0, cost=0.0, note=note, **common)  # type: ignore[arg-type]
+        else:
+            form, cost = table[s.name][k]
+            layers[s.name] = LayerPlan(form=form, block=ladder[k], cost=cost, **common)  # type: ignore[arg-type]
+    estimate = _total(choice, ladders, table, costs, update_every)
+    return Plan(layers, step_seconds=step_seconds, max_overhead=max_overhead, costs=costs, estimate=estimate)
+
+
+def measure_costs(device: torch.device) -> Costs:
+    """Measure the two device constants in a few milliseconds: a matrix product's time per flop (best of three)
+    and a small elementwise operation's time (launch and dispatch), synchronising CUDA around each."""
+    size = 1024 if device.type == "cuda" else 256
+    a = torch.randn(size, size, device=device)
+    small = torch.zeros(8, device=device)
+
+    def timed(fn: Any, reps: int) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / reps
+
+    per_flop = min(timed(lambda: a @ a, 3) for _ in range(3)) / (2.0 * size**3)
+    per_op = min(timed(lambda: small.add_(1.0), 50) for _ in range(3))
+    return Costs(seconds_per_flop=per_flop, seconds_per_op=per_op)
