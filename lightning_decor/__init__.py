@@ -1,15 +1,27 @@
-"""lightning_decor: decorrelated backpropagation (DBP) as a PyTorch Lightning callback."""
+"""lightning_decor: decorrelated backpropagation (DBP) as a PyTorch Lightning callback.
 
-from lightning_decor.callback import DecorrelationCallback
+``DecorrelationCallback`` (the Lightning front-end) is imported lazily, so that the engine, the verbs and the math
+(``Decorrelator``, ``decorrelate``, ``fold``, ``lightning_decor.functional``) work without importing Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning_decor.engine import Decorrelator
 from lightning_decor.functional import decorrelation_loss, decorrelation_update_
 from lightning_decor.layers import decorrelate, decorrelation_matrices, fold
-from lightning_decor.metric import DecorrelationLoss
+
+if TYPE_CHECKING:
+    from lightning_decor.callback import DecorrelationCallback
+    from lightning_decor.metric import DecorrelationLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DecorrelationCallback",
     "DecorrelationLoss",
+    "Decorrelator",
     "__version__",
     "decorrelate",
     "decorrelation_loss",
@@ -17,3 +29,15 @@ __all__ = [
     "decorrelation_update_",
     "fold",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DecorrelationCallback":
+        from lightning_decor.callback import DecorrelationCallback
+
+        return DecorrelationCallback
+    if name == "DecorrelationLoss":
+        from lightning_decor.metric import DecorrelationLoss
+
+        return DecorrelationLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

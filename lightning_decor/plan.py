@@ -21,11 +21,15 @@ time of one small operation (which dominates small layers on a GPU and on busy C
 :func:`make_plan` starts from the strongest form of every layer (its largest allowed block, each in its cheaper
 form) and, while the estimated total exceeds the budget, gives up the decorrelation that is cheapest to give up:
 it halves the block of (or finally leaves plain) the layer whose step down saves the most time per unit of
-decorrelation lost, counting a block of ``b`` of ``d`` features as ``b / d`` of the layer's decorrelation.
+decorrelation lost. Every layer counts the same, and blocks of ``b`` of its ``d`` features count as
+``log(1 + b) / log(1 + d)`` of it: concave, because the strongest correlations of patch rows are within a channel
+(neighbouring pixels), which even the smallest block (one channel's patch) removes, while dense ``R`` adds the
+weaker ones between channels at a cost that grows with ``b``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -194,6 +198,11 @@ def _form_costs(s: LayerShape, b: int, costs: Costs, update_every: int) -> tuple
     return best_form, best + update / update_every
 
 
+def _value(b: int, d: int) -> float:
+    """The share of a layer's decorrelation that blocks of ``b`` of its ``d`` features keep (1 for a dense ``R``)."""
+    return math.log1p(b) / math.log1p(d)
+
+
 def _total(choice: dict[str, int], ladders: dict[str, list[int]], table: dict[str, list[tuple[str, float]]],
            costs: Costs, update_every: int) -> float:  # fmt: skip
     total, blocks = 0.0, set()
@@ -237,7 +246,7 @@ def make_plan(
                 choice[s.name] = k + 1
                 after = _total(choice, ladders, table, costs, update_every)
                 choice[s.name] = k
-                lost = (ladder[k] - (ladder[k + 1] if k + 1 < len(ladder) else 0)) / s.d  # decorrelation given up
+                lost = _value(ladder[k], s.d) - (_value(ladder[k + 1], s.d) if k + 1 < len(ladder) else 0.0)
                 saving = total - after
                 if saving > 0 and (best is None or saving / lost > best[0]):
                     best = (saving / lost, s.name, after)

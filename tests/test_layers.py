@@ -339,3 +339,111 @@ def test_strided_conv_cap_between_patches_and_pixels_keeps_distinct_patches() ->
     rows = conv.decor_sample_rows(x)
     assert rows.shape == (8, 4)  # all 2 * 4 patches, fewer than the cap: no draws with replacement
     torch.testing.assert_close(rows, F.unfold(x, 2, stride=2).transpose(1, 2).reshape(-1, 4))
+
+
+# ------------------------------------------------------------------ every form of R, against two explicit steps
+def block_diagonal(R: torch.Tensor) -> torch.Tensor:
+    return R if R.dim() == 2 else torch.block_diag(*R.unbind(0))
+
+
+FORMS = [  # (layer, input shape, block, form)
+    (lambda: nn.Linear(12, 5), (7, 12), None, "fused"),
+    (lambda: nn.Linear(12, 5), (3, 7, 12), None, "input"),
+    (lambda: nn.Linear(12, 5), (7, 12), 4, "fused"),
+    (lambda: nn.Linear(12, 5), (3, 7, 12), 6, "input"),
+    (lambda: nn.Linear(12, 5), (7, 12), None, "identity"),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5), None, "fused"),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, stride=2), (2, 4, 5, 5), None, "input"),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5), 18, "fused"),
+    (lambda: nn.Conv2d(4, 6, (3, 2), padding=(1, 0), dilation=(1, 2)), (2, 4, 5, 6), 12, "input"),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 5), None, "fused"),  # one dense R per group
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 5), 9, "fused"),  # blocks within each group
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (2, 4, 5, 5), None, "fused"),  # depthwise
+]
+
+
+@pytest.mark.parametrize("make, shape, block, form", FORMS)
+def test_every_form_is_w_of_rx_with_the_gradient_of_backprop_on_z(make, shape, block, form) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    layer = make().double()
+    w = layer.weight.detach().clone()
+    b = None if layer.bias is None else layer.bias.detach().clone()
+    decorrelate(layer)
+    layer.decor_set_layout_(block, form)
+    if form != "identity":  # the identity form stands for R = I, before a plan is made
+        with torch.no_grad():
+            layer.decor_R.add_(0.3 * torch.randn_like(layer.decor_R))
+    R = block_diagonal(layer.decor_R.detach())  # (D, D) over all groups' features
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    (y * grad_y).sum().backward()
+
+    # Reference: step 1, z = R x on the rows (patches for a convolution); step 2, each group's W_g on its own z_g.
+    groups, c_out = getattr(layer, "groups", 1), w.shape[0]
+    if isinstance(layer, nn.Linear):
+        rows, out_shape, delta = x.reshape(-1, 12), None, grad_y.reshape(-1, c_out)
+    else:
+        rows, h_out, w_out = explicit_conv_rows(x, layer)
+        out_shape, delta = (x.shape[0], h_out, w_out, c_out), grad_y.permute(0, 2, 3, 1).reshape(-1, c_out)
+    z = rows @ R.T
+    d, per_group = z.shape[1] // groups, c_out // groups
+    expected, grad_w = [], []
+    for g in range(groups):
+        z_g, w_g = z[:, g * d : (g + 1) * d], w[g * per_group : (g + 1) * per_group].reshape(per_group, d)
+        expected.append(z_g @ w_g.T)
+        grad_g = delta[:, g * per_group : (g + 1) * per_group].T @ z_g  # (C_out / groups, d)
+        grad_w.append(grad_g.reshape(per_group, *w.shape[1:]))
+    expected_y = torch.cat(expected, dim=1) + (0 if b is None else b)
+    if out_shape is None:
+        expected_y = expected_y.reshape(y.shape)
+    else:
+        expected_y = expected_y.reshape(out_shape).permute(0, 3, 1, 2)
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-12)  # float64: rounding only
+    torch.testing.assert_close(layer.weight.grad, torch.cat(grad_w), rtol=0, atol=1e-12)  # dL/dW = delta^T z
+
+    plain = make().double()
+    plain.load_state_dict(layer.state_dict())  # strict: the plain layer's keys, the fused weight
+    fold(layer)
+    assert type(layer) is type(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected_y, rtol=0, atol=1e-12)  # fold is exact
+        torch.testing.assert_close(plain(x), expected_y, rtol=0, atol=1e-12)
+
+
+def test_grouped_conv_update_moves_each_group_by_its_own_rows() -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    decorrelate(conv)
+    assert conv.decor_R.shape == (2, 18, 18)  # one dense R per group of 2 channels x 3 x 3
+    conv.decor_collect, conv.decor_sample_fraction = True, 1.0
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    x[:, 1] += x[:, 0]  # correlated channels inside the first group
+    conv.train()
+    conv(x)
+    rows = conv.decor_take_rows()
+    explicit, _, _ = explicit_conv_rows(x, conv)
+    torch.testing.assert_close(rows, explicit)  # all patches of all channels, groups side by side
+    R0 = conv.decor_R.clone()
+    conv.decor_update_(rows, lr=0.01, kappa=0.5)
+    for g in range(2):  # reference: the rule in float64 on group g's 18 features alone
+        r, x_g = R0[g], rows[:, g * 18 : (g + 1) * 18]
+        z = x_g @ r.T
+        C = z.T @ z / z.shape[0]
+        c = torch.diagonal(C)
+        expected = r - 0.01 * (0.5 * (C - torch.diag(c)) + 0.5 * torch.diag(c - 1)) @ r
+        torch.testing.assert_close(conv.decor_R[g], expected, rtol=0, atol=1e-12)
+
+
+def test_set_layout_errors() -> None:
+    lin, conv = nn.Linear(12, 5), nn.Conv2d(4, 6, 3, groups=2)
+    decorrelate(lin)
+    decorrelate(conv)
+    with pytest.raises(ValueError, match=r"Expected `block` to divide d = 12 into equal blocks of whole input "
+                       r"channels \(1 features each\), but got 5"):  # fmt: skip
+        lin.decor_set_layout_(5, "fused")
+    with pytest.raises(ValueError, match=r"Expected `block` to divide d = 18 .*\(9 features each\), but got 6"):
+        conv.decor_set_layout_(6, "fused")  # 6 divides 18 but splits a channel's 3 x 3 patch
+    with pytest.raises(ValueError, match=r"Expected `form` in \('fused', 'input', 'identity'\), but got 'rows'"):
+        lin.decor_set_layout_(None, "rows")
+    with pytest.raises(ValueError, match=r"Expected `form` 'fused' or 'identity' for DecorrelatedConv2d, but got"):
+        conv.decor_set_layout_(None, "input")  # grouped: no input-side form

@@ -8,6 +8,11 @@ A per-layer breakdown times, for each patched layer on its real input, the three
 
     python examples/benchmarks/overhead.py --models cnn cifar_resnet18 resnet50
     python examples/benchmarks/overhead.py --device cuda --models cifar_resnet18 resnet50 --batch-size 256 128
+    python examples/benchmarks/overhead.py --zoo          # stock torchvision models on small images, batch 32
+
+The zoo (``--zoo``) is what a new user meets: stock torchvision models at small input sizes and batch 32 (and the
+benchmark CNN at batch 128), ``DecorrelationCallback()`` with its defaults (the cost plan) against
+``max_overhead=None`` (a dense ``R`` everywhere, the behaviour before the plan).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torchvision
 from common import StepTimer, machine, write_json
 from models import ImageClassifier
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,12 +36,34 @@ from lightning_decor.layers import decorrelated_layers
 SHAPES = {"cnn": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224), "resnet50": (3, 224, 224)}
 CPU_BATCH = {"cnn": 128, "cifar_resnet18": 128, "resnet18": 32, "resnet50": 32}
 
+
+def _vit32() -> torch.nn.Module:
+    """A small ViT for 32x32 images: patch 4 (64 tokens), width 128, 4 blocks of 4 heads, MLP 512."""
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=512, num_classes=10
+    )
+
+
+# The zoo: stock torchvision models at small input sizes, as a user fine-tuning on small images meets them.
+ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], int]] = {
+    "resnet18@32": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), 32),
+    "resnet18@96": (lambda: torchvision.models.resnet18(num_classes=10), (3, 96, 96), 32),
+    "mobilenet_v3_small@64": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (3, 64, 64), 32),
+    "convnext_tiny@32": (lambda: torchvision.models.convnext_tiny(num_classes=10), (3, 32, 32), 32),
+    "vit@32": (_vit32, (3, 32, 32), 32),
+}
+for _name, (_build, _shape, _batch) in ZOO.items():
+    SHAPES[_name], CPU_BATCH[_name] = _shape, _batch
+ZOO_MODELS = [*ZOO, "cnn"]
+ZOO_METHODS = ["BP", "DBP defaults", "DBP max_overhead=None"]
+
 # The methods compared. "DBP defaults" is DecorrelationCallback() as a user gets it; "DBP paper-like" samples
 # 10 % of the images with all their patches and no row cap, as the authors' code does.
 METHODS: dict[str, dict[str, Any] | None] = {
     "BP": None,
     "DBP defaults": {},
     "DBP paper-like": {"sample_fraction": 0.1, "max_rows": None},
+    "DBP max_overhead=None": {"max_overhead": None},  # dense R everywhere: the behaviour before the cost plan
     # Cheaper variants, measured for docs/TUNING.md (not in the default comparison):
     "DBP block_size=576": {"block_size": 576},
     "DBP update_every=2": {"update_every": 2},
@@ -42,9 +71,20 @@ METHODS: dict[str, dict[str, Any] | None] = {
 DEFAULT_METHODS = ["BP", "DBP defaults", "DBP paper-like"]
 
 
+def build_module(model_name: str) -> ImageClassifier:
+    """The benchmark's LightningModule (cross-entropy, Adam 1e-3, constant rate) around the named network."""
+    zoo = model_name in ZOO
+    module = ImageClassifier(
+        model="cnn" if zoo else model_name, in_channels=SHAPES[model_name][0], schedule="constant", lr=1e-3
+    )
+    if zoo:
+        module.net = ZOO[model_name][0]()
+    return module
+
+
 def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | None, args: argparse.Namespace):
     pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(model=model_name, in_channels=SHAPES[model_name][0], schedule="constant", lr=1e-3)
+    module = build_module(model_name)
     if args.channels_last:
         module = module.to(memory_format=torch.channels_last)
     x = torch.randn(batch * steps, *SHAPES[model_name])
@@ -54,6 +94,8 @@ def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | 
     callbacks: list[pl.Callback] = [timer]
     if kwargs is not None:
         callbacks.append(DecorrelationCallback(**kwargs))
+    if args.warmup < 5 and kwargs is not None and kwargs.get("max_overhead", 0.1) is not None:
+        raise SystemExit("--warmup must be >= 5 for the cost plan: 3 steps measure, the 4th applies the plan")
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -66,14 +108,27 @@ def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | 
         callbacks=callbacks,
     )
     trainer.fit(module, train_dataloaders=loader)
+    plan = callbacks[-1].plan if kwargs is not None else None  # type: ignore[attr-defined]
+    PLANS[model_name] = PLANS.get(model_name, {})
+    if plan is not None:
+        PLANS[model_name][json_key(kwargs)] = plan.state_dict()
     return timer.times[args.warmup :]
+
+
+PLANS: dict[str, dict[str, Any]] = {}  # per model and settings, the plan of the last run
+
+
+def json_key(kwargs: dict[str, Any] | None) -> str:
+    import json
+
+    return json.dumps(kwargs, sort_keys=True)
 
 
 def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwargs: dict[str, Any]) -> list[dict]:
     """Milliseconds per layer for fusing (fwd+bwd), sampling rows and the R update, on the layer's real input."""
     cb = DecorrelationCallback(**kwargs)
     dev = torch.device(args.device)
-    module = ImageClassifier(model=model_name, in_channels=SHAPES[model_name][0]).to(dev)
+    module = build_module(model_name).to(dev)
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_hook(lambda mod, inp, out, name=name: inputs.__setitem__(name, inp[0].detach()))
@@ -131,6 +186,7 @@ def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwarg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "cifar_resnet18", "resnet50"], choices=sorted(SHAPES))
+    parser.add_argument("--zoo", action="store_true", help="the zoo models and methods (overrides --models/--methods)")
     parser.add_argument("--batch-size", nargs="+", type=int, help="one per model (default: CPU sizes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
@@ -142,6 +198,8 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--out", default="examples/benchmarks/results/overhead.json")
     args = parser.parse_args()
+    if args.zoo:
+        args.models, args.methods = ZOO_MODELS, ZOO_METHODS
     batches = args.batch_size or [CPU_BATCH[m] for m in args.models]
     if len(batches) != len(args.models):
         parser.error(f"--batch-size needs one value per model ({len(args.models)}), got {len(batches)}")
@@ -172,6 +230,7 @@ def main() -> None:
             entry["breakdown"] = {
                 m: layer_breakdown(model_name, batch, args, METHODS[m] or {}) for m in args.methods if m != "BP"
             }
+        entry["plans"] = PLANS.get(model_name, {})
         results["models"][model_name] = entry
         print(f"\n{'method':<16} {'median step':>12} {'ratio to BP':>12}")
         for method, v in entry["methods"].items():

@@ -1,0 +1,226 @@
+"""The Lightning-free engine, ``Decorrelator``, in plain PyTorch loops: the rule in float64 as the reference, plain
+unpatched models, and uninterrupted runs. Nothing here imports Lightning (checked in a subprocess)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_decor import Decorrelator, decorrelation_matrices
+from lightning_decor.layers import DecorrelatedLayer
+
+LR, KAPPA = 0.05, 0.5
+
+
+def reference_update(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One step of the rule of Dalm et al. in float64 on one block: z = x R^T, C = z^T z / n,
+    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R."""
+    R, x = R.double(), x.double()
+    z = x @ R.T
+    C = z.T @ z / z.shape[0]
+    c = torch.diagonal(C)
+    return R - LR * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def data(steps: int, n: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    mixing = torch.randn(8, 8, generator=g) + 2.0
+    return [(torch.randn(n, 8, generator=g) @ mixing / 8**0.5, torch.randint(0, 2, (n,), generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+
+def inputs_of(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
+    """Every patched layer's input in the last forward, by name (a hook independent of the package's capture)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].detach().clone()))
+        for name, m in model.named_modules()
+        if isinstance(m, DecorrelatedLayer)
+    ]
+    return seen, hooks
+
+
+def train(model: nn.Module, dec: Decorrelator, batches, record=None):  # type: ignore[no-untyped-def]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen, hooks = inputs_of(model)
+    for x, y in batches:
+        before = {n: R.clone() for n, R in decorrelation_matrices(model).items()}
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        dec.step()
+        opt.step()
+        if record is not None:
+            record.append((before, dict(seen), {n: R.clone() for n, R in decorrelation_matrices(model).items()}))
+    for h in hooks:
+        h.remove()
+
+
+def test_plain_pytorch_loop_moves_every_r_by_the_rule() -> None:
+    model = mlp()
+    dec = Decorrelator(model, decor_lr=LR, kappa=KAPPA, sample_fraction=1.0, max_rows=None, max_overhead=None)
+    assert sorted(dec.layers) == ["0", "2", "4"]
+    record: list = []
+    train(model, dec, data(4), record)
+    assert dec.updates == 4
+    for before, rows, after in record:  # layers "0" and "4" share a block size of 8: one batched update
+        for name in ("0", "2", "4"):
+            torch.testing.assert_close(after[name].double(), reference_update(before[name], rows[name]),
+                                       rtol=0, atol=1e-6)  # fmt: skip  # float32 R vs float64 reference
+
+
+def test_layers_with_equal_blocks_and_different_row_counts_move_independently() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor, use_b: bool = True) -> torch.Tensor:
+            out = self.a(x).sum()
+            return out + self.b(x[:3]).sum() if use_b else out  # b sees 3 rows, a sees all
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    dec = Decorrelator(model, decor_lr=LR, kappa=KAPPA, sample_fraction=1.0, max_rows=None, max_overhead=None)
+    x = data(1, n=10)[0][0]
+    seen, _ = inputs_of(model)
+    R0 = {n: R.clone() for n, R in decorrelation_matrices(model).items()}
+    model(x).backward()
+    dec.step()
+    for name in ("a", "b"):
+        torch.testing.assert_close(model.get_submodule(name).decor_R.double(), reference_update(R0[name], seen[name]),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    assert dec.last_losses is not None and torch.isfinite(dec.last_losses).all()
+    R1 = {n: R.clone() for n, R in decorrelation_matrices(model).items()}
+    model(x, use_b=False).backward()  # b has no rows in this step: it keeps its R and reports NaN
+    dec.step()
+    assert torch.equal(model.b.decor_R, R1["b"]) and not torch.equal(model.a.decor_R, R1["a"])
+    assert torch.isnan(dec.last_losses[1]) and torch.isfinite(dec.last_losses[0])
+    assert dec.skipped is not None and dec.skipped.sum() == 0  # no rows is not a skip
+
+
+def test_plan_is_made_after_three_plain_measured_steps() -> None:
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=100.0)  # a budget everything fits in: the plan keeps every layer
+    batches = data(5)
+    for layer in dec.layers.values():
+        assert layer.decor_form == "identity"
+    train(model, dec, batches[:3])
+    assert dec.plan is not None and dec.updates == 0 and not dec.calibrating
+    assert all(torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
+    assert {n: (p.form, p.block) for n, p in dec.plan.layers.items()} == {
+        n: (layer.decor_form, layer.decor_block) for n, layer in dec.layers.items()
+    }
+    assert all(p.form in ("fused", "input") and p.block == p.d for p in dec.plan.layers.values())
+    train(model, dec, batches[3:])
+    assert dec.updates == 2
+    assert all(not torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
+
+
+def test_the_measured_steps_compute_the_plain_model() -> None:
+    model, reference = mlp(), mlp()
+    dec = Decorrelator(model)
+    opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in data(3):
+        for m, o in ((model, opt), (reference, opt_ref)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if m is model:
+                dec.step()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # identical: R = I computed as the plain layer
+
+
+def test_state_dict_round_trip_continues_exactly() -> None:
+    batches = data(9)
+    settings = dict(decor_lr=LR, kappa=KAPPA, sample_fraction=0.5, max_rows=8, max_overhead=100.0)
+    model = mlp()
+    dec = Decorrelator(model, **settings)  # type: ignore[arg-type]
+    train(model, dec, batches)  # uninterrupted: 3 measured steps, then 6 updates
+
+    first = mlp()
+    dec1 = Decorrelator(first, **settings)  # type: ignore[arg-type]
+    train(first, dec1, batches[:6])
+    saved_model, saved_engine = copy.deepcopy(first.state_dict()), copy.deepcopy(dec1.state_dict())
+
+    resumed = mlp()  # a fresh process: a new model and engine, then the checkpoint
+    dec2 = Decorrelator(resumed, **settings)  # type: ignore[arg-type]
+    resumed.load_state_dict(saved_model)  # fused weights W R (patched layers restart from R = I)
+    dec2.load_state_dict(saved_engine)  # the plan, R, raw W, the sampling generator
+    assert dec2.plan is not None and dec2.plan.layers == dec1.plan.layers  # type: ignore[union-attr]
+    train(resumed, dec2, batches[6:])  # the optimiser is fresh SGD without momentum: no state lost
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
+    for n, R in decorrelation_matrices(model).items():
+        torch.testing.assert_close(decorrelation_matrices(resumed)[n], R, rtol=0, atol=1e-6, msg=n)
+
+
+def test_load_with_another_layout_warns_and_never_half_restores() -> None:
+    model = mlp()
+    dec = Decorrelator(model, decor_lr=LR, max_overhead=None)
+    train(model, dec, data(2))
+    state = copy.deepcopy(dec.state_dict())
+    state["R"]["2"] = torch.eye(4).expand(4, 4, 4).clone()  # saved with blocks of 4; this run has a dense 16 x 16
+    other = mlp()
+    dec2 = Decorrelator(other, decor_lr=LR, max_overhead=None, exclude=["4"])  # and "4" is not decorrelated now
+    other.load_state_dict(model.state_dict())  # the module checkpoint: fused weights, R back to I
+    expected = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.warns(UserWarning, match=r"no R of matching layout for \['2'\]; these layers keep their current R"):
+        dec2.load_state_dict(state)
+    torch.testing.assert_close(other[0].decor_R, model[0].decor_R)  # restored
+    torch.testing.assert_close(other[0].weight, model[0].weight)  # the raw W beside it
+    assert torch.equal(other[2].decor_R, torch.eye(16))  # kept: R = I with the fused weight it loaded
+    torch.testing.assert_close(other[2].weight, expected["2.weight"], rtol=0, atol=0)
+    assert type(other[4]) is nn.Linear  # excluded now: stays plain
+    x = data(1)[0][0]
+    with torch.no_grad():  # the function of the checkpoint, whichever layers were restored
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_fold_hands_back_a_plain_model_with_the_same_function() -> None:
+    model = mlp()
+    dec = Decorrelator(model, decor_lr=LR, max_overhead=None)
+    train(model, dec, data(3))
+    x = data(1)[0][0]
+    with torch.no_grad():
+        expected = model(x)
+    assert sorted(dec.fold()) == ["0", "2", "4"]
+    assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+
+
+def test_engine_does_not_import_lightning() -> None:
+    code = (
+        "import sys, torch\n"
+        "from lightning_decor import Decorrelator\n"
+        "import lightning_decor.functional, lightning_decor.layers, lightning_decor.plan\n"
+        "m = torch.nn.Linear(4, 2); d = Decorrelator(m, max_overhead=None)\n"
+        "m(torch.randn(8, 4)).sum().backward(); d.step()\n"
+        "assert d.updates == 1\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_engine_errors() -> None:
+    with pytest.raises(TypeError, match=r"Expected `model` to be a torch.nn.Module, but got str"):
+        Decorrelator("net")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Expected `update_every` to be >= 1, but got 0"):
+        Decorrelator(nn.Linear(2, 2), update_every=0)
+    with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got 2"):
+        Decorrelator(nn.Linear(2, 2), kappa=2)
