@@ -127,11 +127,13 @@ class CrashAt(pl.Callback):
 
 @pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the ModelCheckpoint is left out on purpose
+@pytest.mark.parametrize("plan", [False, True], ids=["no_plan", "plan"])
 @pytest.mark.parametrize("stop", ["epoch_boundary", "mid_epoch"])
-def test_resume_continues_exactly(tmp_path: Path, stop: str) -> None:
-    # sampled rows (max_rows) exercise the generator state; momentum the optimizer state; accumulation the counters
+def test_resume_continues_exactly(tmp_path: Path, stop: str, plan: bool) -> None:
+    # sampled rows (max_rows) exercise the generator state; momentum the optimizer state; accumulation the counters;
+    # with the plan (a budget every layer fits in, so both runs plan alike), the checkpoint carries the plan
     kwargs: dict[str, Any] = dict(max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0)
-    options = dict(sample_fraction=0.5, max_rows=12)
+    options: dict[str, Any] = dict(sample_fraction=0.5, max_rows=12, max_overhead=100.0 if plan else None)
 
     pl.seed_everything(0)
     full = IndexedData()
@@ -157,14 +159,17 @@ def test_resume_continues_exactly(tmp_path: Path, stop: str) -> None:
     resumed = IndexedData()
     cb = callback(**options)
     quiet_trainer(tmp_path / "resumed", callbacks=[cb], **kwargs).fit(resumed, ckpt_path=path)
-    assert cb.updates == 12  # the count continues from the checkpoint
+    assert cb.updates == (12 - 3 if plan else 12)  # the count continues from the checkpoint
+    saved_state = torch.load(path, weights_only=True)["callbacks"]["DecorrelationCallback"]
+    if plan:  # the resumed run took the checkpoint's plan, measured by the first run, instead of measuring again
+        assert cb.plan is not None and cb.plan.state_dict() == saved_state["plan"]
     expected, got = raw_state(full), raw_state(resumed)
     assert (
         set(got) == set(expected) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.0.R", "net.2.R"}
     )
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    saved = torch.load(path, weights_only=True)["callbacks"]["DecorrelationCallback"]["R"]["net.0"]
+    saved = saved_state["R"]["net.0"]
     assert (saved - expected["net.0.R"]).abs().max() > 1e-3  # R moved on after the checkpoint: a real continuation
 
 
@@ -209,7 +214,9 @@ class RankRecorder(Recorder):
         self.broadcast = sorted(trainer.model.named_module_buffers)  # what DDP sends from rank 0 before a forward
 
     def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-        record = dict(batches=self.batches, broadcast=self.broadcast, state_dict=pl_module.state_dict())
+        (cb,) = [c for c in trainer.callbacks if isinstance(c, DecorrelationCallback)]
+        plan = None if cb.plan is None else cb.plan.state_dict()
+        record = dict(batches=self.batches, broadcast=self.broadcast, state_dict=pl_module.state_dict(), plan=plan)
         torch.save(record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
@@ -225,13 +232,13 @@ class BufferedModule(TinyModule):
         return DataLoader(correlated_data(), batch_size=32 if self.global_rank == 0 else 24, shuffle=True)
 
 
-def fit_on_two_ranks(strategy: str, out: str) -> TinyModule:
+def fit_on_two_ranks(strategy: str, out: str, plan: bool = False) -> TinyModule:
     pl.seed_everything(0)
     model = BufferedModule()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback(), RankRecorder(out)],
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=4 if plan else 3,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback(max_overhead=0.5 if plan else None), RankRecorder(out)],
     )  # fmt: skip
     trainer.fit(model)
     return model
@@ -278,6 +285,25 @@ def test_ddp_ranks_pool_their_rows_and_stay_identical(
         for name, value in final.items():
             assert torch.equal(model.state_dict()[name], value), name
         assert not torch.equal(final["net.0.weight"], steps[0][0]["params"]["net.0.weight"])
+
+
+def test_ddp_ranks_share_rank_zeros_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    fit_on_two_ranks("ddp_spawn", str(tmp_path), plan=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    plans = [rank["plan"] for rank in ranks]
+    assert plans[0] is not None and plans[0] == plans[1]  # one plan, measured on rank 0 (each rank times its own)
+    steps = list(zip(ranks[0]["batches"], ranks[1]["batches"], strict=True))
+    assert len(steps) == 4  # (rank 0 has 4 batches of 32 of its 128 samples)
+    for b0, b1 in steps:  # the same layouts, R and model on both ranks after every step
+        for name in b0["after"]:
+            assert torch.equal(b0["after"][name], b1["after"][name]), name
+        for name in b0["params"]:
+            assert torch.equal(b0["params"][name], b1["params"][name]), name
+    for name in steps[-1][0]["after"]:  # R moved in the step after the three measured ones
+        assert not torch.equal(steps[-1][0]["after"][name], steps[2][0]["after"][name]), name
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
@@ -342,6 +368,29 @@ def test_compiled_model_trains_without_recompiling(tmp_path: Path) -> None:
     frames = counter.frames
     assert len(frames) == 16 and frames[1] > 0
     assert frames[1:] == [frames[1]] * 15  # all compiled in the first batch: no recompilation as rows accumulate
+    for name, value in states[False].items():
+        torch.testing.assert_close(states[True][name], value, rtol=0, atol=1e-6, msg=name)
+    assert (states[True]["net.0.R"] - torch.eye(8)).abs().max() > 1e-2  # rows were captured while compiled
+
+
+def test_compiled_model_recompiles_once_for_the_plan(tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    states, counter = {}, FrameCounter()
+    for compiled in (False, True):
+        pl.seed_everything(0)
+        model = NoLogModule()
+        cb = callback(max_overhead=100.0)  # a budget every layer fits in: both runs plan alike
+        trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0,
+                                callbacks=[cb, counter] if compiled else [cb])  # fmt: skip
+        trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model)
+        assert cb.updates == 16 - 3
+        states[compiled] = raw_state(model)
+    frames = counter.frames
+    assert len(frames) == 16
+    # Compiled in the first batch (layers plain while the step is measured), once more when the plan gives the
+    # layers their forms (after the third step, so the fourth batch compiles), then never again.
+    assert frames[1:4] == [frames[1]] * 3 and frames[4] > frames[3] and frames[4:] == [frames[4]] * 12
     for name, value in states[False].items():
         torch.testing.assert_close(states[True][name], value, rtol=0, atol=1e-6, msg=name)
     assert (states[True]["net.0.R"] - torch.eye(8)).abs().max() > 1e-2  # rows were captured while compiled
