@@ -63,6 +63,7 @@ class _Group:
     blocks: list[int]  # blocks of each layer
     R: Tensor  # (G, b, b): every layer's decor_R is a view into it
     segment: Tensor  # (G,) layer of each block, 0..len(names) - 1
+    sizes: Tensor  # (layers,) blocks of each layer, in R's dtype
     counts: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # per-block row counts, cached by rows
 
     @property
@@ -143,6 +144,7 @@ class Decorrelator:
         self._calibration: list[float] = []  # times of the calibration calls
         self._shapes: dict[str, tuple[int, int, int]] = {}  # per layer: rows, forwards, statistics rows per step
         self._groups: list[_Group] = []
+        self._position = torch.zeros(0, dtype=torch.long)  # each layer's place in the concatenated group results
         self._stream: torch.cuda.Stream | None = None
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
@@ -343,8 +345,15 @@ class Decorrelator:
             for layer, o, g in zip(layers, offsets, blocks, strict=True):
                 layer.decor_R = stack[o] if layer.decor_R.dim() == 2 else stack[o : o + g]
             segment = torch.repeat_interleave(torch.arange(len(layers), device=stack.device), torch.tensor(blocks))
-            groups.append(_Group([n for _, n in members], [i for i, _ in members], offsets, blocks, stack, segment))
+            sizes = torch.tensor(blocks, dtype=stack.dtype, device=stack.device)
+            groups.append(
+                _Group([n for _, n in members], [i for i, _ in members], offsets, blocks, stack, segment, sizes)
+            )
         self._groups = groups
+        order = [i for group in groups for i in group.index]  # layer order from group order
+        position = torch.empty(len(order), dtype=torch.long)
+        position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        self._position = position.to(groups[0].R.device) if groups else position
 
     def _groups_intact(self) -> bool:
         """Whether every layer's ``R`` is still a view into its group's stack (a device move or a new layout
@@ -386,18 +395,13 @@ class Decorrelator:
                 )
             losses: list[Tensor] = []
             bad: list[Tensor] = []
-            order: list[int] = []
             for group in self._groups:
                 group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index])
                 losses.append(group_losses)
                 bad.append(group_bad)
-                order += group.index
-            device = self._groups[0].R.device
-            position = torch.empty(len(order), dtype=torch.long)
-            position[torch.tensor(order)] = torch.arange(len(order))  # layer order from group order (host ints)
-            position = position.to(device, non_blocking=True)
-            self.last_losses = torch.cat([v.to(device) for v in losses]).float()[position]
-            skipped = torch.cat([v.to(device) for v in bad])[position].long()
+            device = self._position.device
+            self.last_losses = torch.cat([v.to(device).float() for v in losses])[self._position]
+            skipped = torch.cat([v.to(device) for v in bad])[self._position].long()
             if self.skipped is None or self.skipped.shape != skipped.shape:
                 self.skipped = torch.zeros_like(skipped)
             self.skipped += skipped.to(self.skipped.device)
@@ -423,12 +427,11 @@ class Decorrelator:
             group.counts = {counts: per_block}  # the counts of the last step: usually the next step's too
         new, loss, ok = block_decorrelation_step(R, x, per_block, lr=self.decor_lr, kappa=self.kappa)
         R.copy_(new)
-        size = torch.tensor(group.blocks, dtype=loss.dtype, device=R.device)
         layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
         layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(
             0, group.segment, (~ok).to(loss.dtype)
         )
-        return layer_loss / size, layer_bad > 0
+        return layer_loss / group.sizes, layer_bad > 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

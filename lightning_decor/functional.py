@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "abs_correlation",
     "conv_output_positions",
+    "conv_patch_index",
     "conv_patch_rows",
     "correlation_picture",
     "dense_matrix",
@@ -396,6 +397,44 @@ def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Te
     )
 
 
+def conv_patch_index(
+    shape: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    *,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    device: torch.device | None = None,
+) -> tuple[list[tuple[int, int]], Tensor, Tensor, int]:
+    """Flat-index tables for gathering patch rows from the padded input, computed once per input shape.
+
+    Args:
+        shape: The input's shape ``(N, C_in, *spatial)``.
+        kernel_size, stride, padding, dilation: As in ``nn.Conv*d``.
+        device: Where the tables live.
+
+    Returns:
+        ``(pads, start, offsets, image)``: the padding (before, after) per spatial dimension; ``start`` ``(L,)``, the
+        flat offset of each output position's first patch element within one padded image; ``offsets`` ``(d,)``,
+        each patch feature's offset from there (channel, then kernel offsets, ordered like the weight); ``image``,
+        the size of one padded image. Patch row ``(i, l)`` is ``padded.flatten()[i * image + start[l] + offsets]``.
+    """
+    pads = _pads(kernel_size, dilation, padding)
+    spatial = [size + before + after for size, (before, after) in zip(shape[2:], pads)]
+    strides = [math.prod(spatial[i + 1 :]) for i in range(len(spatial))]  # row-major strides of a padded image
+    outs = [(size - dil * (k - 1) - 1) // st + 1 for size, k, st, dil in zip(spatial, kernel_size, stride, dilation)]
+    grid = torch.meshgrid(*[torch.arange(o, device=device) * st * sd for o, st, sd in zip(outs, stride, strides)],
+                          indexing="ij")  # fmt: skip
+    start = sum(g.reshape(-1) for g in grid)  # (L,)
+    feats = torch.meshgrid(
+        torch.arange(shape[1], device=device) * math.prod(spatial),
+        *[torch.arange(k, device=device) * dil * sd for k, dil, sd in zip(kernel_size, dilation, strides)],
+        indexing="ij",
+    )
+    offsets = sum(f.reshape(-1) for f in feats)  # (d,)
+    return pads, start, offsets, shape[1] * math.prod(spatial)  # type: ignore[return-value]
+
+
 def sample_conv_patch_rows(
     x: Tensor,
     n: int,
@@ -406,25 +445,36 @@ def sample_conv_patch_rows(
     dilation: tuple[int, ...],
     padding_mode: str = "zeros",
     generator: torch.Generator | None = None,
+    index: tuple[list[tuple[int, int]], Tensor, Tensor, int] | None = None,
 ) -> Tensor:
     """``n`` patch rows drawn uniformly (with replacement) from all rows of :func:`conv_patch_rows`, without
-    unfolding: each row is gathered directly from ``x``, ``O(n d)`` work instead of ``O(N L d)``.
+    unfolding: one flat gather from the padded input, ``O(n d)`` work instead of ``O(N L d)``, in a handful of
+    kernels.
 
     Args:
         x: Input of shape ``(N, C_in, *spatial)`` with 1, 2 or 3 spatial dimensions.
         n: Number of rows to draw.
         kernel_size, stride, padding, dilation, padding_mode: As in ``nn.Conv*d`` (``groups == 1``).
         generator: Random generator on ``x``'s device (``None``: torch's global one).
+        index: :func:`conv_patch_index` of ``x``'s shape, when the caller keeps it (computed here otherwise).
 
     Returns:
         Rows of shape ``(n, C_in * prod(kernel_size))``.
     """
-    pads = _pads(kernel_size, dilation, padding)
-    sizes = _out_sizes(x, kernel_size, stride, dilation, pads)
-    pos = torch.stack(
-        [torch.randint(s, (n,), device=x.device, generator=generator) for s in (x.shape[0], *sizes)], dim=1
-    )  # (n, 1 + S)
-    return _gather_rows(x, pos, kernel_size, stride, dilation, pads, padding_mode)
+    if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        _source_index(x, 1, padding_mode)  # raises the error naming the mode
+    if index is None:
+        index = conv_patch_index(
+            tuple(x.shape), kernel_size, stride=stride, padding=padding, dilation=dilation, device=x.device
+        )
+    pads, start, offsets, image = index
+    flat = [v for before_after in reversed(pads) for v in before_after]  # F.pad order: last dimension first
+    if any(flat):
+        x = F.pad(x, flat, mode="constant" if padding_mode == "zeros" else padding_mode)
+    positions = start.numel()
+    pos = torch.randint(x.shape[0] * positions, (n,), device=x.device, generator=generator)  # (image, position)
+    first = torch.div(pos, positions, rounding_mode="floor") * image + start[pos % positions]  # (n,)
+    return x.reshape(-1)[first[:, None] + offsets[None, :]]  # (n, d)
 
 
 # Pictures and summaries for monitoring (TensorBoard): still pure tensor functions.

@@ -27,6 +27,7 @@ from lightning_decor.functional import (
     _out_sizes,
     _pads,
     conv_output_positions,
+    conv_patch_index,
     conv_patch_rows,
     decorrelate_rows,
     fuse_weight,
@@ -321,8 +322,16 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
         geometry = self._decor_geometry()
         cap = self.decor_max_rows
         if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
-            # (cap, d), gathered without unfolding
-            return sample_conv_patch_rows(x, cap, self.kernel_size, generator=self.decor_generator, **geometry)
+            # (cap, d), gathered without unfolding, with index tables kept for this input shape
+            key = (tuple(x.shape), x.device)
+            cached = self.__dict__.get("_decor_index")
+            if cached is None or cached[0] != key:
+                index = conv_patch_index(tuple(x.shape), self.kernel_size, device=x.device, **{
+                    k: v for k, v in geometry.items() if k != "padding_mode"})  # fmt: skip
+                cached = self.__dict__["_decor_index"] = (key, index)
+            return sample_conv_patch_rows(
+                x, cap, self.kernel_size, generator=self.decor_generator, index=cached[1], **geometry
+            )
         return self._decor_cap(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * L_out, d)
 
 
@@ -501,6 +510,7 @@ def fold(model: nn.Module) -> list[str]:
         for attr in (
             "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
             "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
+            "_decor_index",
         ):  # fmt: skip
             m.__dict__.pop(attr, None)
         m.__class__ = m._decor_base
