@@ -271,6 +271,13 @@ class Decorrelator:
         self._set_plan(plan)
         self._calibration = []
         self._set_collection()
+        if not self.layers:
+            warnings.warn(
+                f"Decorrelator: the plan leaves every layer plain: decorrelating any of them would cost more than "
+                f"`max_overhead`={self.max_overhead} of the measured {step * 1e3:.1f} ms step. Training continues as "
+                "plain backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.",
+                stacklevel=2,
+            )
 
     def _layer_shapes(self) -> list[LayerShape]:
         shapes = []

@@ -128,6 +128,16 @@ def test_plan_is_made_after_three_plain_measured_steps() -> None:
     assert all(not torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
 
 
+def test_a_plan_with_every_layer_plain_warns_and_trains_plainly() -> None:
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=1e-9)  # no decorrelation fits a billionth of a step
+    with pytest.warns(UserWarning, match=r"the plan leaves every layer plain: decorrelating any of them would cost "
+                      r"more than `max_overhead`=1e-09 of the measured .* ms step"):  # fmt: skip
+        train(model, dec, data(4))
+    assert dec.layers == {} and dec.updates == 0
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())
+
+
 def test_the_measured_steps_compute_the_plain_model() -> None:
     model, reference = mlp(), mlp()
     dec = Decorrelator(model)

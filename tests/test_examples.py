@@ -4,12 +4,14 @@ commands, and the example DataModules. Nothing here downloads: Fashion-MNIST com
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import yaml
 from conftest import TinyModule, correlated_data
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback
@@ -259,6 +262,28 @@ def test_readme_python_usage_runs(in_tmp: Path) -> None:
     # 256 samples / batch 32 per epoch; R moves once per step after the 3 steps that measure the plain step
     assert cb.updates == trainer.max_epochs * 8 - 3 == trainer.global_step - 3 and cb.plan is not None
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # "a plain model again"
+
+
+def test_readme_plain_pytorch_usage_runs() -> None:
+    (snippet,) = code_blocks(section("Usage in plain PyTorch"), "python")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    x, y = correlated_data().tensors
+
+    def loader_batches() -> Any:  # a loader as slow as a real one (50 ms a batch), so the plan keeps both layers
+        for i in range(0, 256, 32):
+            time.sleep(0.05)
+            yield x[i : i + 32], y[i : i + 32]
+
+    loader = loader_batches()
+    reference = copy.deepcopy(model)
+    namespace: dict[str, Any] = {"model": model, "loader": loader}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    dec = namespace["dec"]
+    assert dec.updates == 8 - 3 and dec.plan is not None  # after the 3 measured steps
+    assert all(p.form != "plain" for p in dec.plan.layers.values())
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())  # "a plain model again"
+    assert not torch.equal(model[0].weight, reference[0].weight)  # it trained
 
 
 def test_readme_yaml_usage_parses(in_tmp: Path) -> None:
