@@ -276,10 +276,6 @@ class DecorrelationCallback(Callback):
                 update_every=self.update_every,
                 use_cuda_stream=self.use_cuda_stream,
             )  # patches in place; layers patched before (a refit without folding) keep their R
-        # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by the engine instead.
-        ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
-        R_names = {f"{name}.decor_R" for name in self._layers}
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | R_names)  # type: ignore[assignment]
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "

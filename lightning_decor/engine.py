@@ -133,6 +133,9 @@ class Decorrelator:
         self.model = model
         new = decorrelate(model, include=include, exclude=exclude, max_features=max_features, block_size=block_size)
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
+        # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by pooling rows instead.
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self.layers})  # type: ignore[assignment]
         # Layers patched before this engine (a model handed back patched) keep their R and form: only fresh ones,
         # whose R is still the identity, run plain while the step is measured and are planned.
         self._fresh = set(new)
@@ -226,6 +229,9 @@ class Decorrelator:
         the rows collected since the last update (every ``update_every``-th call)."""
         if not self.layers:
             return
+        device = next(iter(self.layers.values())).weight.device
+        if device != self._device:  # the model moved after the engine was made (e.g. by Fabric's setup)
+            self.start(device)
         if self.plan is None:
             self._calibrate()
             return
