@@ -87,19 +87,23 @@ class DecorrelationCallback(Callback):
 
     In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; see
     :func:`lightning_decor.decorrelate`) is patched to compute with the fused weight ``W @ R``. During training
-    each patched layer keeps a sample of its input rows; once per optimizer step (after the backward of the
-    micro-batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
-    decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`. On CUDA the update runs on a
-    side stream; the main stream waits for it before the next forward. No host synchronisation happens per layer
-    or per step, except when metrics are logged.
+    each patched layer keeps a sample of its input rows; once per optimizer step (at the end of the training batch
+    that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the decorrelation rule of
+    :func:`lightning_decor.functional.decorrelation_update_`. On CUDA the update runs on a side stream; the main
+    stream waits for it (on the device) before any later hook, validation, checkpoint or forward reads ``R``. No
+    host synchronisation happens per layer or per step, except when metrics are logged.
 
     With the rest of the Trainer:
 
-    - **Optimizer steps**: ``R`` moves in ``on_before_optimizer_step``, at most once per training batch. Under
-      gradient accumulation (``accumulate_grad_batches``, ``GradientAccumulationScheduler``) that is the micro-batch
-      that steps, from the rows of the whole window. Under manual optimisation it is the batch's first
-      ``optimizer.step()`` (several optimizers still give one update per batch); rows of forwards after it count
-      towards the next update. A batch whose optimizers never step through Lightning leaves ``R`` unchanged.
+    - **Optimizer steps**: ``on_before_optimizer_step`` only notes that the batch steps; ``R`` moves in
+      ``on_train_batch_end`` of that batch, at most once per training batch, from the rows of all its training
+      forwards (and of the micro-batches before it). Under gradient accumulation (``accumulate_grad_batches``,
+      ``GradientAccumulationScheduler``) that is the micro-batch that steps, from the rows of the whole window.
+      Under manual optimisation with several optimizers (GANs) it is still one update per batch, after all of its
+      steps, so a graph built before one optimizer steps can be backpropagated after it. The several closure
+      evaluations of an LBFGS step all compute with the same ``R``. The order of the two updates does not matter:
+      the new ``R`` depends only on ``R`` and the rows, the optimizer step only on ``W`` and its gradient. A batch
+      whose optimizers never step through Lightning leaves ``R`` unchanged.
     - **DDP** (``"ddp"``, ``"ddp_spawn"``, ...): before each update the sampled rows of all layers of all ranks are
       pooled by one ``all_gather`` of a single flat buffer (after a small exchange of the row counts over a CPU
       group), so every rank applies the same update and holds the same ``R``. The ``decor_R`` buffers are excluded
@@ -229,6 +233,7 @@ class DecorrelationCallback(Callback):
         self._warned_skips = 0
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
+        self._update_due = False  # the stepping batch updates R at its end
         self._picture_hook: RemovableHandle | None = None
         self._picture_input: Tensor | None = None
         self._pool_ranks = False  # DDP: pool the rows of every rank before each update
@@ -297,7 +302,7 @@ class DecorrelationCallback(Callback):
                 "afterwards. Expected `configure_model` to be idempotent (Lightning calls it again), e.g. return "
                 "early when the layers exist."
             )
-        self._stepped_batch = None  # batch counters restart with a new Trainer
+        self._stepped_batch, self._update_due = None, False  # batch counters restart with a new Trainer
         self._fresh, self._warned_skips, self._last_losses = False, 0, None
         self._metric.reset()
         self._stream = None
@@ -369,20 +374,21 @@ class DecorrelationCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Fires only when the optimizer steps: after the last micro-batch's backward under accumulation. With
-        # several optimizers (manual optimisation) R moves once per training batch, at the first step.
+        # Only notes that this batch steps (under accumulation: the micro-batch that steps). R moves at the end of
+        # the batch: a graph built before a step and backpropagated after it (GANs, several optimizers) and every
+        # closure evaluation of an LBFGS step still find the R they were built with.
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         if self._stepped_batch == batch or trainer.sanity_checking:
             return
         self._stepped_batch = batch
-        if self._due_step(trainer):
-            self.update_(pl_module)
+        self._update_due = self._due_step(trainer)
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
         """Move every patched layer's ``R`` by one step from the rows collected since the last call.
 
-        Override to customise (e.g. a different schedule); called once per optimizer step.
+        Override to customise (e.g. a different schedule); called once per stepping training batch, in
+        ``on_train_batch_end``.
         """
         losses: list[Tensor] = []
         oks: list[Tensor] = []
@@ -423,9 +429,14 @@ class DecorrelationCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._wait()  # validation and checkpoints may follow this hook and read R
-        every = trainer.log_every_n_steps
         stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        if stepped and self._update_due:
+            self._update_due = False
+            self.update_(pl_module)
+            # Later hooks of this batch (other callbacks, ModelCheckpoint, the module's own), validation and the next
+            # forward read R: the main stream waits for the update here (on the device, no host sync).
+            self._wait()
+        every = trainer.log_every_n_steps
         # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
         if not self._fresh or every <= 0 or not stepped or trainer.global_step % every != 0:
             return

@@ -201,7 +201,7 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
     trainer.fit(model)
     assert trainer.global_step == 8
-    assert seen == [(0, 32), (3, 32), (6, 32)]  # steps 0, 3, 6; rows of that step's batch only
+    assert seen == [(1, 32), (4, 32), (7, 32)]  # at the end of steps 1, 4, 7; rows of that step's batch only
     with pytest.raises(ValueError, match=r"Expected `update_every` to be >= 1, but got 0"):
         DecorrelationCallback(update_every=0)
     with pytest.raises(TypeError, match=r"Expected `update_every` to be an int, but got NoneType: None"):
