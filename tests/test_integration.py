@@ -249,6 +249,9 @@ def test_ddp_ranks_pool_their_rows_and_stay_identical(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     if strategy == "ddp":  # the subprocess launcher reruns the script, so it cannot run inside pytest
+        # Both ranks must import this checkout's package (not an installed copy of another checkout).
+        root = str(Path(__file__).parents[1])
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         run = subprocess.run([sys.executable, __file__, "ddp", str(tmp_path)], timeout=240,
                              cwd=Path(__file__).parent, capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
