@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_decor.attention import restore_containers
 from lightning_decor.distributed import all_gather_rows, count_group
 from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
 from lightning_decor.layers import (
@@ -341,11 +342,15 @@ class DecorrelationCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release(fold_layers=self.fold_on_fit_end)
+        if self.fold_on_fit_end:
+            restore_containers(pl_module)  # transformer layers around the folded ones get their fast paths back
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # teardown/on_fit_end do not run after an exception: leave a usable model (R is always finite).
         self._release(fold_layers=self.fold_on_fit_end)
+        if self.fold_on_fit_end:
+            restore_containers(pl_module)
 
     # ------------------------------------------------------------------ the update
     def _wait(self) -> None:

@@ -328,7 +328,9 @@ def decorrelate(
     Only exact types are patched (``type(m) is nn.Linear``), so subclasses such as attention's ``out_proj`` stay
     plain. Grouped convolutions and frozen layers are skipped. Layers already patched are left as they are, so
     calling this twice is harmless. The parameters are kept (same objects), ``R`` starts as the identity on the
-    weight's device, and outputs are unchanged until ``R`` moves.
+    weight's device, and outputs are unchanged until ``R`` moves. An ``nn.TransformerEncoderLayer`` holding a
+    patched layer always takes PyTorch's slow path (its fused eval fast path would read the raw weights; see
+    :mod:`lightning_decor.attention`); :func:`fold` gives it back.
 
     Args:
         model: The model to patch.
@@ -371,6 +373,7 @@ def decorrelate(
         module.__class__ = _PATCHED[type(module)]  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block_size)  # type: ignore[operator]
         patched.append(name)
+    _containers().route_containers(model)  # transformer fast paths that would bypass W @ R
     return patched
 
 
@@ -401,4 +404,12 @@ def fold(model: nn.Module) -> list[str]:
             m.__dict__.pop(attr, None)
         m.__class__ = m._decor_base
         folded.append(name)
+    _containers().restore_containers(model)
     return folded
+
+
+def _containers() -> Any:
+    # Imported on use: lightning_decor.attention builds on the classes of this module.
+    from lightning_decor import attention
+
+    return attention
