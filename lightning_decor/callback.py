@@ -86,8 +86,9 @@ _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "
 class DecorrelationCallback(Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
-    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; see
-    :func:`lightning_decor.decorrelate`) is patched to compute with the fused weight ``W @ R``. During training
+    In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types) and the projections of every
+    ``nn.MultiheadAttention`` (see :func:`lightning_decor.decorrelate` and :mod:`lightning_decor.attention`) are
+    patched to compute with the fused weight ``W @ R``. During training
     each patched layer keeps a sample of its input rows; once per optimizer step (at the end of the training batch
     that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the decorrelation rule of
     :func:`lightning_decor.functional.decorrelation_update_`. On CUDA the update runs on a side stream; the main
@@ -528,6 +529,11 @@ class DecorrelationCallback(Callback):
             raise ValueError(
                 f"Expected `log_correlation_image` to name a decorrelated layer, one of {sorted(self._layers)}, "
                 f"but got {name!r}."
+            )
+        if name is not None and isinstance(self._layers[name], nn.MultiheadAttention):
+            raise ValueError(
+                "Expected `log_correlation_image` to name a Linear or convolution, but got "
+                f"{name!r}, an attention in-projection (one R per input); its out_proj can be drawn."
             )
 
     @staticmethod

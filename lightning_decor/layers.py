@@ -292,10 +292,11 @@ def _skip_reason(module: nn.Module, max_features: int | None = None, block_size:
 def eligible_layers(
     model: nn.Module, max_features: int | None = None, block_size: int | None = None
 ) -> dict[str, str | None]:
-    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) mapped to why it would be skipped.
+    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) and of every attention projection
+    (an ``nn.MultiheadAttention``'s name for its packed in-projection, and its ``out_proj``) mapped to why it would
+    be skipped.
 
-    ``None`` means the layer would be patched. Subclasses (such as ``nn.MultiheadAttention.out_proj``, whose weight
-    is read directly rather than through ``forward``) are not eligible.
+    ``None`` means the layer would be patched. Other subclasses of these layers are not eligible.
     """
     # A weight read by another module too (weight tying) would see the raw W there but W @ R here, and fold
     # would change the other module: such layers stay plain.
@@ -312,7 +313,9 @@ def eligible_layers(
                 if tied
                 else _skip_reason(m, max_features, block_size)
             )
-    return reasons
+    reasons.update(_containers().attention_reasons(model, owners, max_features, block_size))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))  # in module order
 
 
 def decorrelate(
@@ -325,8 +328,10 @@ def decorrelate(
 ) -> list[str]:
     """Patch, in place, every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` for decorrelated backpropagation.
 
-    Only exact types are patched (``type(m) is nn.Linear``), so subclasses such as attention's ``out_proj`` stay
-    plain. Grouped convolutions and frozen layers are skipped. Layers already patched are left as they are, so
+    Only exact types are patched (``type(m) is nn.Linear``). The projections of ``nn.MultiheadAttention``, whose
+    weights PyTorch reads directly, are patched too: the packed in-projection (one ``R`` per query, key and value
+    input, named by the attention module) and ``out_proj`` (see :mod:`lightning_decor.attention`). Grouped
+    convolutions and frozen layers are skipped. Layers already patched are left as they are, so
     calling this twice is harmless. The parameters are kept (same objects), ``R`` starts as the identity on the
     weight's device, and outputs are unchanged until ``R`` moves. An ``nn.TransformerEncoderLayer`` holding a
     patched layer always takes PyTorch's slow path (its fused eval fast path would read the raw weights; see
@@ -370,7 +375,8 @@ def decorrelate(
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)
-        module.__class__ = _PATCHED[type(module)]  # the class swap torch.nn.utils.parametrize also uses
+        patched_class = _PATCHED.get(type(module)) or _containers().PATCHED[type(module)]
+        module.__class__ = patched_class  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block_size)  # type: ignore[operator]
         patched.append(name)
     _containers().route_containers(model)  # transformer fast paths that would bypass W @ R
