@@ -81,6 +81,9 @@ def _histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
 
 # Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
 _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+# Callbacks that average parameters (by class name: WeightAveraging is new in Lightning 2.6; EMAWeightAveraging is
+# one). They average the raw W and R apart, not the fused W @ R the model computes with.
+_AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
 
 
 class DecorrelationCallback(Callback):
@@ -112,6 +115,9 @@ class DecorrelationCallback(Callback):
       from DDP's per-forward buffer broadcast. After ``ddp_spawn`` the launching process receives the trained weights
       (``W @ R``) in its plain model; the callback there has not run. Sharded strategies (FSDP, DeepSpeed,
       ModelParallel) are refused in ``setup``.
+    - **Weight averaging**: ``StochasticWeightAveraging`` and ``WeightAveraging`` (e.g. ``EMAWeightAveraging``) are
+      refused in ``setup``: they average the raw ``W`` and ``R`` apart, so their model is not an average of the
+      trained functions ``W @ R``. Checkpoints hold ``W @ R``; average those instead.
     - **Precision**: statistics and ``R`` are float32 (float64 for float64 models) under every precision; with
       ``"16-true"``/``"bf16-true"`` ``R`` stays float32 while the weights are cast.
     - **torch.compile**: ``trainer.fit(torch.compile(model))`` works; the row capture runs eagerly (one graph break
@@ -253,6 +259,18 @@ class DecorrelationCallback(Callback):
                 f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: it shards the "
                 "weights, while each R needs its layer's whole weight and input rows. Use a single device, "
                 "'ddp' or 'ddp_spawn'."
+            )
+        averaging = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if _AVERAGING_CALLBACKS & {cls.__name__ for cls in type(cb).__mro__}
+        ]
+        if averaging:
+            raise ValueError(
+                f"DecorrelationCallback does not support {', '.join(averaging)} in the Trainer's callbacks: weight "
+                "averaging averages the raw weights W apart from each layer's R, so the averaged model would not be "
+                "an average of the trained functions W @ R. Remove one of the two; to average a DBP run, average the "
+                "weights its checkpoints hold (their state_dict holds the fused W @ R)."
             )
         if is_overridden("configure_model", pl_module):
             # Layers built there do not exist yet: build them now, in the contexts Lightning uses, so that they are
