@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.utils.data import DataLoader, TensorDataset
@@ -35,8 +37,8 @@ def randomise_r(model: nn.Module, seed: int = 0) -> None:
         R.copy_(torch.eye(b) + 0.3 * torch.randn(R.shape, generator=g) / b**0.5)
 
 
-def encoder(norm_first: bool = False, num_layers: int = 2) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=norm_first)
+def encoder(norm_first: bool = False, num_layers: int = 2, dropout: float = 0.1) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, batch_first=True, norm_first=norm_first)
     # (norm_first has no nested-tensor path; saying so avoids PyTorch's warning)
     return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=not norm_first)
 
@@ -97,9 +99,10 @@ def test_slow_path_encoder_layer_is_pytorchs_own_slow_path(norm_first: bool) -> 
 class TinyTransformer(pl.LightningModule):
     """A 2-layer nn.TransformerEncoder classifier on random sequences; nothing decorrelation-specific in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
-        self.encoder = encoder()
+        self.save_hyperparameters()
+        self.encoder = encoder(dropout=dropout)
         self.head = nn.Linear(16, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +358,42 @@ def test_every_projection_of_a_vit_and_a_transformer_is_decorrelated(name: str) 
     with torch.no_grad():
         # float32, O(1) activations through a few layers by two kernel paths; the raw weights are >0.1 off
         torch.testing.assert_close(model(*inputs), plain(*inputs), rtol=0, atol=1e-4)
+
+
+def raw_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The raw parameters (W, not W R) and every R of a patched model."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"{n}.R": R.clone() for n, R in decorrelation_matrices(model).items()})
+    return state
+
+
+@pytest.mark.filterwarnings("ignore:.*`ckpt_path`")
+def test_transformer_checkpoints_load_plainly_and_resume_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def fit(epochs: int, **kwargs: Any) -> tuple[TinyTransformer, pl.Trainer]:
+        pl.seed_everything(0)
+        model = TinyTransformer(dropout=0.0)  # no dropout: the global RNG is not part of a checkpoint
+        cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=0.5, max_rows=24, fold_on_fit_end=False)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer = quiet_trainer(tmp_path, max_epochs=epochs, callbacks=[cb, ckpt], enable_checkpointing=True,
+                                limit_val_batches=0)  # fmt: skip
+        trainer.fit(model, **kwargs)
+        return model, trainer
+
+    first, _ = fit(1)
+    saved = decorrelation_matrices(first)["encoder.layers.0.self_attn"].clone()
+    plain = TinyTransformer.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # strict, into plain modules
+    assert not any(isinstance(m, DecorrelatedLayer) for m in plain.modules())
+    x = sequences(8, seed=3).tensors[0]
+    first.eval(), plain.eval()
+    with torch.no_grad():  # rounding as above
+        torch.testing.assert_close(plain(x), first(x), rtol=0, atol=1e-5)
+    resumed, _ = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    full, _ = fit(2)
+    expected, got = raw_state(full), raw_state(resumed)
+    assert "encoder.layers.0.self_attn.R" in got and set(got) == set(expected)
+    for name in expected:  # the same float32 operations in the same order
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert (got["encoder.layers.0.self_attn.R"] - saved).abs().max() > 1e-3  # R moved on after the checkpoint
 
 
 def test_correlation_picture_of_an_attention_in_projection_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
