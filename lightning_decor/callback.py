@@ -46,15 +46,19 @@ def _histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
 
 # Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
 _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+# Callbacks that average parameters (by class name: WeightAveraging is new in Lightning 2.6; EMAWeightAveraging is
+# one). They average the raw W and R apart, not the fused W @ R the model computes with.
+_AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
 
 
 class DecorrelationCallback(Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
     In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions
-    get one ``R`` per group; see :func:`lightning_decor.decorrelate`) is patched to compute ``W (R x)``. The work is
-    done by a :class:`lightning_decor.Decorrelator` (``callback.engine``); the callback decides when it runs and
-    where its numbers are logged.
+    get one ``R`` per group) and the projections of every ``nn.MultiheadAttention`` (see
+    :func:`lightning_decor.decorrelate` and :mod:`lightning_decor.attention`) are patched to compute ``W (R x)``.
+    The work is done by a :class:`lightning_decor.Decorrelator` (``callback.engine``); the callback decides when it
+    runs and where its numbers are logged.
 
     **The cost plan** (``max_overhead``, default 0.1): the first three optimizer steps run plain (``R`` is the
     identity) and measure the training step and the shapes each layer sees; then every layer gets the cheapest
@@ -64,25 +68,33 @@ class DecorrelationCallback(Callback):
     skips the plan: every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the
     first step. See docs/TUNING.md for how the plan decides.
 
-    During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (after the
-    backward of the micro-batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by
-    the decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block
-    sizes in one batched step. On CUDA the update runs on a side stream; the main stream waits for it before the
-    next forward. No host synchronisation happens per layer or per step, except when metrics are logged.
+    During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (at the end
+    of the training batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
+    decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block sizes in
+    one batched step. On CUDA the update runs on a side stream; the main stream waits for it (on the device) before
+    any later hook, validation, checkpoint or forward reads ``R``. No host synchronisation happens per layer or per
+    step, except when metrics are logged.
 
     With the rest of the Trainer:
 
-    - **Optimizer steps**: ``R`` moves in ``on_before_optimizer_step``, at most once per training batch. Under
-      gradient accumulation (``accumulate_grad_batches``, ``GradientAccumulationScheduler``) that is the micro-batch
-      that steps, from the rows of the whole window. Under manual optimisation it is the batch's first
-      ``optimizer.step()`` (several optimizers still give one update per batch); rows of forwards after it count
-      towards the next update. A batch whose optimizers never step through Lightning leaves ``R`` unchanged.
+    - **Optimizer steps**: ``on_before_optimizer_step`` only notes that the batch steps; ``R`` moves in
+      ``on_train_batch_end`` of that batch, at most once per training batch, from the rows of all its training
+      forwards (and of the micro-batches before it). Under gradient accumulation (``accumulate_grad_batches``,
+      ``GradientAccumulationScheduler``) that is the micro-batch that steps, from the rows of the whole window.
+      Under manual optimisation with several optimizers (GANs) it is still one update per batch, after all of its
+      steps, so a graph built before one optimizer steps can be backpropagated after it. The several closure
+      evaluations of an LBFGS step all compute with the same ``R``. The order of the two updates does not matter:
+      the new ``R`` depends only on ``R`` and the rows, the optimizer step only on ``W`` and its gradient. A batch
+      whose optimizers never step through Lightning leaves ``R`` unchanged.
     - **DDP** (``"ddp"``, ``"ddp_spawn"``, ...): before each update the sampled rows of all layers of all ranks are
       pooled by one ``all_gather`` of a single flat buffer (after a small exchange of the row counts over a CPU
       group), so every rank applies the same update and holds the same ``R``. The ``decor_R`` buffers are excluded
       from DDP's per-forward buffer broadcast. After ``ddp_spawn`` the launching process receives the trained weights
       (``W @ R``) in its plain model; the callback there has not run. Sharded strategies (FSDP, DeepSpeed,
       ModelParallel) are refused in ``setup``.
+    - **Weight averaging**: ``StochasticWeightAveraging`` and ``WeightAveraging`` (e.g. ``EMAWeightAveraging``) are
+      refused in ``setup``: they average the raw ``W`` and ``R`` apart, so their model is not an average of the
+      trained functions ``W @ R``. Checkpoints hold ``W @ R``; average those instead.
     - **Precision**: statistics and ``R`` are float32 (float64 for float64 models) under every precision; with
       ``"16-true"``/``"bf16-true"`` ``R`` stays float32 while the weights are cast.
     - **torch.compile**: ``trainer.fit(torch.compile(model))`` works; the row capture runs eagerly (one graph break
@@ -205,6 +217,7 @@ class DecorrelationCallback(Callback):
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
+        self._update_due = False  # the stepping batch updates R at its end
         self._picture_hook: RemovableHandle | None = None
         self._picture_input: Tensor | None = None
 
@@ -238,6 +251,18 @@ class DecorrelationCallback(Callback):
                 f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: it shards the "
                 "weights, while each R needs its layer's whole weight and input rows. Use a single device, "
                 "'ddp' or 'ddp_spawn'."
+            )
+        averaging = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if _AVERAGING_CALLBACKS & {cls.__name__ for cls in type(cb).__mro__}
+        ]
+        if averaging:
+            raise ValueError(
+                f"DecorrelationCallback does not support {', '.join(averaging)} in the Trainer's callbacks: weight "
+                "averaging averages the raw weights W apart from each layer's R, so the averaged model would not be "
+                "an average of the trained functions W @ R. Remove one of the two; to average a DBP run, average the "
+                "weights its checkpoints hold (their state_dict holds the fused W @ R)."
             )
         if is_overridden("configure_model", pl_module):
             # Layers built there do not exist yet: build them now, in the contexts Lightning uses, so that they are
@@ -293,7 +318,7 @@ class DecorrelationCallback(Callback):
                 "afterwards. Expected `configure_model` to be idempotent (Lightning calls it again), e.g. return "
                 "early when the layers exist."
             )
-        self._stepped_batch = None  # batch counters restart with a new Trainer
+        self._stepped_batch, self._update_due = None, False  # batch counters restart with a new Trainer
         self._fresh, self._warned_skips = False, 0
         self._metric.reset()
         device = trainer.strategy.root_device
@@ -333,19 +358,21 @@ class DecorrelationCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Fires only when the optimizer steps: after the last micro-batch's backward under accumulation. With
-        # several optimizers (manual optimisation) R moves once per training batch, at the first step.
+        # Only notes that this batch steps (under accumulation: the micro-batch that steps). R moves at the end of
+        # the batch: a graph built before a step and backpropagated after it (GANs, several optimizers) and every
+        # closure evaluation of an LBFGS step still find the R they were built with.
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         if self._stepped_batch == batch or trainer.sanity_checking:
             return
         self._stepped_batch = batch
-        self.update_(pl_module)
+        self._update_due = True
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
         """One step of the engine (:meth:`lightning_decor.Decorrelator.step`): measure and plan during the first
         steps, then move every patched layer's ``R`` from the rows collected since the last update (every
-        ``update_every``-th call). Override to customise; called once per optimizer step."""
+        ``update_every``-th call). Override to customise; called once per stepping training batch, in
+        ``on_train_batch_end``."""
         engine = self._engine
         if engine is None:
             return
@@ -363,9 +390,14 @@ class DecorrelationCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._wait()  # validation and checkpoints may follow this hook and read R
-        every = trainer.log_every_n_steps
         stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        if stepped and self._update_due:
+            self._update_due = False
+            self.update_(pl_module)
+            # Later hooks of this batch (other callbacks, ModelCheckpoint, the module's own), validation and the next
+            # forward read R: the main stream waits for the update here (on the device, no host sync).
+            self._wait()
+        every = trainer.log_every_n_steps
         # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
         if not self._fresh or every <= 0 or not stepped or trainer.global_step % every != 0:
             return
@@ -428,6 +460,11 @@ class DecorrelationCallback(Callback):
             raise ValueError(
                 f"Expected `log_correlation_image` to name a decorrelated layer, one of {sorted(self._layers)}, "
                 f"but got {name!r}."
+            )
+        if name is not None and isinstance(self._layers[name], nn.MultiheadAttention):
+            raise ValueError(
+                "Expected `log_correlation_image` to name a Linear or convolution, but got "
+                f"{name!r}, an attention in-projection (one R per input); its out_proj can be drawn."
             )
 
     @staticmethod

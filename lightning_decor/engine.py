@@ -42,10 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_decor.attention import restore_containers, route_containers
 from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
 from lightning_decor.distributed import all_gather_rows, count_group
 from lightning_decor.functional import block_decorrelation_step
-from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold
+from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
 from lightning_decor.plan import LayerPlan, LayerShape, Plan, make_plan, measure_costs
 
 __all__ = ["Decorrelator"]
@@ -209,7 +210,10 @@ class Decorrelator:
         self.stop()
         names = []
         for name, layer in self.layers.items():
-            names += [name] if fold(layer) else []  # a no-op on a layer folded already
+            if isinstance(layer, DecorrelatedLayer):  # the user may have folded it already
+                fold_layer(layer)
+                names.append(name)
+        restore_containers(self.model)  # transformer layers around the folded ones get their fast paths back
         self.layers, self._groups = {}, []
         return names
 
@@ -330,13 +334,15 @@ class Decorrelator:
                 continue
             if p.form == "plain":
                 layer.decor_take_rows()
-                fold(layer)
+                fold_layer(layer)
                 del self.layers[name]
             elif (p.block, p.form) != (layer.decor_block, layer.decor_form):
                 layer.decor_set_layout_(p.block, p.form)  # R = I in the new layout (R has not moved yet)
         for layer in self.layers.values():
             if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
                 layer.decor_form = "fused"
+        route_containers(self.model)  # an attention whose in-projection is plain now and out_proj is not
+        restore_containers(self.model)  # containers left without a patched layer
         self.plan = plan
         self._calls = 0
         self.skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "decorrelation_matrices",
     "eligible_layers",
     "fold",
+    "fold_layer",
 ]
 
 
@@ -407,10 +409,11 @@ def _skip_reason(module: nn.Module, max_features: int | None = None, block_size:
 def eligible_layers(
     model: nn.Module, max_features: int | None = None, block_size: int | None = None
 ) -> dict[str, str | None]:
-    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) mapped to why it would be skipped.
+    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) and of every attention projection
+    (an ``nn.MultiheadAttention``'s name for its packed in-projection, and its ``out_proj``) mapped to why it would
+    be skipped.
 
-    ``None`` means the layer would be patched. Subclasses (such as ``nn.MultiheadAttention.out_proj``, whose weight
-    is read directly rather than through ``forward``) are not eligible.
+    ``None`` means the layer would be patched. Other subclasses of these layers are not eligible.
     """
     # A weight read by another module too (weight tying) would see the raw W there but W @ R here, and fold
     # would change the other module: such layers stay plain.
@@ -427,7 +430,9 @@ def eligible_layers(
                 if tied
                 else _skip_reason(m, max_features, block_size)
             )
-    return reasons
+    reasons.update(_containers().attention_reasons(model, owners, max_features, block_size))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))  # in module order
 
 
 def decorrelate(
@@ -440,10 +445,14 @@ def decorrelate(
 ) -> list[str]:
     """Patch, in place, every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` for decorrelated backpropagation.
 
-    Only exact types are patched (``type(m) is nn.Linear``), so subclasses such as attention's ``out_proj`` stay
-    plain. A grouped or depthwise convolution gets one ``R`` per group. Frozen layers are skipped. Layers already
-    patched are left as they are, so calling this twice is harmless. The parameters are kept (same objects), ``R``
-    starts as the identity on the weight's device, and outputs are unchanged until ``R`` moves.
+    Only exact types are patched (``type(m) is nn.Linear``). The projections of ``nn.MultiheadAttention``, whose
+    weights PyTorch reads directly, are patched too: the packed in-projection (one ``R`` per query, key and value
+    input, named by the attention module) and ``out_proj`` (see :mod:`lightning_decor.attention`). A grouped or
+    depthwise convolution gets one ``R`` per group. Frozen layers are skipped. Layers already patched are left as
+    they are, so calling this twice is harmless. The parameters are kept (same objects), ``R`` starts as the identity
+    on the weight's device, and outputs are unchanged until ``R`` moves. An ``nn.TransformerEncoderLayer`` holding a
+    patched layer always takes PyTorch's slow path (its fused eval fast path would read the raw weights; see
+    :mod:`lightning_decor.attention`); :func:`fold` gives it back.
 
     Args:
         model: The model to patch.
@@ -477,10 +486,12 @@ def decorrelate(
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)
-        block = largest_block(module, max_features, block_size)
-        module.__class__ = _PATCHED[type(module)]  # the class swap torch.nn.utils.parametrize also uses
+        block = largest_block(_weight_of(module), max_features, block_size)
+        patched_class = _PATCHED.get(type(module)) or _containers().PATCHED[type(module)]
+        module.__class__ = patched_class  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block)  # type: ignore[operator]
         patched.append(name)
+    _containers().route_containers(model)  # transformer fast paths that would bypass W @ R
     return patched
 
 
@@ -505,14 +516,36 @@ def fold(model: nn.Module) -> list[str]:
     """
     folded = []
     for name, m in decorrelated_layers(model).items():
-        m.weight.copy_(m.decor_fused_weight())
-        del m.decor_R
-        for attr in (
-            "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
-            "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
-            "_decor_index",
-        ):  # fmt: skip
-            m.__dict__.pop(attr, None)
-        m.__class__ = m._decor_base
+        fold_layer(m)
         folded.append(name)
+    _containers().restore_containers(model)
     return folded
+
+
+@torch.no_grad()
+def fold_layer(layer: DecorrelatedLayer) -> None:
+    """Fold one patched layer (not the layers inside it, such as an attention's ``out_proj``): weight ``W @ R``,
+    its plain class again. Containers around it keep their routing; :func:`fold` restores those."""
+    layer.weight.copy_(layer.decor_fused_weight())
+    del layer.decor_R
+    for attr in (
+        "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
+        "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
+        "_decor_index",
+    ):  # fmt: skip
+        layer.__dict__.pop(attr, None)
+    layer.__class__ = layer._decor_base  # type: ignore[assignment]
+
+
+def _weight_of(module: nn.Module) -> Any:
+    """What the block-size rules read of a layer: its weight, or an attention's packed in-projection."""
+    if isinstance(module, nn.MultiheadAttention) and not isinstance(module, DecorrelatedLayer):
+        return types.SimpleNamespace(weight=module.in_proj_weight)
+    return module
+
+
+def _containers() -> Any:
+    # Imported on use: lightning_decor.attention builds on the classes of this module.
+    from lightning_decor import attention
+
+    return attention

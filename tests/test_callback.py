@@ -205,8 +205,9 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
     trainer.fit(model)
     assert trainer.global_step == 8
-    # R moves on steps 0, 3, 6, from the rows of that step's batch only; no rows are sampled on the other steps
-    assert seen == [(step, 32, 1) if step % 3 == 0 else (step, 0, 0) for step in range(8)]
+    # R moves at the end of steps 1, 4, 7 (global_step counts the step just taken), from the rows of that step's
+    # batch only; no rows are sampled on the other steps
+    assert seen == [(step, 32, 1) if step % 3 == 1 else (step, 0, 0) for step in range(1, 9)]
     with pytest.raises(ValueError, match=r"Expected `update_every` to be >= 1, but got 0"):
         DecorrelationCallback(update_every=0)
     with pytest.raises(TypeError, match=r"Expected `update_every` to be an int, but got NoneType: None"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -178,7 +179,10 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
         "--data.init_args.train_limit=768", "--data.init_args.eval_batch_size=100", "--trainer.max_epochs=1",
         "--trainer.limit_val_batches=0.01", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # the script must import this checkout's package, not an installed copy of another checkout
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     log_dir = (tmp_path / "runs" / "fashion_mnist_dbp" / "version_0").resolve()
     assert f"Training: logs in {log_dir}\n" in done.stdout

@@ -23,7 +23,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TinyModule, correlated_data, quiet_trainer
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EMAWeightAveraging,
+    GradientAccumulationScheduler,
+    ModelCheckpoint,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -258,6 +263,9 @@ def test_ddp_ranks_pool_their_rows_and_stay_identical(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     if strategy == "ddp":  # the subprocess launcher reruns the script, so it cannot run inside pytest
+        # Both ranks must import this checkout's package (not an installed copy of another checkout).
+        root = str(Path(__file__).parents[1])
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         run = subprocess.run([sys.executable, __file__, "ddp", str(tmp_path)], timeout=240,
                              cwd=Path(__file__).parent, capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
@@ -311,6 +319,24 @@ def test_sharded_strategies_are_refused(strategy: type) -> None:
     trainer = SimpleNamespace(strategy=strategy.__new__(strategy))  # DeepSpeed needs its package to be constructed
     with pytest.raises(ValueError, match=rf"does not support `strategy`={strategy.__name__}: it shards the weights"):
         DecorrelationCallback().setup(trainer, TinyModule(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("listed_first", [True, False])
+@pytest.mark.parametrize("averaging", [EMAWeightAveraging, StochasticWeightAveraging])
+def test_weight_averaging_is_refused(tmp_path: Path, averaging: type, listed_first: bool) -> None:
+    # Refused rather than supported: these callbacks average the raw W (and R apart, or not at all), so their model
+    # is not an average of the trained W @ R; with EMAWeightAveraging listed first it was 0.09 off (weights ~0.5)
+    # and with use_buffers=False it crashed, depending on which callback's setup ran first.
+    average = averaging(swa_lrs=0.01) if averaging is StochasticWeightAveraging else averaging()
+    model, cb = TinyModule(), callback()
+    match = (
+        rf"DecorrelationCallback does not support {averaging.__name__} in the Trainer's callbacks: weight averaging "
+        r"averages the raw weights W apart from each layer's R, so the averaged model would not be an average of "
+        r"the trained functions W @ R\."
+    )
+    with pytest.raises(ValueError, match=match):
+        quiet_trainer(tmp_path, callbacks=[average, cb] if listed_first else [cb, average]).fit(model)
+    assert not decorrelation_matrices(model)  # refused before anything was patched
 
 
 # ---------------------------------------------------------------------------------------------- 4. precision
@@ -426,12 +452,92 @@ def test_manual_optimization_with_two_optimizers_moves_r_once_per_batch(tmp_path
     trainer.fit(model)
     assert set(decorrelation_matrices(model)) == {"net.0", "net.2", "critic.0", "critic.2"}
     assert trainer.global_step == 16 and cb.updates == 8  # two optimizer steps per batch, one R update
-    previous: torch.Tensor | None = None
-    for b in recorder.batches:  # R moves at the batch's first step, from the rows seen since the last update:
-        rows = b["x"] if previous is None else torch.cat([previous, b["x"]])  # the previous second forward + this one
-        torch.testing.assert_close(b["after"]["net.0"].double(), reference_update(b["before"]["net.0"], rows),
-                                   rtol=0, atol=1e-6)  # fmt: skip
-        previous = b["x"]
+    for b in recorder.batches:  # R moves at the end of the batch, from the rows of both of its forwards through net
+        expected = reference_update(b["before"]["net.0"], torch.cat([b["x"], b["x"]]))
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=1e-6)
+
+
+class GAN(pl.LightningModule):
+    """The GAN pattern under manual optimisation: the fake batch (the generator's graph) is built once, the
+    discriminator steps on it, then the generator's loss backpropagates through that same graph. Plain PyTorch
+    allows this (the discriminator's step does not touch the generator's weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.noise: list[torch.Tensor] = []
+        self.fakes: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt_g, opt_d = self.optimizers()
+        x = batch[0]
+        z = torch.randn(x.shape[0], 4)
+        fake = self.generator(z)  # kept, with its graph, for the generator's loss after the discriminator's step
+        self.noise.append(z)
+        self.fakes.append(fake.detach().clone())
+        d_loss = F.softplus(-self.discriminator(x)).mean() + F.softplus(self.discriminator(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = F.softplus(-self.discriminator(fake)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)  # through the generator's graph built before the discriminator stepped
+        opt_g.step()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return (
+            torch.optim.SGD(self.generator.parameters(), lr=0.05),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.05),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(correlated_data(), batch_size=32)
+
+
+def test_gan_backpropagates_a_graph_built_before_another_optimizer_stepped(tmp_path: Path) -> None:
+    quiet_trainer(tmp_path).fit(GAN())  # the pattern itself is valid without the callback
+    recorder, cb, model = Recorder(), callback(), GAN()
+    trainer = quiet_trainer(tmp_path, callbacks=[cb, recorder])
+    trainer.fit(model)  # raised "modified by an inplace operation" when R moved at the first step()
+    assert trainer.global_step == 16 and cb.updates == 8  # two optimizer steps per batch, one R update
+    for b, z, fake in zip(recorder.batches, model.noise, model.fakes, strict=True):
+        # R moves at the end of the batch, from the rows of every forward of the batch
+        expected = reference_update(b["before"]["generator.0"], z)
+        torch.testing.assert_close(b["after"]["generator.0"].double(), expected, rtol=0, atol=1e-6)
+        expected = reference_update(b["before"]["discriminator.0"], torch.cat([b["x"], fake, fake]))
+        torch.testing.assert_close(b["after"]["discriminator.0"].double(), expected, rtol=0, atol=1e-6)
+
+
+class LBFGSModule(TinyModule):
+    """Automatic optimisation with LBFGS, whose step evaluates Lightning's closure (forward and backward) several
+    times; notes the first layer's R at every evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.seen.append((batch_idx, self.net[0].decor_R.clone()))
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_closure_evaluations_of_one_step_see_the_same_r(tmp_path: Path) -> None:
+    recorder, cb, model = Recorder(), callback(), LBFGSModule()
+    quiet_trainer(tmp_path, limit_val_batches=0, callbacks=[cb, recorder]).fit(model)
+    assert cb.updates == 8
+    for batch_idx, b in enumerate(recorder.batches):
+        seen = [R for i, R in model.seen if i == batch_idx]
+        assert len(seen) > 1  # LBFGS evaluated the closure several times in this step
+        for R in seen:  # every evaluation computes the same function of W: R moves after the step
+            assert torch.equal(R, b["before"]["net.0"])
+        # the rows of all evaluations are the same x repeated, whose second moments are those of x
+        expected = reference_update(b["before"]["net.0"], b["x"])
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- 7. lifecycle

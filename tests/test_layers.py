@@ -126,16 +126,17 @@ def test_eligibility_and_patterns() -> None:
 
     net = Net()
     reasons = eligible_layers(net)
-    assert "attn.out_proj" not in reasons  # a Linear subclass whose weight is read directly
+    assert reasons["attn"] is None and reasons["attn.out_proj"] is None  # attention's projections (test_attention)
     assert reasons["features.1"] is None  # grouped: one R per group
     assert reasons["frozen"] is not None and "frozen" in reasons["frozen"]
-    assert decorrelate(copy.deepcopy(net)) == ["features.0", "features.1", "head"]
+    assert decorrelate(copy.deepcopy(net)) == ["features.0", "features.1", "attn", "attn.out_proj", "head"]
     assert decorrelate(copy.deepcopy(net), include=["features"]) == ["features.0", "features.1"]
-    assert decorrelate(copy.deepcopy(net), exclude=["head"]) == ["features.0", "features.1"]
+    assert decorrelate(copy.deepcopy(net), exclude=["head", "attn"]) == ["features.0", "features.1"]
     assert decorrelate(copy.deepcopy(net), include=["*.0", "head"], exclude=["he*"]) == ["features.0"]
+    assert decorrelate(copy.deepcopy(net), exclude=["attn"]) == ["features.0", "features.1", "head"]  # out_proj too
     patched = copy.deepcopy(net)
     decorrelate(patched, include=["head"])
-    assert type(patched.head) is DecorrelatedLinear and type(patched.attn.out_proj) is not DecorrelatedLinear
+    assert type(patched.head) is DecorrelatedLinear and type(patched.attn) is nn.MultiheadAttention
 
 
 def test_rows_collected_only_when_asked_and_training() -> None:
