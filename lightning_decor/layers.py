@@ -150,9 +150,16 @@ class DecorrelatedLayer(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A state dict holds the fused W @ R under "weight" (see _save_to_state_dict): loading it into W means the
         # layer must restart from R = I to compute the same function. (Resuming training restores raw W and R
-        # afterwards, from the callback's own state.)
+        # afterwards, from the callback's own state.) Only when "weight" really loads: after a failed load (e.g. a
+        # size mismatch under strict=False, reported by load_state_dict after every module has loaded) W and R must
+        # stay as they were, so the layer keeps its function.
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        loads = torch.overrides.is_tensor_like(value) and tuple(value.shape) == tuple(self.weight.shape)
+        error_msgs: list[str] = kwargs["error_msgs"] if "error_msgs" in kwargs else args[4]
+        known_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight" in state_dict:
+        if loads and not any(f'"{key}"' in msg or f"for {key}:" in msg for msg in error_msgs[known_errors:]):
             with torch.no_grad():
                 eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
                 self.decor_R.copy_(eye.expand_as(self.decor_R))

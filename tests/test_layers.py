@@ -339,3 +339,19 @@ def test_strided_conv_cap_between_patches_and_pixels_keeps_distinct_patches() ->
     rows = conv.decor_sample_rows(x)
     assert rows.shape == (8, 4)  # all 2 * 4 patches, fewer than the cap: no draws with replacement
     torch.testing.assert_close(rows, F.unfold(x, 2, stride=2).transpose(1, 2).reshape(-1, 4))
+
+
+def test_a_state_dict_whose_weight_fails_to_load_leaves_the_layer_as_it_was() -> None:
+    lin = nn.Linear(4, 3).double()
+    decorrelate(lin)
+    R = random_R(4).double()
+    lin.decor_R.copy_(R)
+    w = lin.weight.detach().clone()
+    wrong = {"weight": torch.zeros(3, 5), "bias": torch.full((3,), 0.5)}  # another layout: only the bias fits
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight"):  # raised after every module has loaded
+        lin.load_state_dict(wrong, strict=False)
+    assert torch.equal(lin.weight, w) and torch.equal(lin.decor_R, R)  # neither W nor R touched
+    x = torch.randn(5, 4, dtype=torch.float64)
+    # the layer still computes with W R (and the bias that did load). float64 with the default tolerances (rtol and
+    # atol 1e-7): products in another order differ by ~4e-16 here (50 random draws), far below.
+    torch.testing.assert_close(lin(x), (x @ R.T) @ w.T + 0.5)
