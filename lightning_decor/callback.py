@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_decor.distributed import all_gather_rows, count_group
+from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
 from lightning_decor.layers import (
     DecorrelatedLayer,
@@ -327,6 +327,7 @@ class DecorrelationCallback(Callback):
             if isinstance(layer, DecorrelatedLayer):
                 layer.decor_collect = False
                 layer.decor_take_rows()
+        destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
         self._counts_group = None
         if fold_layers:
             for layer in self._layers.values():
