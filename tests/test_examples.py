@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TinyModule, correlated_data
+from conftest import TinyModule, checkout_env, correlated_data
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
@@ -172,7 +172,7 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
         "--data.init_args.train_limit=256", "--data.init_args.eval_batch_size=100", "--trainer.max_epochs=1",
         "--trainer.limit_val_batches=0.01", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log_dir = (tmp_path / "runs" / "fashion_mnist_dbp" / "version_0").resolve()
     assert f"Training: logs in {log_dir}\n" in done.stdout

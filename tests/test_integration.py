@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyModule, correlated_data, quiet_trainer
+from conftest import TinyModule, checkout_env, correlated_data, quiet_trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
@@ -249,7 +249,7 @@ def test_ddp_ranks_pool_their_rows_and_stay_identical(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     if strategy == "ddp":  # the subprocess launcher reruns the script, so it cannot run inside pytest
-        run = subprocess.run([sys.executable, __file__, "ddp", str(tmp_path)], timeout=240,
+        run = subprocess.run([sys.executable, __file__, "ddp", str(tmp_path)], timeout=240, env=checkout_env(),
                              cwd=Path(__file__).parent, capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
     else:
