@@ -138,7 +138,8 @@ class DecorrelationCallback(Callback):
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the
             variances, 0.5 pulls the second moments towards the identity.
         sample_fraction: Fraction of each batch's samples (images for convolutions, rows for Linear) whose input
-            rows feed the statistics, in ``(0, 1]``.
+            rows feed the statistics, in ``(0, 1]``. A Linear draws its rows uniformly over all leading dimensions
+            (samples and sequence positions).
         max_rows: At most this many rows per layer and forward, drawn at random from the sample; ``None`` keeps
             every row (with ``sample_fraction=1.0``: the exact rule on the whole batch).
         include: Glob patterns on qualified module names to patch (``None``: every eligible layer). A plain prefix

@@ -51,7 +51,8 @@ class DecorrelatedLayer(nn.Module):
     Attributes:
         decor_R: The ``(d, d)`` decorrelation matrix (non-persistent buffer, at least float32).
         decor_collect: Whether training forwards keep a sample of their input rows.
-        decor_sample_fraction: Fraction of the batch's samples (images, or rows for Linear) kept.
+        decor_sample_fraction: Fraction of the batch's samples (images; for Linear, rows over all leading
+            dimensions) kept.
         decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
         decor_generator: Random generator for the row subset (``None``: torch's global one).
     """
@@ -182,11 +183,21 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
         return F.linear(input, self.decor_fused_weight(), self.bias)
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        rows = input.detach().reshape(-1, input.shape[-1])  # (N * T, in_features)
-        k = self._decor_n_samples(rows.shape[0])
-        if k < rows.shape[0] and (self.decor_max_rows is None or k <= self.decor_max_rows):
-            return rows[:k].clone()  # a copy: a view would keep the whole activation alive until the update
-        return self._decor_cap(rows[:k])
+        """The input rows this layer keeps from one training forward (detached): every row when
+        ``ceil(decor_sample_fraction * rows)`` (at most ``decor_max_rows``) covers them all, otherwise that many
+        rows drawn uniformly, with replacement, over all leading dimensions (samples and sequence positions alike:
+        the first rows in memory order would all come from the first sequences)."""
+        x = input.detach()
+        lead = x.shape[:-1]  # (N, T, ...): one row per entry
+        total = math.prod(lead)
+        keep = self._decor_n_samples(total)
+        if self.decor_max_rows is not None:
+            keep = min(keep, self.decor_max_rows)
+        if keep >= total:
+            return x.reshape(-1, x.shape[-1])  # (N * T, in_features)
+        drawn = torch.randint(total, (keep,), device=x.device, generator=self.decor_generator)
+        # (keep, in_features), gathered row by row: O(keep * in_features), no copy of the whole activation
+        return x[torch.unravel_index(drawn, lead)]
 
 
 class _DecorrelatedConvNd(DecorrelatedLayer):

@@ -130,7 +130,7 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             if batch_idx == 1:  # a forward on a corrupted copy: its rows reach the statistics, not the loss
                 x = batch[0].clone()
-                x[0, 0] = float("nan")
+                x[:, 0] = float("nan")  # every row: whichever rows are drawn, the statistics see a NaN
                 self(x)
             return super().training_step(batch, batch_idx)
 
