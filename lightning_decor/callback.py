@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
 from lightning_decor.layers import (
+    PENDING_FORWARDS,
     DecorrelatedLayer,
     _check_patterns,
     _matches,
@@ -228,6 +229,7 @@ class DecorrelationCallback(Callback):
         self._last_losses: Tensor | None = None
         self._skipped: Tensor | None = None
         self._warned_skips = 0
+        self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
         self._picture_hook: RemovableHandle | None = None
@@ -426,6 +428,7 @@ class DecorrelationCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._wait()  # validation and checkpoints may follow this hook and read R
+        self._warn_waiting_rows()
         every = trainer.log_every_n_steps
         stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
         # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
@@ -440,6 +443,20 @@ class DecorrelationCallback(Callback):
         if skipped is not None:
             metrics["decor/skipped"] = skipped
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _warn_waiting_rows(self) -> None:
+        """Warn once when a layer's rows waited so long that only a sample is kept (host integers, no sync)."""
+        if self._warned_waiting:
+            return
+        waiting = [name for name, layer in self._layers.items() if layer.decor_rows_seen() > layer.decor_pending_rows()]
+        if waiting:
+            self._warned_waiting = True
+            rank_zero_warn(
+                f"DecorrelationCallback: layers {waiting} captured more than {PENDING_FORWARDS} forwards' worth of "
+                "input rows without an update of R; a uniform sample of that many is kept. R moves on optimizer steps "
+                "that go through Lightning (automatic optimisation, or `self.optimizers()` under manual "
+                "optimisation): steps of a raw optimizer, or an optimizer that never steps, do not move it."
+            )
 
     def _check_skipped(self) -> Tensor | None:
         """The total of skipped layer updates; warns (once per new skip) naming the layers. One host read."""

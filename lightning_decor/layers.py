@@ -45,6 +45,25 @@ __all__ = [
 ]
 
 
+# Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
+# of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
+PENDING_FORWARDS = 64
+
+
+def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Reservoir sampling (Vitter's algorithm R) of rows, vectorised: ``kept`` (k, d) is a uniform sample without
+    replacement of the ``seen`` rows so far; returns one of the ``seen + len(new)`` rows. Row ``t`` (0-based, in
+    arrival order) draws ``j`` uniform in ``[0, t]`` and takes slot ``j`` when ``j < k``, the later row winning a slot
+    drawn twice, as in the sequential algorithm. Fixed shapes and no host read: no device synchronisation."""
+    k, q, dev = kept.shape[0], new.shape[0], kept.device
+    t = seen + torch.arange(q, device=dev, dtype=torch.float64)  # float64: exact for any realistic count
+    slot = (torch.rand(q, device=dev, dtype=torch.float64, generator=generator) * (t + 1)).long().clamp_(max=k)
+    owner = torch.full((k + 1,), -1, dtype=torch.long, device=dev)  # slot k collects the rows that stay out
+    owner.scatter_reduce_(0, slot, torch.arange(q, device=dev), reduce="amax")
+    owner = owner[:k]
+    return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
+
+
 class DecorrelatedLayer(nn.Module):
     """Mixin of the patched layers. Not instantiated directly: :func:`decorrelate` swaps a layer's class.
 
@@ -66,6 +85,8 @@ class DecorrelatedLayer(nn.Module):
     decor_max_rows: int | None
     decor_generator: torch.Generator | None
     _decor_rows: list[Tensor]
+    _decor_seen: int
+    _decor_largest: int
 
     def _decor_init(self, block_size: int | None = None) -> None:
         d = self.weight[0].numel()  # in_features, or C_in/groups * k_h * k_w
@@ -77,6 +98,8 @@ class DecorrelatedLayer(nn.Module):
         self.decor_max_rows = None
         self.decor_generator = None
         self._decor_rows = []
+        self._decor_seen = 0  # rows captured since the last update (more than are kept once sampling began)
+        self._decor_largest = 0  # the largest capture since the last update
 
     @property
     def decor_features(self) -> int:
@@ -105,7 +128,24 @@ class DecorrelatedLayer(nn.Module):
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
         # Eager even inside torch.compile (one graph break): the growing list and the private generator stay out of
         # the graph and its guards, so a compiled model does not recompile as rows accumulate.
-        self._decor_rows.append(self.decor_sample_rows(input))
+        self._decor_store(self.decor_sample_rows(input))
+
+    def _decor_store(self, rows: Tensor) -> None:
+        """Keep ``rows`` for the next update; past ``PENDING_FORWARDS`` forwards' worth of rows (an optimizer that
+        steps outside the callback's sight, or never), keep a uniform sample of that many of all rows instead."""
+        n = rows.shape[0]
+        self._decor_largest = max(self._decor_largest, n)
+        limit = PENDING_FORWARDS * self._decor_largest
+        if self._decor_seen == self.decor_pending_rows() and self._decor_seen + n <= limit:
+            self._decor_rows.append(rows)  # the usual case: every row waits for the update
+        elif self._decor_seen == self.decor_pending_rows():  # the first overflow: `limit` rows drawn from all so far
+            every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
+            drawn = torch.randperm(every.shape[0], device=every.device, generator=self.decor_generator)[:limit]
+            self._decor_rows = [every[drawn]]
+        else:  # a uniform sample already: reservoir sampling keeps it one
+            (kept,) = self._decor_rows
+            self._decor_rows = [_uniform_sample_update(kept, self._decor_seen, rows, self.decor_generator)]
+        self._decor_seen += n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         """The raw input rows this layer keeps from one training forward (detached): the first
@@ -127,12 +167,18 @@ class DecorrelatedLayer(nn.Module):
         return fuse_weight(self.weight, self.decor_R)
 
     def decor_pending_rows(self) -> int:
-        """Number of input rows collected since the last update."""
+        """Number of input rows kept for the next update (at most ``PENDING_FORWARDS`` forwards' worth)."""
         return sum(r.shape[0] for r in self._decor_rows)
+
+    def decor_rows_seen(self) -> int:
+        """Number of input rows captured since the last update; more than :meth:`decor_pending_rows` once so many
+        waited that only a uniform sample of them is kept."""
+        return self._decor_seen
 
     def decor_take_rows(self) -> Tensor | None:
         """Remove and return the collected rows as one ``(n, d)`` tensor, or ``None`` when there are none."""
         rows, self._decor_rows = self._decor_rows, []
+        self._decor_seen = self._decor_largest = 0
         if not rows:
             return None
         return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
@@ -415,7 +461,8 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         m.weight.copy_(m.decor_fused_weight())
         del m.decor_R
-        for attr in ("decor_collect", "decor_sample_fraction", "decor_max_rows", "decor_generator", "_decor_rows"):
+        for attr in ("decor_collect", "decor_sample_fraction", "decor_max_rows", "decor_generator", "_decor_rows",
+                     "_decor_seen", "_decor_largest"):
             m.__dict__.pop(attr, None)
         m.__class__ = m._decor_base
         folded.append(name)

@@ -10,6 +10,7 @@ import torch
 from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_loss, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
@@ -265,3 +266,33 @@ def test_update_every_still_logs(tmp_path) -> None:  # type: ignore[no-untyped-d
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
                   ).fit(TinyModule())  # fmt: skip
     assert cb.updates == 8 and len(read_csv_metric(tmp_path, "decor/loss")) == 8
+
+
+class RawOptimizerSteps(TinyModule):
+    """Manual optimisation stepping the raw torch optimizer, which Lightning (and so the callback) never sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.pending: list[int] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt = self.optimizers().optimizer  # type: ignore[union-attr]  # the plain torch.optim.SGD
+        opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        opt.step()
+        self.pending.append(self.net[0].decor_pending_rows())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(correlated_data(), batch_size=4, shuffle=True)  # 64 batches of 4 rows per epoch
+
+
+def test_rows_waiting_for_steps_that_bypass_lightning_stay_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = RawOptimizerSteps()
+    cb = DecorrelationCallback(sample_fraction=1.0, max_rows=None, fold_on_fit_end=False)
+    with pytest.warns(UserWarning, match=r"layers \['net.0', 'net.2'\] captured more than 64 forwards' worth"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
+    assert cb.updates == 0  # R never moves: no step went through Lightning
+    assert len(model.pending) == 128 and max(model.pending) == 64 * 4  # 512 rows captured, at most 256 kept
+    assert model.pending[:64] == [4 * (i + 1) for i in range(64)]  # every row kept up to 64 forwards' worth
+    assert model.net[0].decor_pending_rows() == 0  # released at fit end

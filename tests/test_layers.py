@@ -368,10 +368,12 @@ def test_linear_rows_of_sequences_are_drawn_uniformly_over_samples_and_positions
     # every row says where it comes from: (sequence, position); stored (T, N, d) and transposed, so not contiguous
     where = torch.stack(torch.meshgrid(torch.arange(n_seq), torch.arange(n_pos), indexing="ij"), dim=-1).float()
     x = where.transpose(0, 1).contiguous().transpose(0, 1)  # (N, T, 2)
-    forwards = 400
-    for _ in range(forwards):
+    forwards, parts = 400, []
+    for f in range(forwards):
         lin(x)
-    rows = lin.decor_take_rows()
+        if f % 50 == 49:  # an update every 50 forwards, as training takes them (64 forwards' worth may wait)
+            parts.append(lin.decor_take_rows())
+    rows = torch.cat(parts)
     per_forward = 32 if max_rows is None else 24  # ceil(0.25 * 128) rows, at most max_rows
     assert rows is not None and rows.shape == (forwards * per_forward, 2)
     cells = (rows[:, 0] * n_pos + rows[:, 1]).long()  # (n, t) as one index
@@ -383,3 +385,25 @@ def test_linear_rows_of_sequences_are_drawn_uniformly_over_samples_and_positions
     # empty: chi2 ~ 3 * 12800 = 38400.
     assert chi2 < 223, chi2  # measured: 112 (max_rows=None), 106 (24); over 200 seeds 127 +- 14, at most 169
     assert counts.min() > 0  # every sequence at every position is drawn at some point
+
+
+def test_rows_waiting_past_64_forwards_are_a_uniform_sample_of_all() -> None:
+    lin = nn.Linear(3, 2)
+    decorrelate(lin)
+    lin.decor_collect, lin.decor_generator = True, torch.Generator().manual_seed(0)
+    forwards, per_forward = 1000, 4  # no update in between: e.g. an optimizer that steps outside the callback's sight
+    for f in range(forwards):
+        x = torch.stack([torch.full((per_forward,), float(f)), torch.arange(per_forward).float(), torch.zeros(4)], 1)
+        lin(x)  # rows (forward, position, 0)
+        assert lin.decor_pending_rows() <= 64 * per_forward  # bounded at every step, not only at the end
+    assert lin.decor_rows_seen() == forwards * per_forward
+    rows = lin.decor_take_rows()
+    assert rows is not None and rows.shape == (64 * per_forward, 3)
+    assert len({(f, p) for f, p, _ in rows.tolist()}) == len(rows)  # distinct rows: a sample without replacement
+    # Which forwards they come from, in 10 bins of 100: uniform sampling gives 25.6 per bin and chi2 ~ 9 +- 4.2
+    # (9 degrees of freedom); 35 (= 9 + 6 * 4.2) is exceeded with probability ~1e-4 (and the seed is fixed). Keeping
+    # the last (or first) rows puts all 256 in one bin: chi2 = 2304.
+    counts = torch.bincount((rows[:, 0] // 100).long(), minlength=10).double()
+    chi2 = ((counts - 25.6) ** 2 / 25.6).sum().item()
+    assert chi2 < 35, chi2  # measured: 12.6; over 200 seeds 8.3 +- 3.5, at most 20.7
+    assert lin.decor_rows_seen() == 0 and lin.decor_take_rows() is None  # the count restarts after an update
