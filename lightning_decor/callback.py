@@ -117,7 +117,8 @@ class DecorrelationCallback(Callback):
     - **configure_model**: layers built there are created early, in Lightning's init contexts, and patched in
       ``setup``; the hook must be idempotent, as Lightning requires.
 
-    Logged metrics (through the Trainer's loggers, every ``Trainer(log_every_n_steps)`` optimizer steps):
+    Logged metrics (through the Trainer's loggers, where Lightning writes step metrics: after every
+    ``Trainer(log_every_n_steps)``-th training batch that steps, however many optimizers step in it):
 
     - ``decor/loss``: the decorrelation loss, mean over the patched layers and over the steps since the last log;
     - ``decor/<layer name>``: that layer's loss at the logged step, when ``log_per_layer=True``;
@@ -151,8 +152,9 @@ class DecorrelationCallback(Callback):
         block_size: Layers with ``d > block_size`` get a block-diagonal ``R`` of equal blocks of at most this many
             features (whole input channels for convolutions): fusing ``W @ R`` then costs ``2 C_out d b`` instead of
             ``2 C_out d^2`` flops and only correlations within a block are removed. ``None``: dense ``R``.
-        update_every: Update ``R`` on every k-th optimizer step only (rows are sampled only for those steps), which
-            divides the sampling and update cost by k; fusing ``W @ R`` still happens every step.
+        update_every: Update ``R`` on every k-th training batch that steps only (several optimizers stepping in one
+            batch count once; rows are sampled only for those batches), which divides the sampling and update cost
+            by k; fusing ``W @ R`` still happens every step.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
         use_cuda_stream: Run the update on a side CUDA stream when training on a GPU.
         fold_on_fit_end: At the end of ``fit``, fold ``R`` into the weights and restore the plain layers, so the
@@ -360,14 +362,27 @@ class DecorrelationCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._wait()  # the forward reads R
-        if self.update_every > 1:  # sample rows only for the optimizer steps that update R
+        if self.update_every > 1:  # sample rows only for the batches that update R
             collect = self._due_step(trainer)
             for layer in self._layers.values():
                 layer.decor_collect = collect
 
+    @staticmethod
+    def _stepping_batches(trainer: Trainer) -> int:
+        """Training batches that stepped so far (the current one not yet counted): Lightning's own count for its logging
+        interval (as its LearningRateMonitor uses), restored on resume. ``trainer.global_step`` counts optimizer steps
+        instead, two per batch with two optimizers."""
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
     def _due_step(self, trainer: Trainer) -> bool:
-        """Whether the coming optimizer step (``trainer.global_step`` steps done so far) updates ``R``."""
-        return trainer.global_step % self.update_every == 0
+        """Whether the current (or coming) stepping batch updates ``R``: every ``update_every``-th one."""
+        return self._stepping_batches(trainer) % self.update_every == 0
+
+    def _lightning_writes(self, trainer: Trainer) -> bool:
+        """Whether Lightning writes step metrics after this batch: after every ``log_every_n_steps``-th stepping
+        batch, and when the training stops (as its logger connector decides)."""
+        every = trainer.log_every_n_steps
+        return every > 0 and ((self._stepping_batches(trainer) + 1) % every == 0 or trainer.should_stop)
 
     @override
     def on_before_optimizer_step(
@@ -429,10 +444,9 @@ class DecorrelationCallback(Callback):
     ) -> None:
         self._wait()  # validation and checkpoints may follow this hook and read R
         self._warn_waiting_rows()
-        every = trainer.log_every_n_steps
         stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
-        if not self._fresh or every <= 0 or not stepped or trainer.global_step % every != 0:
+        # Log only where Lightning writes, so that the mean covers every update since the last written value.
+        if not self._fresh or not stepped or not self._lightning_writes(trainer):
             return
         self._fresh = False
         metrics = {"decor/loss": self._metric.compute()}

@@ -300,3 +300,54 @@ def test_rows_waiting_for_steps_that_bypass_lightning_stay_bounded(tmp_path) -> 
     assert len(model.pending) == 128 and max(model.pending) == 64 * 4  # 512 rows captured, at most 256 kept
     assert model.pending[:64] == [4 * (i + 1) for i in range(64)]  # every row kept up to 64 forwards' worth
     assert model.net[0].decor_pending_rows() == 0  # released at fit end
+
+
+class TwoOptimizersManual(TinyModule):
+    """Manual optimisation with two optimizers stepping through Lightning each batch: `trainer.global_step` advances
+    twice per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.critic = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        opt_net, opt_critic = self.optimizers()  # type: ignore[misc]
+        x, y = batch
+        opt_net.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        opt_net.step()
+        opt_critic.zero_grad()
+        self.manual_backward(self.critic(self(x).detach()).pow(2).mean())
+        opt_critic.step()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(self.critic.parameters(), lr=0.05)
+
+
+def test_update_every_and_logging_count_batches_not_optimizer_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    updated: list[int] = []
+    losses: list[torch.Tensor] = []
+
+    class Spy(DecorrelationCallback):
+        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+            super().update_(pl_module)
+            updated.append(pl_module.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1)  # batch index
+            losses.append(self._last_losses.clone())
+
+    cb = Spy(update_every=2, fold_on_fit_end=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=4)
+    trainer.fit(TwoOptimizersManual())
+    assert trainer.global_step == 16  # two optimizer steps in each of the 8 batches
+    assert updated == [0, 2, 4, 6] and cb.updates == 4  # every 2nd batch, not every 2nd optimizer step
+    # Lightning writes step metrics after every 4th batch (steps 3 and 7): each written decor/loss is the mean over the
+    # updates since the last write, here two, of the finite per-layer losses (float32 means in another order: 1e-7)
+    import csv
+
+    (path,) = glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))
+    with open(path) as f:
+        written = [(int(r["step"]), float(r["decor/loss"])) for r in csv.DictReader(f) if r.get("decor/loss")]
+    assert [step for step, _ in written] == [3, 7]
+    for (_, value), pair in zip(written, (losses[:2], losses[2:]), strict=True):
+        window = torch.cat(pair)
+        assert value == pytest.approx(window[torch.isfinite(window)].mean().item(), rel=1e-5)
