@@ -64,6 +64,30 @@ def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torc
     return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
 
 
+def _checkpoint_recomputation() -> bool:
+    """Whether this forward is ``torch.utils.checkpoint``'s recomputation during backward (``use_reentrant=False``),
+    whose rows its first forward captured already.
+
+    Told by two things torch does not expose publicly: a backward is running (the graph task id), and the innermost
+    saved-tensor hooks are the checkpoint's own (marked ``_checkpoint_internal``; ``_recomputation_hook`` by name in
+    older torch). The reentrant variant runs its first forward without grad (nothing captured) and recomputes without
+    such hooks, so its recomputation is captured, once. Where these internals are missing the answer is ``False``
+    (rows are captured twice, as before).
+    """
+    try:
+        if torch._C._current_graph_task_id() == -1:  # outside any backward: a first forward
+            return False
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError):  # another torch: no way to tell
+        return False
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    return bool(getattr(pack, "_checkpoint_internal", False)) or "_recomputation_hook" in getattr(
+        pack, "__qualname__", ""
+    )
+
+
 class DecorrelatedLayer(nn.Module):
     """Mixin of the patched layers. Not instantiated directly: :func:`decorrelate` swaps a layer's class.
 
@@ -128,6 +152,8 @@ class DecorrelatedLayer(nn.Module):
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
         # Eager even inside torch.compile (one graph break): the growing list and the private generator stay out of
         # the graph and its guards, so a compiled model does not recompile as rows accumulate.
+        if _checkpoint_recomputation():  # activation checkpointing: these rows were captured in the first forward
+            return
         self._decor_store(self.decor_sample_rows(input))
 
     def _decor_store(self, rows: Tensor) -> None:

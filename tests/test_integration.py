@@ -1,5 +1,5 @@
 """DecorrelationCallback with the rest of the Trainer: checkpoints and resume, gradient accumulation, DDP, precision,
-torch.compile, manual optimisation and the fit/validate/test/predict lifecycle.
+torch.compile, manual optimisation, the fit/validate/test/predict lifecycle and activation checkpointing.
 
 References are independent of the package: the update rule written out in float64 below, an uninterrupted run for
 resume, a plain unpatched module for checkpoints, an eager run for torch.compile.
@@ -26,6 +26,7 @@ from conftest import TinyModule, checkout_env, correlated_data, quiet_trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
@@ -525,6 +526,43 @@ def test_configure_model_that_rebuilds_its_layers_is_refused(tmp_path: Path) -> 
         r"them anew afterwards\. Expected `configure_model` to be idempotent",
     ):
         quiet_trainer(tmp_path, callbacks=[callback()]).fit(model)
+
+
+# ------------------------------------------------------------------------------------------ 8. activation checkpointing
+class Checkpointed(TinyModule):
+    """Its MLP under `torch.utils.checkpoint`: backward computes the forward again."""
+
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_reentrant is None or not self.training:
+            return self.net(x)
+        return checkpoint(self.net, x.requires_grad_(), use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_matches_a_run_without_it(tmp_path: Path, use_reentrant: bool) -> None:
+    states, pending = {}, {}
+    for mode in (None, use_reentrant):  # None: no checkpointing, the reference
+        pending[mode] = []
+
+        class Spy(DecorrelationCallback):
+            def update_(self, pl_module):  # type: ignore[no-untyped-def]
+                pending[mode].append(self._layers["net.0"].decor_pending_rows())  # noqa: B023 (called in this loop)
+                super().update_(pl_module)
+
+        pl.seed_everything(0)
+        model = Checkpointed(mode)
+        # random row sampling: a second capture in the recomputation would add rows and draws
+        cb = Spy(**{"decor_lr": LR, "sample_fraction": 0.5, "max_rows": 8, "fold_on_fit_end": False})
+        quiet_trainer(tmp_path, limit_val_batches=0, callbacks=[cb]).fit(model)
+        assert cb.updates == 8
+        states[mode] = raw_state(model)
+    assert pending[use_reentrant] == pending[None] == [8] * 8  # the rows of one forward per step
+    for name, value in states[None].items():
+        torch.testing.assert_close(states[use_reentrant][name], value, rtol=0, atol=SAME_OPS_ATOL, msg=name)
 
 
 if __name__ == "__main__":  # python tests/test_integration.py ddp OUT (also how strategy="ddp" starts rank 1)

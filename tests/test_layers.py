@@ -414,3 +414,26 @@ def test_rows_waiting_past_64_forwards_are_a_uniform_sample_of_all() -> None:
     chi2 = ((counts - 25.6) ** 2 / 25.6).sum().item()
     assert chi2 < 35, chi2  # measured: 12.6; over 200 seeds 8.3 +- 3.5, at most 20.7
     assert lin.decor_rows_seen() == 0 and lin.decor_take_rows() is None  # the count restarts after an update
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_captures_rows_once(use_reentrant: bool) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    def rows_of(checkpointed: bool) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        decorrelate(net)
+        generator = torch.Generator().manual_seed(1)
+        for layer in (net[0], net[2]):  # 5 of the 16 rows drawn at random: the draws must not repeat either
+            layer.decor_collect, layer.decor_max_rows, layer.decor_generator = True, 5, generator
+        x = torch.randn(16, 4, requires_grad=True)
+        out = checkpoint(net, x, use_reentrant=use_reentrant) if checkpointed else net(x)
+        out.sum().backward()  # the checkpointed run computes its forward again here
+        return {"0": net[0].decor_take_rows(), "2": net[2].decor_take_rows()}
+
+    expected, got = rows_of(False), rows_of(True)
+    for name in expected:  # the rows of one forward, as without checkpointing: the recompute adds none
+        assert got[name] is not None and expected[name] is not None
+        assert got[name].shape == expected[name].shape == (5, 4 if name == "0" else 8), name
+        assert torch.equal(got[name], expected[name]), name  # the same inputs through the same float32 ops
