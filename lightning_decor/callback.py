@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,18 @@ def _check_float(name: str, value: Any, ok: bool, expected: str) -> float:
     if not ok or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` {expected}, but got {value!r}.")
     return float(value)
+
+
+def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
+    """Which ``.grad`` tensor ``param`` holds (weakly: a stale gradient may still be freed) and its version."""
+    grad = param.grad
+    return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bool:
+    """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
+    grad, (old, version) = param.grad, mark
+    return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
 def _number(value: Any) -> float:
@@ -232,6 +245,7 @@ class DecorrelationCallback(Callback):
         self._skipped: Tensor | None = None
         self._warned_skips = 0
         self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
+        self._weight_grads: dict[str, Any] | None = None  # gradient marks, armed until the fit's first backward
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
         self._picture_hook: RemovableHandle | None = None
@@ -533,6 +547,27 @@ class DecorrelationCallback(Callback):
                 self._generator.set_state(state)
             except RuntimeError:  # a checkpoint from another device type: rows are sampled afresh
                 rank_zero_warn("DecorrelationCallback: the checkpoint's row-sampling state does not fit this device.")
+        self._weight_grads = {name: _grad_mark(layer.weight) for name, layer in self._layers.items()}
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Once per fit, after its first backward: a layer whose weight received a gradient but whose forward captured
+        # no rows was used through its `.weight` (e.g. `F.linear(x, layer.weight)`), which holds the raw W, not W R.
+        marks, self._weight_grads = self._weight_grads, None
+        if not marks:
+            return
+        bypassed = [
+            name
+            for name, layer in self._layers.items()
+            if layer.decor_collect and layer.decor_rows_seen() == 0 and _got_grad(layer.weight, marks[name])
+        ]
+        if bypassed:
+            rank_zero_warn(
+                f"DecorrelationCallback: the weights of {bypassed} received a gradient in the first training batch, "
+                "but their forward was not called: code that reads `.weight` directly (e.g. "
+                "`F.linear(x, layer.weight)`) computes with the raw W instead of W @ R, and R does not move. Call the "
+                "layer instead, or leave it out with `exclude`."
+            )
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:
         """The patched layers by qualified name."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import math
+import warnings
 
 import pytest
 import torch
@@ -351,3 +352,34 @@ def test_update_every_and_logging_count_batches_not_optimizer_steps(tmp_path) ->
     for (_, value), pair in zip(written, (losses[:2], losses[2:]), strict=True):
         window = torch.cat(pair)
         assert value == pytest.approx(window[torch.isfinite(window)].mean().item(), rel=1e-5)
+
+
+class DirectWeight(TinyModule):
+    """Reads a layer's `.weight` directly (as some attention code does) besides calling its MLP normally, and has an
+    auxiliary head unused in the first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.tanh(nn.functional.linear(x, self.proj.weight, self.proj.bias)))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = super().training_step(batch, batch_idx)
+        return loss + (self.aux(batch[0]).pow(2).mean() if batch_idx > 0 else 0.0)
+
+
+def test_a_weight_read_directly_is_named_in_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cb = DecorrelationCallback(fold_on_fit_end=False)
+    match = r"the weights of \['proj'\] received a gradient in the first training batch, but their forward was not"
+    with pytest.warns(UserWarning, match=match) as record:
+        quiet_trainer(tmp_path, callbacks=[cb]).fit(DirectWeight())
+    assert sum("received a gradient" in str(w.message) for w in record) == 1  # once, naming only that layer
+    assert sorted(n for n, _ in cb.layers()) == ["aux", "net.0", "net.2", "proj"]  # all patched; proj is misused
+    with warnings.catch_warnings():  # a model that calls its layers, fitted again with stale gradients: no warning
+        warnings.filterwarnings("error", message=".*received a gradient")
+        model = TinyModule()
+        quiet_trainer(tmp_path, callbacks=[cb]).fit(model)
+        quiet_trainer(tmp_path, callbacks=[cb]).fit(model)
