@@ -162,20 +162,25 @@ class DecorrelatedLayer(nn.Module):
         n = rows.shape[0]
         self._decor_largest = max(self._decor_largest, n)
         limit = PENDING_FORWARDS * self._decor_largest
-        if self._decor_seen == self.decor_pending_rows() and self._decor_seen + n <= limit:
+        pending = self.decor_pending_rows()
+        seen = max(self._decor_seen, pending)  # rows appended to `_decor_rows` by other code count as seen too
+        if seen == pending and seen + n <= limit:
             self._decor_rows.append(rows)  # the usual case: every row waits for the update
-        elif self._decor_seen == self.decor_pending_rows():  # the first overflow: `limit` rows drawn from all so far
+        elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
             every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
             drawn = torch.randperm(every.shape[0], device=every.device, generator=self.decor_generator)[:limit]
             self._decor_rows = [every[drawn]]
-        else:  # a uniform sample already: reservoir sampling keeps it one
-            (kept,) = self._decor_rows
-            self._decor_rows = [_uniform_sample_update(kept, self._decor_seen, rows, self.decor_generator)]
-        self._decor_seen += n
+        else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
+            kept, *later = self._decor_rows  # rows appended by other code since then arrive with these
+            new = torch.cat([*(r.to(rows.dtype) for r in later), rows]) if later else rows
+            self._decor_rows = [_uniform_sample_update(kept, seen, new, self.decor_generator)]
+            n = new.shape[0]
+        self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        """The raw input rows this layer keeps from one training forward (detached): the first
-        ``ceil(decor_sample_fraction * N)`` samples, at most ``decor_max_rows`` rows of them drawn at random."""
+        """The raw input rows this layer keeps from one training forward (detached): those of the first
+        ``ceil(decor_sample_fraction * N)`` samples (for Linear: rows over all leading dimensions), at most
+        ``decor_max_rows`` of them drawn at random."""
         raise NotImplementedError
 
     def _apply(self, fn: Any, recurse: bool = True) -> DecorrelatedLayer:

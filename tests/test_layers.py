@@ -437,3 +437,13 @@ def test_activation_checkpointing_captures_rows_once(use_reentrant: bool) -> Non
         assert got[name] is not None and expected[name] is not None
         assert got[name].shape == expected[name].shape == (5, 4 if name == "0" else 8), name
         assert torch.equal(got[name], expected[name]), name  # the same inputs through the same float32 ops
+
+
+def test_rows_appended_by_other_code_still_count_towards_the_cap() -> None:
+    lin = nn.Linear(3, 2)
+    decorrelate(lin)
+    lin.decor_collect, lin.decor_generator = True, torch.Generator().manual_seed(0)
+    for _ in range(100):  # a capture of another kind appends to the pending list itself, past the cap
+        lin._decor_rows.append(torch.randn(4, 3))
+        lin(torch.randn(4, 3))
+    assert lin.decor_pending_rows() == 64 * 4 and lin.decor_rows_seen() == 800
