@@ -492,8 +492,15 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         m.weight.copy_(m.decor_fused_weight())
         del m.decor_R
-        for attr in ("decor_collect", "decor_sample_fraction", "decor_max_rows", "decor_generator", "_decor_rows",
-                     "_decor_seen", "_decor_largest"):
+        for attr in (
+            "decor_collect",
+            "decor_sample_fraction",
+            "decor_max_rows",
+            "decor_generator",
+            "_decor_rows",
+            "_decor_seen",
+            "_decor_largest",
+        ):
             m.__dict__.pop(attr, None)
         m.__class__ = m._decor_base
         folded.append(name)
