@@ -566,7 +566,8 @@ class DecorrelationCallback(Callback):
                 f"DecorrelationCallback: the weights of {bypassed} received a gradient in the first training batch, "
                 "but their forward was not called: code that reads `.weight` directly (e.g. "
                 "`F.linear(x, layer.weight)`) computes with the raw W instead of W @ R, and R does not move. Call the "
-                "layer instead, or leave it out with `exclude`."
+                "layer instead, or leave it out with `exclude`. (A penalty on the weights of a layer that this batch "
+                "did not use gives such a gradient too; then there is nothing to fix.)"
             )
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:

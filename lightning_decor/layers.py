@@ -160,6 +160,8 @@ class DecorrelatedLayer(nn.Module):
         """Keep ``rows`` for the next update; past ``PENDING_FORWARDS`` forwards' worth of rows (an optimizer that
         steps outside the callback's sight, or never), keep a uniform sample of that many of all rows instead."""
         n = rows.shape[0]
+        if n == 0:  # e.g. sequences of length 0: nothing to keep (an update needs at least one row)
+            return
         self._decor_largest = max(self._decor_largest, n)
         limit = PENDING_FORWARDS * self._decor_largest
         pending = self.decor_pending_rows()

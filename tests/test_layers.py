@@ -447,3 +447,11 @@ def test_rows_appended_by_other_code_still_count_towards_the_cap() -> None:
         lin._decor_rows.append(torch.randn(4, 3))
         lin(torch.randn(4, 3))
     assert lin.decor_pending_rows() == 64 * 4 and lin.decor_rows_seen() == 800
+
+
+def test_a_sequence_of_length_zero_keeps_no_rows() -> None:
+    lin = nn.Linear(3, 2)
+    decorrelate(lin)
+    lin.decor_collect = True
+    lin(torch.randn(4, 0, 3))  # (N, T = 0, d): no rows at all
+    assert lin.decor_take_rows() is None  # nothing waits, so no update on an empty set of rows
