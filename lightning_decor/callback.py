@@ -384,8 +384,8 @@ class DecorrelationCallback(Callback):
     @staticmethod
     def _stepping_batches(trainer: Trainer) -> int:
         """Training batches that stepped so far (the current one not yet counted): Lightning's own count for its logging
-        interval (as its LearningRateMonitor uses), restored on resume. ``trainer.global_step`` counts optimizer steps
-        instead, two per batch with two optimizers."""
+        interval (as its LearningRateMonitor uses; under manual optimisation every batch counts), restored on resume.
+        ``trainer.global_step`` counts optimizer steps instead, two per batch with two optimizers."""
         return trainer.fit_loop.epoch_loop._batches_that_stepped
 
     def _due_step(self, trainer: Trainer) -> bool:
