@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +19,22 @@ from typing_extensions import override
 from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
 from lightning_decor.engine import Decorrelator
 from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
-from lightning_decor.layers import DecorrelatedLayer, _matches, eligible_layers
+from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
 
 __all__ = ["DecorrelationCallback"]
+
+
+def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
+    """Which ``.grad`` tensor ``param`` holds (weakly: a stale gradient may still be freed) and its version."""
+    grad = param.grad
+    return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bool:
+    """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
+    grad, (old, version) = param.grad, mark
+    return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
 _PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
@@ -106,7 +119,8 @@ class DecorrelationCallback(Callback):
     - **configure_model**: layers built there are created early, in Lightning's init contexts, and patched in
       ``setup``; the hook must be idempotent, as Lightning requires.
 
-    Logged metrics (through the Trainer's loggers, every ``Trainer(log_every_n_steps)`` optimizer steps):
+    Logged metrics (through the Trainer's loggers, where Lightning writes step metrics: after every
+    ``Trainer(log_every_n_steps)``-th training batch that steps, however many optimizers step in it):
 
     - ``decor/loss``: the decorrelation loss, mean over the patched layers and over the steps since the last log;
     - ``decor/<layer name>``: that layer's loss at the logged step, when ``log_per_layer=True``;
@@ -128,7 +142,8 @@ class DecorrelationCallback(Callback):
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the
             variances, 0.5 pulls the second moments towards the identity.
         sample_fraction: Fraction of each batch's samples (images for convolutions, rows for Linear) whose input
-            rows feed the statistics, in ``(0, 1]``.
+            rows feed the statistics, in ``(0, 1]``. A Linear draws its rows uniformly over all leading dimensions
+            (samples and sequence positions).
         max_rows: At most this many rows per layer and forward, drawn at random from the sample; ``None`` keeps
             every row (with ``sample_fraction=1.0``: the exact rule on the whole batch).
         include: Glob patterns on qualified module names to patch (``None``: every eligible layer). A plain prefix
@@ -143,8 +158,9 @@ class DecorrelationCallback(Callback):
         max_overhead: The cost plan's budget: the estimated extra time of all DBP parts (forming or applying ``R``,
             sampling rows, the update) as a fraction of the measured plain training step, > 0. ``None``: no plan,
             every layer at its largest allowed block, fused into the weight, from the first step.
-        update_every: Update ``R`` on every k-th optimizer step only (rows are sampled only for those steps), which
-            divides the sampling and update cost by k; fusing ``W @ R`` still happens every step.
+        update_every: Update ``R`` on every k-th training batch that steps only (several optimizers stepping in one
+            batch count once; rows are sampled only for those batches), which divides the sampling and update cost
+            by k; fusing ``W @ R`` still happens every step.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
         use_cuda_stream: Run the update on a side CUDA stream when training on a GPU.
         fold_on_fit_end: At the end of ``fit``, fold ``R`` into the weights and restore the plain layers, so the
@@ -214,6 +230,8 @@ class DecorrelationCallback(Callback):
         self._metric = DecorrelationLoss(kappa=self.kappa, sync_on_compute=False)
         self._warned_skips = 0
         self._logged_updates = 0  # engine updates already in the metric
+        self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
+        self._weight_grads: dict[str, Any] | None = None  # gradient marks, armed until the fit's first backward
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
@@ -353,6 +371,18 @@ class DecorrelationCallback(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._wait()  # the forward reads R
+    @staticmethod
+    def _stepping_batches(trainer: Trainer) -> int:
+        """Training batches that stepped so far (the current one not yet counted): Lightning's own count for its logging
+        interval (as its LearningRateMonitor uses; under manual optimisation every batch counts), restored on resume.
+        ``trainer.global_step`` counts optimizer steps instead, two per batch with two optimizers."""
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def _lightning_writes(self, trainer: Trainer) -> bool:
+        """Whether Lightning writes step metrics after this batch: after every ``log_every_n_steps``-th stepping
+        batch, and when the training stops (as its logger connector decides)."""
+        every = trainer.log_every_n_steps
+        return every > 0 and ((self._stepping_batches(trainer) + 1) % every == 0 or trainer.should_stop)
 
     @override
     def on_before_optimizer_step(
@@ -397,9 +427,9 @@ class DecorrelationCallback(Callback):
             # Later hooks of this batch (other callbacks, ModelCheckpoint, the module's own), validation and the next
             # forward read R: the main stream waits for the update here (on the device, no host sync).
             self._wait()
-        every = trainer.log_every_n_steps
-        # Lightning writes step metrics on the stepping batch after every `every`-th optimizer step.
-        if not self._fresh or every <= 0 or not stepped or trainer.global_step % every != 0:
+        self._warn_waiting_rows()
+        # Log only where Lightning writes, so that the mean covers every update since the last written value.
+        if not self._fresh or not stepped or not self._lightning_writes(trainer):
             return
         self._fresh = False
         metrics = {"decor/loss": self._metric.compute()}
@@ -411,6 +441,20 @@ class DecorrelationCallback(Callback):
         if skipped is not None:
             metrics["decor/skipped"] = skipped
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _warn_waiting_rows(self) -> None:
+        """Warn once when a layer's rows waited so long that only a sample is kept (host integers, no sync)."""
+        if self._warned_waiting:
+            return
+        waiting = [name for name, layer in self._layers.items() if layer.decor_rows_seen() > layer.decor_pending_rows()]
+        if waiting:
+            self._warned_waiting = True
+            rank_zero_warn(
+                f"DecorrelationCallback: layers {waiting} captured more than {PENDING_FORWARDS} forwards' worth of "
+                "input rows without an update of R; a uniform sample of that many is kept. R moves on optimizer steps "
+                "that go through Lightning (automatic optimisation, or `self.optimizers()` under manual "
+                "optimisation): steps of a raw optimizer, or an optimizer that never steps, do not move it."
+            )
 
     def _check_skipped(self) -> Tensor | None:
         """The total of skipped layer updates; warns (once per new skip) naming the layers. One host read."""
@@ -448,6 +492,34 @@ class DecorrelationCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._engine is not None and state_dict:
             self._engine.load_state_dict(state_dict)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._weight_grads = {name: _grad_mark(layer.weight) for name, layer in self._layers.items()}
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Once per fit, after its first backward: a layer whose weight received a gradient but whose forward was not
+        # called was used through its `.weight` (e.g. `F.linear(x, layer.weight)`), which holds the raw W, not W R.
+        marks, self._weight_grads = self._weight_grads, None
+        if not marks:
+            return
+        bypassed = [
+            name
+            for name, layer in self._layers.items()
+            if (layer.decor_collect or layer.decor_record)  # its forwards note themselves in this batch
+            and layer.decor_rows_seen() == 0
+            and layer.decor_seen_forwards == 0
+            and _got_grad(layer.weight, marks[name])
+        ]
+        if bypassed:
+            rank_zero_warn(
+                f"DecorrelationCallback: the weights of {bypassed} received a gradient in the first training batch, "
+                "but their forward was not called: code that reads `.weight` directly (e.g. "
+                "`F.linear(x, layer.weight)`) computes with the raw W instead of W @ R, and R does not move. Call the "
+                "layer instead, or leave it out with `exclude`. (A penalty on the weights of a layer that this batch "
+                "did not use gives such a gradient too; then there is nothing to fix.)"
+            )
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:
         """The patched layers by qualified name."""

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_rows", "count_group"]
+__all__ = ["all_gather_rows", "count_group", "destroy_count_group"]
 
 
 def count_group() -> dist.ProcessGroup | None:
@@ -24,6 +24,13 @@ def count_group() -> dist.ProcessGroup | None:
         return None
     group = dist.new_group(backend="gloo")  # every rank is a member
     return group if isinstance(group, dist.ProcessGroup) else None
+
+
+def destroy_count_group(group: dist.ProcessGroup | None) -> None:
+    """Destroy a group made by :func:`count_group` (``None``, the default group, is left alone), so that repeated
+    fits do not accumulate gloo groups and their sockets. Local: ranks need not call it together."""
+    if group is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group(group)
 
 
 def all_gather_rows(

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lightning_decor.attention import restore_containers, route_containers
 from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
-from lightning_decor.distributed import all_gather_rows, count_group
+from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import block_decorrelation_step
 from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
 from lightning_decor.plan import LayerPlan, LayerShape, Plan, make_plan, measure_costs
@@ -200,9 +200,7 @@ class Decorrelator:
         for layer in self.layers.values():
             layer.decor_collect = layer.decor_record = False
             layer.decor_take_rows()
-        if self._counts_group is not None and dist.is_available() and dist.is_initialized():
-            with contextlib.suppress(Exception):  # already gone with the default group
-                dist.destroy_process_group(self._counts_group)
+        destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
         self._counts_group = None
 
     def fold(self) -> list[str]:

@@ -53,6 +53,49 @@ __all__ = [
 ]
 
 
+# Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
+# of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
+PENDING_FORWARDS = 64
+
+
+def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Reservoir sampling (Vitter's algorithm R) of rows, vectorised: ``kept`` (k, d) is a uniform sample without
+    replacement of the ``seen`` rows so far; returns one of the ``seen + len(new)`` rows. Row ``t`` (0-based, in
+    arrival order) draws ``j`` uniform in ``[0, t]`` and takes slot ``j`` when ``j < k``, the later row winning a slot
+    drawn twice, as in the sequential algorithm. Fixed shapes and no host read: no device synchronisation."""
+    k, q, dev = kept.shape[0], new.shape[0], kept.device
+    t = seen + torch.arange(q, device=dev, dtype=torch.float64)  # float64: exact for any realistic count
+    slot = (torch.rand(q, device=dev, dtype=torch.float64, generator=generator) * (t + 1)).long().clamp_(max=k)
+    owner = torch.full((k + 1,), -1, dtype=torch.long, device=dev)  # slot k collects the rows that stay out
+    owner.scatter_reduce_(0, slot, torch.arange(q, device=dev), reduce="amax")
+    owner = owner[:k]
+    return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
+
+
+def _checkpoint_recomputation() -> bool:
+    """Whether this forward is ``torch.utils.checkpoint``'s recomputation during backward (``use_reentrant=False``),
+    whose rows its first forward captured already.
+
+    Told by two things torch does not expose publicly: a backward is running (the graph task id), and the innermost
+    saved-tensor hooks are the checkpoint's own (marked ``_checkpoint_internal``; ``_recomputation_hook`` by name in
+    older torch). The reentrant variant runs its first forward without grad (nothing captured) and recomputes without
+    such hooks, so its recomputation is captured, once. Where these internals are missing the answer is ``False``
+    (rows are captured twice, as before).
+    """
+    try:
+        if torch._C._current_graph_task_id() == -1:  # outside any backward: a first forward
+            return False
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError):  # another torch: no way to tell
+        return False
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    return bool(getattr(pack, "_checkpoint_internal", False)) or "_recomputation_hook" in getattr(
+        pack, "__qualname__", ""
+    )
+
+
 class DecorrelatedLayer(nn.Module):
     """Mixin of the patched layers. Not instantiated directly: :func:`decorrelate` swaps a layer's class.
 
@@ -65,7 +108,8 @@ class DecorrelatedLayer(nn.Module):
             identity, e.g. before a plan is made). All three compute ``W (R x)``.
         decor_collect: Whether training forwards keep a sample of their input rows.
         decor_record: Whether training forwards count their rows and calls (for the cost plan).
-        decor_sample_fraction: Fraction of the batch's samples (images, or rows for Linear) kept.
+        decor_sample_fraction: Fraction of the batch's samples (images; for Linear, rows over all leading
+            dimensions) kept.
         decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
         decor_generator: Random generator for the row subset (``None``: torch's global one).
     """
@@ -84,6 +128,8 @@ class DecorrelatedLayer(nn.Module):
     decor_seen_forwards: int
     decor_seen_stat_rows: int
     _decor_rows: list[Tensor]
+    _decor_seen: int
+    _decor_largest: int
 
     def _decor_init(self, block: int | None = None) -> None:
         self.register_buffer("decor_R", torch.empty(0), persistent=False)
@@ -97,6 +143,8 @@ class DecorrelatedLayer(nn.Module):
         self.decor_seen_forwards = 0
         self.decor_seen_stat_rows = 0
         self._decor_rows = []
+        self._decor_seen = 0  # rows captured since the last update (more than are kept once sampling began)
+        self._decor_largest = 0  # the largest capture since the last update
 
     @torch.no_grad()
     def decor_set_layout_(self, block: int | None, form: str) -> None:
@@ -184,17 +232,43 @@ class DecorrelatedLayer(nn.Module):
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
         # Eager even inside torch.compile (one graph break): the growing list, the counters and the private
         # generator stay out of the graph and its guards, so a compiled model does not recompile as rows accumulate.
+        if _checkpoint_recomputation():  # activation checkpointing: these rows were captured in the first forward
+            return
         if self.decor_record:
             rows = self.decor_rows_per_forward(input)
             self.decor_seen_rows += rows
             self.decor_seen_forwards += 1
             self.decor_seen_stat_rows += self._decor_stat_rows(input, rows)
         if self.decor_collect:
-            self._decor_rows.append(self.decor_sample_rows(input))
+            self._decor_store(self.decor_sample_rows(input))
+
+    def _decor_store(self, rows: Tensor) -> None:
+        """Keep ``rows`` for the next update; past ``PENDING_FORWARDS`` forwards' worth of rows (an optimizer that
+        steps outside the callback's sight, or never), keep a uniform sample of that many of all rows instead."""
+        n = rows.shape[0]
+        if n == 0:  # e.g. sequences of length 0: nothing to keep (an update needs at least one row)
+            return
+        self._decor_largest = max(self._decor_largest, n)
+        limit = PENDING_FORWARDS * self._decor_largest
+        pending = self.decor_pending_rows()
+        seen = max(self._decor_seen, pending)  # rows appended to `_decor_rows` by other code count as seen too
+        if seen == pending and seen + n <= limit:
+            self._decor_rows.append(rows)  # the usual case: every row waits for the update
+        elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
+            every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
+            drawn = torch.randperm(every.shape[0], device=every.device, generator=self.decor_generator)[:limit]
+            self._decor_rows = [every[drawn]]
+        else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
+            kept, *later = self._decor_rows  # rows appended by other code since then arrive with these
+            new = torch.cat([*(r.to(rows.dtype) for r in later), rows]) if later else rows
+            self._decor_rows = [_uniform_sample_update(kept, seen, new, self.decor_generator)]
+            n = new.shape[0]
+        self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        """The raw input rows this layer keeps from one training forward (detached): the first
-        ``ceil(decor_sample_fraction * N)`` samples, at most ``decor_max_rows`` rows of them drawn at random."""
+        """The raw input rows this layer keeps from one training forward (detached): those of the first
+        ``ceil(decor_sample_fraction * N)`` samples (for Linear: rows over all leading dimensions), at most
+        ``decor_max_rows`` of them drawn at random."""
         raise NotImplementedError
 
     def _apply(self, fn: Any, recurse: bool = True) -> DecorrelatedLayer:
@@ -216,12 +290,18 @@ class DecorrelatedLayer(nn.Module):
         return self.decor_fused_weight() if self.decor_form == "fused" else self.weight
 
     def decor_pending_rows(self) -> int:
-        """Number of input rows collected since the last update."""
+        """Number of input rows kept for the next update (at most ``PENDING_FORWARDS`` forwards' worth)."""
         return sum(r.shape[0] for r in self._decor_rows)
+
+    def decor_rows_seen(self) -> int:
+        """Number of input rows captured since the last update; more than :meth:`decor_pending_rows` once so many
+        waited that only a uniform sample of them is kept."""
+        return self._decor_seen
 
     def decor_take_rows(self) -> Tensor | None:
         """Remove and return the collected rows as one ``(n, d)`` tensor, or ``None`` when there are none."""
         rows, self._decor_rows = self._decor_rows, []
+        self._decor_seen = self._decor_largest = 0
         if not rows:
             return None
         return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
@@ -240,9 +320,16 @@ class DecorrelatedLayer(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A state dict holds the fused W @ R under "weight" (see _save_to_state_dict): loading it into W means the
         # layer must restart from R = I to compute the same function. (Resuming training restores raw W and R
-        # afterwards, from the callback's own state.)
+        # afterwards, from the callback's own state.) Only when "weight" really loads: after a failed load (e.g. a
+        # size mismatch under strict=False, reported by load_state_dict after every module has loaded) W and R must
+        # stay as they were, so the layer keeps its function.
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        loads = torch.overrides.is_tensor_like(value) and tuple(value.shape) == tuple(self.weight.shape)
+        error_msgs: list[str] = kwargs["error_msgs"] if "error_msgs" in kwargs else args[4]
+        known_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight" in state_dict:
+        if loads and not any(f'"{key}"' in msg or f"for {key}:" in msg for msg in error_msgs[known_errors:]):
             with torch.no_grad():
                 eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
                 self.decor_R.copy_(eye.expand_as(self.decor_R))
@@ -270,11 +357,21 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
         return input.numel() // input.shape[-1]
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        rows = input.detach().reshape(-1, input.shape[-1])  # (N * T, in_features)
-        k = self._decor_n_samples(rows.shape[0])
-        if k < rows.shape[0] and (self.decor_max_rows is None or k <= self.decor_max_rows):
-            return rows[:k].clone()  # a copy: a view would keep the whole activation alive until the update
-        return self._decor_cap(rows[:k])
+        """The input rows this layer keeps from one training forward (detached): every row when
+        ``ceil(decor_sample_fraction * rows)`` (at most ``decor_max_rows``) covers them all, otherwise that many
+        rows drawn uniformly, with replacement, over all leading dimensions (samples and sequence positions alike:
+        the first rows in memory order would all come from the first sequences)."""
+        x = input.detach()
+        lead = x.shape[:-1]  # (N, T, ...): one row per entry
+        total = math.prod(lead)
+        keep = self._decor_n_samples(total)
+        if self.decor_max_rows is not None:
+            keep = min(keep, self.decor_max_rows)
+        if keep >= total:
+            return x.reshape(-1, x.shape[-1])  # (N * T, in_features)
+        drawn = torch.randint(total, (keep,), device=x.device, generator=self.decor_generator)
+        # (keep, in_features), gathered row by row: O(keep * in_features), no copy of the whole activation
+        return x[torch.unravel_index(drawn, lead)]
 
 
 class _DecorrelatedConvNd(DecorrelatedLayer):
@@ -531,7 +628,7 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
     for attr in (
         "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
         "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
-        "_decor_index",
+        "_decor_index", "_decor_seen", "_decor_largest",
     ):  # fmt: skip
         layer.__dict__.pop(attr, None)
     layer.__class__ = layer._decor_base  # type: ignore[assignment]

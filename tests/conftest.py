@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -83,6 +86,14 @@ def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:  # type: ignore[no-untyped-
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def checkout_env() -> dict[str, str]:
+    """The environment for a subprocess that must import this checkout's ``lightning_decor``: a script's folder comes
+    first on its path, not the working directory, so it would import whichever copy is installed (another checkout's
+    editable install, a wheel), and compare the test with other code than this one."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
 @pytest.fixture(autouse=True)
