@@ -340,6 +340,16 @@ def test_block_size_without_an_equal_split_keeps_a_linear_dense() -> None:
     assert lin.decor_R.shape == (7, 7)
 
 
+def test_a_linear_wider_than_max_features_without_an_equal_split_stays_plain() -> None:
+    # 17 features, a prime: no equal split into blocks of at most 8, and a dense 17 x 17 R is over max_features=10.
+    # (It used to fall back to a dense R, bypassing max_features.)
+    net = nn.Sequential(nn.Linear(17, 4), nn.Linear(4, 2))
+    reasons = eligible_layers(net, max_features=10, block_size=8)
+    assert reasons["0"] is not None and "no equal split into blocks of at most 8 fits" in reasons["0"]
+    assert decorrelate(net, max_features=10, block_size=8) == ["1"]
+    assert type(net[0]) is nn.Linear
+
+
 def test_strided_conv_cap_between_patches_and_pixels_keeps_distinct_patches() -> None:
     conv = nn.Conv2d(1, 1, 2, stride=2)  # 4x4 input: 16 pixels but only 4 patches per image
     decorrelate(conv)
