@@ -9,18 +9,16 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
 from lightning_decor.engine import Decorrelator
-from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
+from lightning_decor.pictures import TensorBoardPictures
 
 __all__ = ["DecorrelationCallback"]
 
@@ -35,26 +33,6 @@ def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bo
     """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
     grad, (old, version) = param.grad, mark
     return grad is not None and (old is None or old() is not grad or grad._version != version)
-
-
-_PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
-_HISTOGRAM_BINS = 64
-
-
-def _histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
-    """The arguments of ``SummaryWriter.add_histogram_raw`` for ``values``, counted on their device (sort and
-    search are deterministic, unlike ``histc`` on CUDA), so only ``bins`` numbers reach the host."""
-    v = values.detach().flatten().float().sort().values
-    lo, hi, total, total_sq = torch.stack([v[0], v[-1], v.sum(), v.square().sum()]).tolist()
-    top = hi if hi > lo else lo + 1.0  # all equal (R = I has only zeros off the diagonal): one visible bin
-    limits = torch.linspace(lo, top, bins + 1, device=v.device, dtype=v.dtype)[1:]
-    below = torch.searchsorted(v, limits, right=True)  # values <= each upper limit
-    below[-1] = v.numel()
-    counts = torch.diff(below, prepend=below.new_zeros(1))
-    return dict(
-        min=lo, max=hi, num=v.numel(), sum=total, sum_squares=total_sq,
-        bucket_limits=limits.tolist(), bucket_counts=counts.tolist(),
-    )  # fmt: skip
 
 
 # Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
@@ -150,7 +128,8 @@ class DecorrelationCallback(Callback):
             such as ``"layer4"`` also matches the modules below it.
         exclude: Patterns of layers to leave plain (e.g. the classifier head).
         max_features: Layers whose ``d`` exceeds this stay plain, with a warning (``R`` takes ``4 d^2`` bytes: a
-            VGG classifier's ``d = 25088`` would need 2.4 GiB). ``None`` for no limit.
+            VGG classifier's ``d = 25088`` would need 2.4 GiB), unless ``block_size <= max_features`` gives them
+            blocks. ``None`` for no limit.
         block_size: Layers with ``d > block_size`` get a block-diagonal ``R`` of equal blocks of at most this many
             features (whole input channels for convolutions): fusing ``W @ R`` then costs ``2 C_out d b`` instead of
             ``2 C_out d^2`` flops and only correlations within a block are removed. ``None``: dense ``R`` allowed.
@@ -236,8 +215,7 @@ class DecorrelationCallback(Callback):
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
         self._update_due = False  # the stepping batch updates R at its end
-        self._picture_hook: RemovableHandle | None = None
-        self._picture_input: Tensor | None = None
+        self._pictures = TensorBoardPictures(every, log_correlation_image, log_image_every_n_epochs)
 
     @property
     def engine(self) -> Decorrelator | None:
@@ -346,7 +324,7 @@ class DecorrelationCallback(Callback):
         self._metric = self._metric.to(device)
 
     def _release(self, fold_layers: bool) -> None:
-        self._stop_picture_input()
+        self._pictures.stop()
         if self._engine is None:
             return
         if fold_layers:
@@ -527,108 +505,16 @@ class DecorrelationCallback(Callback):
 
     # ------------------------------------------------------------------ TensorBoard pictures (opt-in, epoch end)
     def _check_picture_layer(self) -> None:
-        name = self.log_correlation_image
-        if name is not None and name not in self._layers:
-            raise ValueError(
-                f"Expected `log_correlation_image` to name a decorrelated layer, one of {sorted(self._layers)}, "
-                f"but got {name!r}."
-            )
-        if name is not None and isinstance(self._layers[name], nn.MultiheadAttention):
-            raise ValueError(
-                "Expected `log_correlation_image` to name a Linear or convolution, but got "
-                f"{name!r}, an attention in-projection (one R per input); its out_proj can be drawn."
-            )
-
-    @staticmethod
-    def _due(trainer: Trainer, every: int | None) -> bool:
-        return every is not None and (trainer.current_epoch + 1) % every == 0
-
-    def _tensorboards(self, trainer: Trainer) -> list[Any]:
-        """The ``SummaryWriter`` of every ``TensorBoardLogger`` on rank zero (other loggers have no pictures)."""
-        if not trainer.is_global_zero:
-            return []
-        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-    @torch.compiler.disable  # eager even in a compiled model, as the layers' own row capture
-    def _keep_picture_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if args and module.training and torch.is_grad_enabled():
-            self._picture_input = args[0].detach()  # a reference, no copy: replaced by the next training forward
-
-    def _picture_layer(self) -> bool:
-        """Whether the ``log_correlation_image`` layer is still decorrelated; warns once when the plan left it plain."""
-        if self.log_correlation_image in self._layers:
-            return True
-        if not getattr(self, "_warned_picture", False):
-            self._warned_picture = True
-            rank_zero_warn(
-                f"DecorrelationCallback: the plan left {self.log_correlation_image!r} plain (over the `max_overhead` "
-                "budget), so it has no correlation picture. Raise `max_overhead` or pick another layer."
-            )
-        return False
-
-    def _stop_picture_input(self) -> None:
-        if self._picture_hook is not None:
-            self._picture_hook.remove()
-        self._picture_hook, self._picture_input = None, None
+        self._pictures.check(self._layers)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        wanted = self.log_correlation_image is not None and self._due(trainer, self.log_image_every_n_epochs)
-        if wanted and self._picture_hook is None and self._tensorboards(trainer) and self._picture_layer():
-            layer = self._layers[self.log_correlation_image]  # type: ignore[index]
-            self._picture_hook = layer.register_forward_hook(self._keep_picture_input)
-        if trainer.current_epoch == 0 and not getattr(trainer, "fast_dev_run", False) and trainer.is_global_zero:
-            pictures = self.log_histograms_every_n_epochs is not None or self.log_correlation_image is not None
-            if pictures and not self._tensorboards(trainer):
-                rank_zero_warn(
-                    "DecorrelationCallback: `log_histograms_every_n_epochs`/`log_correlation_image` log only through "
-                    "a TensorBoardLogger, and the Trainer has none; nothing will be drawn."
-                )
+        self._pictures.epoch_start(trainer, self._layers)
 
     @override
     @torch.no_grad()
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.log_every_n_steps <= 0:  # no step logging: still warn about skipped updates once an epoch
             self._check_skipped()
-        writers = self._tensorboards(trainer)
-        if not writers or not self._layers:
-            return
         self._wait()  # R may still be moving on the side stream
-        step = trainer.global_step
-        if self._due(trainer, self.log_histograms_every_n_epochs):
-            for name, layer in self._layers.items():
-                entries = off_diagonal(layer.decor_R)
-                if entries.numel() == 0:  # d = 1
-                    continue
-                histogram = _histogram(entries)
-                for writer in writers:
-                    writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **histogram)
-        x = self._picture_input
-        if self.log_correlation_image is not None and x is not None and self._picture_layer():
-            layer = self._layers[self.log_correlation_image]
-            picture = correlation_picture(self._picture_rows(layer, x), layer.decor_R).cpu()
-            for writer in writers:
-                writer.add_image(f"decor/correlation/{self.log_correlation_image}", picture, step, dataformats="CHW")
-        self._stop_picture_input()
-
-    @staticmethod
-    def _picture_rows(layer: DecorrelatedLayer, x: Tensor) -> Tensor:
-        """The raw input rows behind the correlation picture: at most 8192 rows of the layer's input ``x``
-        (im2col patches for a convolution), drawn with a fixed seed so that pictures do not move the training RNG."""
-        generator = torch.Generator(device=x.device).manual_seed(0)
-        if isinstance(layer, nn.Linear):
-            rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
-            if rows.shape[0] > _PICTURE_ROWS:
-                rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
-            return rows
-        conv: Any = layer  # a Conv1d/2d/3d with groups == 1
-        x = x if x.dim() == conv.weight.dim() else x.unsqueeze(0)  # unbatched input
-        geometry: dict[str, Any] = dict(
-            stride=conv.stride,
-            padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-            dilation=conv.dilation,
-            padding_mode=conv.padding_mode,
-        )
-        if x[:, 0].numel() > _PICTURE_ROWS:  # more patches (for stride 1) than needed
-            return sample_conv_patch_rows(x, _PICTURE_ROWS, conv.kernel_size, generator=generator, **geometry)
-        return conv_patch_rows(x, conv.kernel_size, **geometry)  # (N * positions, d)
+        self._pictures.epoch_end(trainer, self._layers)

@@ -137,7 +137,7 @@ def test_picture_hook_is_removed_after_an_exception(tmp_path) -> None:  # type: 
         trainer.fit(model)
     assert hooked == [True]  # the hook was there when the exception came
     assert not any(m._forward_hooks for m in model.modules())
-    assert cb._picture_input is None  # no batch kept alive
+    assert cb._pictures.input is None  # no batch kept alive
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,170 @@
+"""The opt-in TensorBoard pictures of ``DecorrelationCallback``: histograms of each ``R`` and an image of one
+layer's input correlations before and after decorrelation, written at the end of a training epoch.
+
+Only through a Lightning ``TensorBoardLogger``, on rank zero; the picture math is in :mod:`lightning_decor.functional`
+(``off_diagonal``, ``correlation_picture``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
+from lightning_decor.layers import DecorrelatedLayer
+
+__all__ = ["TensorBoardPictures", "histogram", "picture_rows"]
+
+_PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
+_HISTOGRAM_BINS = 64
+
+
+def histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
+    """The arguments of ``SummaryWriter.add_histogram_raw`` for ``values``, counted on their device (sort and
+    search are deterministic, unlike ``histc`` on CUDA), so only ``bins`` numbers reach the host."""
+    v = values.detach().flatten().float().sort().values
+    lo, hi, total, total_sq = torch.stack([v[0], v[-1], v.sum(), v.square().sum()]).tolist()
+    top = hi if hi > lo else lo + 1.0  # all equal (R = I has only zeros off the diagonal): one visible bin
+    limits = torch.linspace(lo, top, bins + 1, device=v.device, dtype=v.dtype)[1:]
+    below = torch.searchsorted(v, limits, right=True)  # values <= each upper limit
+    below[-1] = v.numel()
+    counts = torch.diff(below, prepend=below.new_zeros(1))
+    return dict(
+        min=lo, max=hi, num=v.numel(), sum=total, sum_squares=total_sq,
+        bucket_limits=limits.tolist(), bucket_counts=counts.tolist(),
+    )  # fmt: skip
+
+
+def picture_rows(layer: DecorrelatedLayer, x: Tensor) -> Tensor:
+    """The raw input rows behind the correlation picture: at most 8192 rows of the layer's input ``x`` (im2col
+    patches for a convolution, all groups side by side), drawn with a fixed seed so that pictures do not move the
+    training RNG."""
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
+        if rows.shape[0] > _PICTURE_ROWS:
+            rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
+        return rows
+    conv: Any = layer  # a Conv1d/2d/3d
+    x = x if x.dim() == conv.weight.dim() else x.unsqueeze(0)  # unbatched input
+    geometry: dict[str, Any] = dict(
+        stride=conv.stride,
+        padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        dilation=conv.dilation,
+        padding_mode=conv.padding_mode,
+    )
+    if x[:, 0].numel() > _PICTURE_ROWS:  # more patches (for stride 1) than needed
+        return sample_conv_patch_rows(x, _PICTURE_ROWS, conv.kernel_size, generator=generator, **geometry)
+    return conv_patch_rows(x, conv.kernel_size, **geometry)  # (N * positions, d)
+
+
+class TensorBoardPictures:
+    """What ``DecorrelationCallback``'s picture arguments ask for, at the end of every N-th training epoch.
+
+    Args:
+        histograms_every: Every this many epochs, ``decor/R_offdiag/<layer>``: a histogram of the off-diagonal
+            entries of each layer's ``R`` (``None``: never).
+        image_layer: The layer whose input correlations become ``decor/correlation/<layer>`` (``None``: none).
+        image_every: Every this many epochs, that image, from the layer's last training input of the epoch (kept by
+            reference through a forward hook during due epochs: no copy, no device sync per step).
+    """
+
+    def __init__(self, histograms_every: int | None, image_layer: str | None, image_every: int) -> None:
+        self.histograms_every = histograms_every
+        self.image_layer = image_layer
+        self.image_every = image_every
+        self.input: Tensor | None = None  # the image layer's latest training input, during due epochs
+        self._hook: RemovableHandle | None = None
+        self._warned_plain = False
+
+    def check(self, layers: dict[str, DecorrelatedLayer]) -> None:
+        """Refuse an image layer that is not decorrelated, or an attention in-projection (three ``R``)."""
+        name = self.image_layer
+        if name is not None and name not in layers:
+            raise ValueError(
+                f"Expected `log_correlation_image` to name a decorrelated layer, one of {sorted(layers)}, "
+                f"but got {name!r}."
+            )
+        if name is not None and isinstance(layers[name], nn.MultiheadAttention):
+            raise ValueError(
+                "Expected `log_correlation_image` to name a Linear or convolution, but got "
+                f"{name!r}, an attention in-projection (one R per input); its out_proj can be drawn."
+            )
+
+    @staticmethod
+    def _due(trainer: Trainer, every: int | None) -> bool:
+        return every is not None and (trainer.current_epoch + 1) % every == 0
+
+    @staticmethod
+    def _writers(trainer: Trainer) -> list[Any]:
+        """The ``SummaryWriter`` of every ``TensorBoardLogger`` on rank zero (other loggers have no pictures)."""
+        if not trainer.is_global_zero:
+            return []
+        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _image_layer_kept(self, layers: dict[str, DecorrelatedLayer]) -> bool:
+        """Whether the image layer is still decorrelated; warns once when the cost plan left it plain."""
+        if self.image_layer in layers:
+            return True
+        if not self._warned_plain:
+            self._warned_plain = True
+            rank_zero_warn(
+                f"DecorrelationCallback: the plan left {self.image_layer!r} plain (over the `max_overhead` budget), "
+                "so it has no correlation picture. Raise `max_overhead` or pick another layer."
+            )
+        return False
+
+    @torch.compiler.disable  # eager even in a compiled model, as the layers' own row capture
+    def _keep_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and module.training and torch.is_grad_enabled():
+            self.input = args[0].detach()  # a reference, no copy: replaced by the next training forward
+
+    def stop(self) -> None:
+        """Remove the input hook and drop the kept input."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self.input = None, None
+
+    def epoch_start(self, trainer: Trainer, layers: dict[str, DecorrelatedLayer]) -> None:
+        """Hook the image layer's input in a due epoch; warn once when the pictures have no TensorBoard to go to."""
+        wanted = self.image_layer is not None and self._due(trainer, self.image_every)
+        if wanted and self._hook is None and self._writers(trainer) and self._image_layer_kept(layers):
+            self._hook = layers[self.image_layer].register_forward_hook(self._keep_input)  # type: ignore[index]
+        if trainer.current_epoch == 0 and not getattr(trainer, "fast_dev_run", False) and trainer.is_global_zero:
+            pictures = self.histograms_every is not None or self.image_layer is not None
+            if pictures and not self._writers(trainer):
+                rank_zero_warn(
+                    "DecorrelationCallback: `log_histograms_every_n_epochs`/`log_correlation_image` log only through "
+                    "a TensorBoardLogger, and the Trainer has none; nothing will be drawn."
+                )
+
+    @torch.no_grad()
+    def epoch_end(self, trainer: Trainer, layers: dict[str, DecorrelatedLayer]) -> None:
+        """Write the due pictures (the step axis is ``trainer.global_step``); ``R`` must be settled (no update in
+        flight on a side stream)."""
+        writers = self._writers(trainer)
+        if not writers or not layers:
+            self.stop()
+            return
+        step = trainer.global_step
+        if self._due(trainer, self.histograms_every):
+            for name, layer in layers.items():
+                entries = off_diagonal(layer.decor_R)
+                if entries.numel() == 0:  # d = 1
+                    continue
+                counted = histogram(entries)
+                for writer in writers:
+                    writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **counted)
+        x = self.input
+        if self.image_layer is not None and x is not None and self._image_layer_kept(layers):
+            layer = layers[self.image_layer]
+            picture = correlation_picture(picture_rows(layer, x), layer.decor_R).cpu()
+            for writer in writers:
+                writer.add_image(f"decor/correlation/{self.image_layer}", picture, step, dataformats="CHW")
+        self.stop()
