@@ -9,6 +9,7 @@ import inspect
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -284,6 +285,58 @@ def test_readme_plain_pytorch_usage_runs() -> None:
     assert all(p.form != "plain" for p in dec.plan.layers.values())
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())  # "a plain model again"
     assert not torch.equal(model[0].weight, reference[0].weight)  # it trained
+
+
+FABRIC_PRELUDE = """
+import os, sys, time
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+initial = {k: v.clone() for k, v in model.state_dict().items()}
+g = torch.Generator().manual_seed(1)
+x = torch.randn(512, 8, generator=g) @ (torch.randn(8, 8, generator=g) + 2.0)
+data = TensorDataset(x, (x[:, 0] > 0).long())
+
+def slow_collate(batch):  # a loader as slow as a real one (50 ms a batch), so the plan keeps both layers
+    time.sleep(0.05)
+    return torch.utils.data.default_collate(batch)
+
+loader = DataLoader(data, batch_size=32, collate_fn=slow_collate)  # 8 batches of each rank's 256 samples
+"""
+
+FABRIC_EPILOGUE = """
+torch.save(
+    {"state": {k: v.detach().cpu() for k, v in dec.model.state_dict().items()}, "initial": initial,
+     "updates": dec.updates, "plan": dec.plan.state_dict(), "plain": not dec.layers},
+    os.path.join(os.environ["OUT"], f"rank{fabric.global_rank}.pt"),
+)
+"""
+
+
+def test_readme_fabric_usage_runs_on_two_processes_with_identical_r(tmp_path: Path) -> None:
+    (snippet,) = code_blocks(section("Usage with Lightning Fabric"), "python")
+    script = tmp_path / "fabric_snippet.py"
+    script.write_text(FABRIC_PRELUDE + snippet + FABRIC_EPILOGUE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**checkout_env(), "OUT": str(tmp_path), "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    for var in ("MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["updates"] == 8 - 3 and rank["plain"]  # R moved after the 3 measured steps; folded at the end
+        assert all(p["form"] != "plain" for p in rank["plan"]["layers"].values())
+    assert ranks[0]["plan"] == ranks[1]["plan"]  # rank 0's plan on both ranks
+    for name, value in ranks[0]["state"].items():  # the same trained function (W R folded) on both ranks
+        assert torch.equal(value, ranks[1]["state"][name]), name
+        assert not torch.equal(value, ranks[0]["initial"][name]), name  # it trained
 
 
 def test_readme_yaml_usage_parses(in_tmp: Path) -> None:
