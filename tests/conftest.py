@@ -33,17 +33,17 @@ class TinyModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss)
         return loss
 
-    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def train_dataloader(self) -> DataLoader:
@@ -73,7 +73,7 @@ class TinyConvModule(TinyModule):
         return DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)), batch_size=16)
 
 
-def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
+def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(
         default_root_dir=tmp_path,
         accelerator="cpu",

@@ -22,11 +22,11 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
@@ -40,7 +40,7 @@ NETS = {
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
-def test_architecture_trains_and_folds(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_architecture_trains_and_folds(name: str, tmp_path) -> None:
     module = Classifier(NETS[name]())
     reasons = eligible_layers(module)
     x = torch.randn(16, 3, 32, 32)

@@ -108,15 +108,15 @@ class TinyTransformer(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x).mean(1))
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
-    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", F.cross_entropy(self(x), y))
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
     def train_dataloader(self) -> DataLoader:
@@ -133,7 +133,7 @@ def sequences(n: int, seed: int = 0) -> TensorDataset:
 
 
 @pytest.mark.parametrize("fold_on_fit_end", [False, True])
-def test_validation_of_a_transformer_sees_the_trained_function(tmp_path, fold_on_fit_end: bool) -> None:  # type: ignore[no-untyped-def]
+def test_validation_of_a_transformer_sees_the_trained_function(tmp_path, fold_on_fit_end: bool) -> None:
     model = TinyTransformer()
     cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=1.0, max_rows=None, fold_on_fit_end=fold_on_fit_end)
     trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb])
@@ -178,7 +178,7 @@ def per_input(mha: nn.Module) -> list[torch.Tensor]:
 
 def two_step_reference(
     plain: nn.MultiheadAttention, Rs: list[torch.Tensor], R_out: torch.Tensor, query, key, value, **kwargs
-):  # type: ignore[no-untyped-def]
+):
     """R applied to the input rows, then the plain module: the inputs times R_q, R_k, R_v, PyTorch's attention with
     an identity output projection, then R_out on its output rows and the plain out_proj (W, b) by hand."""
     ref = copy.deepcopy(plain)
@@ -368,7 +368,7 @@ def raw_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:.*`ckpt_path`")
-def test_transformer_checkpoints_load_plainly_and_resume_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_transformer_checkpoints_load_plainly_and_resume_exactly(tmp_path) -> None:
     def fit(epochs: int, **kwargs: Any) -> tuple[TinyTransformer, pl.Trainer]:
         pl.seed_everything(0)
         model = TinyTransformer(dropout=0.0)  # no dropout: the global RNG is not part of a checkpoint
@@ -396,7 +396,7 @@ def test_transformer_checkpoints_load_plainly_and_resume_exactly(tmp_path) -> No
     assert (got["encoder.layers.0.self_attn.R"] - saved).abs().max() > 1e-3  # R moved on after the checkpoint
 
 
-def test_correlation_picture_of_an_attention_in_projection_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_correlation_picture_of_an_attention_in_projection_is_refused(tmp_path) -> None:
     model = TinyTransformer()
     cb = DecorrelationCallback(log_correlation_image="encoder.layers.0.self_attn")
     match = (

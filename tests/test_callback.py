@@ -23,7 +23,7 @@ def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:
     return decorrelation_loss(x @ R.T, kappa=0.5).item()
 
 
-def test_fit_moves_r_and_lowers_the_decorrelation_loss(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_fit_moves_r_and_lowers_the_decorrelation_loss(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(decor_lr=0.02, sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=5, callbacks=[cb]).fit(model)
@@ -35,7 +35,7 @@ def test_fit_moves_r_and_lowers_the_decorrelation_loss(tmp_path) -> None:  # typ
     assert first_layer_loss(model, R) < 0.5 * first_layer_loss(model)  # measured 0.024 against 7.7
 
 
-def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:
     model = TinyConvModule()
     cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=0.5)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
@@ -45,7 +45,7 @@ def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:  # type: 
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(log_per_layer=True, max_overhead=None)  # no plan: R moves from the first step
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
@@ -65,12 +65,12 @@ def test_decor_loss_reaches_csv_and_tensorboard(tmp_path) -> None:  # type: igno
     assert len(acc.Scalars("decor/loss")) == 8
 
 
-def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None:
     model = TinyModule()
     seen: list[int] = []
 
     class Spy(DecorrelationCallback):
-        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+        def update_(self, pl_module):
             seen.append(self._layers["net.0"].decor_pending_rows())
             super().update_(pl_module)
 
@@ -81,7 +81,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
     assert seen == [4 * 32, 4 * 32]  # rows of all four micro-batches pooled into each update
 
 
-def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(fold_on_fit_end=False, max_overhead=None)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb])
@@ -98,7 +98,7 @@ def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:  # type: igno
     trainer.validate(model, verbose=False)
 
 
-def test_checkpoint_loads_into_plain_module(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_loads_into_plain_module(tmp_path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     model = TinyModule()
@@ -118,7 +118,7 @@ def test_checkpoint_loads_into_plain_module(tmp_path) -> None:  # type: ignore[n
     torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
 
 
-def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(include=["nothing"])
     with pytest.warns(
@@ -131,9 +131,9 @@ def test_no_eligible_layer_warns_and_trains(tmp_path) -> None:  # type: ignore[n
     assert cb.updates == 0
 
 
-def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:
     class NanModule(TinyModule):
-        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        def training_step(self, batch, batch_idx):
             if batch_idx == 1:  # a forward on a corrupted copy: its rows reach the statistics, not the loss
                 x = batch[0].clone()
                 x[:, 0] = float("nan")  # every row: whichever rows are drawn, the statistics see a NaN
@@ -178,7 +178,7 @@ def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
         DecorrelationCallback(**kwargs)
 
 
-def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:
     model = TinyModule(hidden=16)
     cb = DecorrelationCallback(max_features=10, fold_on_fit_end=False, max_overhead=None)
     with pytest.warns(
@@ -194,11 +194,11 @@ def test_max_features_leaves_wide_layers_plain_with_a_warning(tmp_path) -> None:
         DecorrelationCallback(max_features="8")  # type: ignore[arg-type]
 
 
-def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> None:
     seen: list[tuple[int, int, int]] = []
 
     class Spy(DecorrelationCallback):
-        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+        def update_(self, pl_module):
             rows = self._layers["net.0"].decor_pending_rows()
             before = self.updates
             super().update_(pl_module)
@@ -218,7 +218,7 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
         DecorrelationCallback(update_every=None)  # type: ignore[arg-type]
 
 
-def test_block_size_gives_block_diagonal_r(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_block_size_gives_block_diagonal_r(tmp_path) -> None:
     model = TinyModule(d=8, hidden=16)
     cb = DecorrelationCallback(block_size=4, decor_lr=0.02, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
@@ -236,14 +236,14 @@ class AuxModule(TinyModule):
         super().__init__()
         self.aux = nn.Linear(8, 2)
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         if batch_idx % 2 == 0:
             loss = loss + self.aux(batch[0]).pow(2).mean()
         return loss
 
 
-def read_csv_metric(tmp_path, key: str) -> list[float]:  # type: ignore[no-untyped-def]
+def read_csv_metric(tmp_path, key: str) -> list[float]:
     import csv
 
     (path,) = glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))
@@ -251,11 +251,11 @@ def read_csv_metric(tmp_path, key: str) -> list[float]:  # type: ignore[no-untyp
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
-def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> None:
     per_step: list[torch.Tensor] = []
 
     class Spy(DecorrelationCallback):
-        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+        def update_(self, pl_module):
             super().update_(pl_module)
             per_step.append(self.engine.last_losses.clone())
 
@@ -272,7 +272,7 @@ def test_decor_loss_is_the_mean_over_layers_with_rows_and_steps(tmp_path) -> Non
         assert value == pytest.approx(window[torch.isfinite(window)].mean().item(), rel=1e-5)
 
 
-def test_update_every_still_logs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_update_every_still_logs(tmp_path) -> None:
     cb = DecorrelationCallback(update_every=2, fold_on_fit_end=False, max_overhead=None)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=2
                   ).fit(TinyModule())  # fmt: skip
@@ -287,7 +287,7 @@ class RawOptimizerSteps(TinyModule):
         self.automatic_optimization = False
         self.pending: list[int] = []
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         opt = self.optimizers().optimizer  # type: ignore[union-attr]  # the plain torch.optim.SGD
         opt.zero_grad()
         self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
@@ -298,7 +298,7 @@ class RawOptimizerSteps(TinyModule):
         return DataLoader(correlated_data(), batch_size=4, shuffle=True)  # 64 batches of 4 rows per epoch
 
 
-def test_rows_waiting_for_steps_that_bypass_lightning_stay_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_rows_waiting_for_steps_that_bypass_lightning_stay_bounded(tmp_path) -> None:
     model = RawOptimizerSteps()
     cb = DecorrelationCallback(sample_fraction=1.0, max_rows=None, fold_on_fit_end=False, max_overhead=None)
     with pytest.warns(UserWarning, match=r"layers \['net.0', 'net.2'\] captured more than 64 forwards' worth"):
@@ -318,7 +318,7 @@ class TwoOptimizersManual(TinyModule):
         self.automatic_optimization = False
         self.critic = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         opt_net, opt_critic = self.optimizers()  # type: ignore[misc]
         x, y = batch
         opt_net.zero_grad()
@@ -328,16 +328,16 @@ class TwoOptimizersManual(TinyModule):
         self.manual_backward(self.critic(self(x).detach()).pow(2).mean())
         opt_critic.step()
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(self.critic.parameters(), lr=0.05)
 
 
-def test_update_every_and_logging_count_batches_not_optimizer_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_update_every_and_logging_count_batches_not_optimizer_steps(tmp_path) -> None:
     updated: list[int] = []
     losses: list[torch.Tensor] = []
 
     class Spy(DecorrelationCallback):
-        def update_(self, pl_module):  # type: ignore[no-untyped-def]
+        def update_(self, pl_module):
             before = self.updates
             super().update_(pl_module)
             if self.updates > before:
@@ -374,12 +374,12 @@ class DirectWeight(TinyModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(torch.tanh(nn.functional.linear(x, self.proj.weight, self.proj.bias)))
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return loss + (self.aux(batch[0]).pow(2).mean() if batch_idx > 0 else 0.0)
 
 
-def test_a_weight_read_directly_is_named_in_a_warning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_weight_read_directly_is_named_in_a_warning(tmp_path) -> None:
     match = r"the weights of \['proj'\] received a gradient in the first training batch, but their forward was not"
     with pytest.warns(UserWarning, match=match):  # with the cost plan: the first batch is a measured plain one
         quiet_trainer(tmp_path, callbacks=[DecorrelationCallback()]).fit(DirectWeight())

@@ -26,7 +26,7 @@ class InOrderData(pl.LightningDataModule):
         return DataLoader(correlated_data(), batch_size=32, shuffle=False)
 
 
-def events(tmp_path) -> EventAccumulator:  # type: ignore[no-untyped-def]
+def events(tmp_path) -> EventAccumulator:
     acc = EventAccumulator(glob.glob(str(tmp_path / "tb" / "*"))[0], size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
     return acc
@@ -40,7 +40,7 @@ def abs_corr64(x: torch.Tensor) -> np.ndarray:
     return (c / torch.outer(s, s)).abs().numpy()
 
 
-def test_histograms_and_correlation_image_match_an_independent_reference(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_histograms_and_correlation_image_match_an_independent_reference(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(
         max_overhead=None,
@@ -91,7 +91,7 @@ def test_histograms_and_correlation_image_match_an_independent_reference(tmp_pat
     assert not any(m._forward_hooks for m in model.modules())  # the input hook is gone after fit
 
 
-def test_conv_layer_picture_uses_patch_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_conv_layer_picture_uses_patch_rows(tmp_path) -> None:
     cb = DecorrelationCallback(log_correlation_image="net.2", log_image_every_n_epochs=2, max_overhead=None)
     model = TinyConvModule()
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb], logger=TensorBoardLogger(tmp_path, name="tb")).fit(model)
@@ -100,7 +100,7 @@ def test_conv_layer_picture_uses_patch_rows(tmp_path) -> None:  # type: ignore[n
     assert not any(isinstance(m, DecorrelatedLayer) or m._forward_hooks for m in model.modules())
 
 
-def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:
     cb = DecorrelationCallback(log_histograms_every_n_epochs=1, log_correlation_image="net.0")
     trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path))
     with pytest.warns(UserWarning, match="log only through a TensorBoardLogger, and the Trainer has none"):
@@ -108,7 +108,7 @@ def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:  # type: ignore[n
     assert cb.updates == 8 - 3  # training went on (the first 3 steps measure the plain step for the plan)
 
 
-def test_unknown_picture_layer_fails_before_training_and_leaves_a_plain_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_picture_layer_fails_before_training_and_leaves_a_plain_model(tmp_path) -> None:
     model = TinyModule()
     cb = DecorrelationCallback(log_correlation_image="net.1")  # the Tanh: not a decorrelated layer
     match = (
@@ -120,11 +120,11 @@ def test_unknown_picture_layer_fails_before_training_and_leaves_a_plain_model(tm
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())
 
 
-def test_picture_hook_is_removed_after_an_exception(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_picture_hook_is_removed_after_an_exception(tmp_path) -> None:
     hooked: list[bool] = []
 
     class Crash(TinyModule):
-        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        def training_step(self, batch, batch_idx):
             if self.current_epoch == 1 and batch_idx == 3:
                 hooked.append(bool(self.net[0]._forward_hooks))
                 raise RuntimeError("boom")

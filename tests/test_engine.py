@@ -51,7 +51,7 @@ def inputs_of(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[torch.uti
     return seen, hooks
 
 
-def train(model: nn.Module, dec: Decorrelator, batches, record=None):  # type: ignore[no-untyped-def]
+def train(model: nn.Module, dec: Decorrelator, batches, record=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen, hooks = inputs_of(model)
     for x, y in batches:

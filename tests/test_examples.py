@@ -154,7 +154,7 @@ def test_config_builds_what_it_names_without_touching_the_disk(config: Path, in_
 
 
 @pytest.mark.parametrize("config", [p for p in CONFIGS if data_class(load(p)) in LOCAL_DATA], ids=lambda p: p.stem)
-def test_config_with_local_data_fits_one_batch(config: Path, fashion_dir: Path, in_tmp: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_config_with_local_data_fits_one_batch(config: Path, fashion_dir: Path, in_tmp: Path, capsys) -> None:
     args = [
         "--trainer.fast_dev_run=true",
         f"--data.init_args.data_dir={fashion_dir}",
@@ -199,7 +199,7 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
 
 
 # ------------------------------------------------------------------------------------ the callback's CLI arguments
-def test_print_config_shows_every_callback_argument_with_its_help(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_print_config_shows_every_callback_argument_with_its_help(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(
             ["--config", str(EXAMPLES / "configs" / "fashion_mnist_dbp.yaml"), "--print_config=comments"], run=False
@@ -349,7 +349,7 @@ def test_readme_yaml_usage_parses(in_tmp: Path) -> None:
     assert {k: getattr(cb, k) for k in init_args} == init_args
 
 
-def test_readme_train_commands_parse(in_tmp: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_readme_train_commands_parse(in_tmp: Path, capsys) -> None:
     (bash,) = code_blocks(section("Usage in YAML (LightningCLI)"), "bash")
     lines = [line for line in bash.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
     commands = [shlex.split(line) for line in lines if line.startswith("python examples/train.py")]

@@ -125,7 +125,7 @@ def test_errors_name_the_argument() -> None:
      ((2, 1), "replicate", (1, 1), (1, 1)), ((1, 1), "circular", (2, 2), (1, 1)), ("valid", "zeros", (1, 1), (1, 1)),
      ("same", "reflect", (1, 1), (1, 1))],
 )  # fmt: skip
-def test_sampled_patch_rows_are_patch_rows(padding, padding_mode, stride, dilation) -> None:  # type: ignore[no-untyped-def]
+def test_sampled_patch_rows_are_patch_rows(padding, padding_mode, stride, dilation) -> None:
     x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
     conv = torch.nn.Conv2d(2, 1, (3, 2), stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)

@@ -73,11 +73,11 @@ class Recorder(pl.Callback):
     def __init__(self) -> None:
         self.batches: list[dict[str, Any]] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         before = {name: R.clone() for name, R in decorrelation_matrices(pl_module).items()}
         self.batches.append({"x": batch[0].clone(), "before": before})
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batches[-1]["after"] = {name: R.clone() for name, R in decorrelation_matrices(pl_module).items()}
         self.batches[-1]["params"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
@@ -122,13 +122,13 @@ class IndexedData(TinyModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(256)), batch_size=32)  # 8 batches; only their number is used
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         x, y = correlated_data().tensors
         order = torch.randperm(256, generator=torch.Generator().manual_seed(1000 + self.current_epoch))
         idx = order[32 * batch_idx : 32 * (batch_idx + 1)]
         return F.cross_entropy(self(x[idx]), y[idx])
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -136,7 +136,7 @@ class CrashAt(pl.Callback):
     def __init__(self, epoch: int, batch_idx: int) -> None:
         self.at = (epoch, batch_idx)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if (trainer.current_epoch, batch_idx) == self.at:
             raise RuntimeError("crash")
 
@@ -226,10 +226,10 @@ class RankRecorder(Recorder):
         self.out = out
         self.broadcast: list[str] = []
 
-    def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+    def on_train_start(self, trainer, pl_module):
         self.broadcast = sorted(trainer.model.named_module_buffers)  # what DDP sends from rank 0 before a forward
 
-    def on_fit_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+    def on_fit_end(self, trainer, pl_module):
         (cb,) = [c for c in trainer.callbacks if isinstance(c, DecorrelationCallback)]
         plan = None if cb.plan is None else cb.plan.state_dict()
         record = dict(batches=self.batches, broadcast=self.broadcast, state_dict=pl_module.state_dict(), plan=plan)
@@ -376,7 +376,7 @@ def test_low_precision_keeps_statistics_and_r_in_float32(
 class NoLogModule(TinyModule):
     """Without `self.log` in the step, whose guards on Lightning's logger state recompile on their own."""
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
@@ -385,7 +385,7 @@ class FrameCounter(pl.Callback):
     def __init__(self) -> None:
         self.frames: list[int] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.frames.append(torch._dynamo.utils.counters["frames"]["ok"])  # frames compiled so far
 
 
@@ -442,7 +442,7 @@ class TwoOptimizers(TinyModule):
         self.automatic_optimization = False
         self.critic = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         opt_net, opt_critic = self.optimizers()
         x, y = batch
         opt_net.zero_grad()
@@ -452,7 +452,7 @@ class TwoOptimizers(TinyModule):
         self.manual_backward(self.critic(self(x).detach()).pow(2).mean())  # second forward through net
         opt_critic.step()
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(self.critic.parameters(), lr=0.05)
 
 
@@ -481,7 +481,7 @@ class GAN(pl.LightningModule):
         self.noise: list[torch.Tensor] = []
         self.fakes: list[torch.Tensor] = []
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         opt_g, opt_d = self.optimizers()
         x = batch[0]
         z = torch.randn(x.shape[0], 4)
@@ -497,7 +497,7 @@ class GAN(pl.LightningModule):
         self.manual_backward(g_loss)  # through the generator's graph built before the discriminator stepped
         opt_g.step()
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return (
             torch.optim.SGD(self.generator.parameters(), lr=0.05),
             torch.optim.SGD(self.discriminator.parameters(), lr=0.05),
@@ -529,11 +529,11 @@ class LBFGSModule(TinyModule):
         super().__init__()
         self.seen: list[tuple[int, torch.Tensor]] = []
 
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def training_step(self, batch, batch_idx):
         self.seen.append((batch_idx, self.net[0].decor_R.clone()))
         return super().training_step(batch, batch_idx)
 
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+    def configure_optimizers(self):
         return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
 
 
@@ -553,11 +553,11 @@ def test_lbfgs_closure_evaluations_of_one_step_see_the_same_r(tmp_path: Path) ->
 
 # ---------------------------------------------------------------------------------------------- 7. lifecycle
 class FullModule(TinyModule):
-    def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def test_step(self, batch, batch_idx):
         x, y = batch
         self.log("test_loss", F.cross_entropy(self(x), y))
 
-    def predict_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def predict_step(self, batch, batch_idx):
         return self(batch[0])
 
     def test_dataloader(self) -> DataLoader:
@@ -606,7 +606,7 @@ def test_callback_reused_by_a_new_trainer_updates_from_its_first_batch(tmp_path:
 class SnapshotAt(CrashAt):
     """Crashes like CrashAt, after keeping the model's (fused) state at that moment."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -632,7 +632,7 @@ def test_exception_mid_fit_leaves_a_usable_model(tmp_path: Path, fold_on_fit_end
 
 
 class OnTrainEndOutputs(pl.Callback):
-    def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]  (before the callbacks' on_fit_end)
+    def on_train_end(self, trainer, pl_module):  # before the callbacks' on_fit_end
         self.outputs = eval_outputs(pl_module)
         pl_module.train()
 
@@ -703,7 +703,7 @@ def test_activation_checkpointing_matches_a_run_without_it(tmp_path: Path, use_r
         pending[mode] = []
 
         class Spy(DecorrelationCallback):
-            def update_(self, pl_module):  # type: ignore[no-untyped-def]
+            def update_(self, pl_module):
                 pending[mode].append(self._layers["net.0"].decor_pending_rows())  # noqa: B023 (called in this loop)
                 super().update_(pl_module)
 

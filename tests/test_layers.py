@@ -491,7 +491,7 @@ FORMS = [  # (layer, input shape, block, form)
 
 
 @pytest.mark.parametrize("make, shape, block, form", FORMS)
-def test_every_form_is_w_of_rx_with_the_gradient_of_backprop_on_z(make, shape, block, form) -> None:  # type: ignore[no-untyped-def]
+def test_every_form_is_w_of_rx_with_the_gradient_of_backprop_on_z(make, shape, block, form) -> None:
     torch.manual_seed(0)
     layer = make().double()
     w = layer.weight.detach().clone()
