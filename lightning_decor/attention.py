@@ -340,7 +340,7 @@ def route_containers(model: nn.Module) -> None:
         elif type(m) is nn.MultiheadAttention and isinstance(m.out_proj, DecorrelatedLayer):
             m.__class__ = AttentionWithDecorrelatedOutProj
         elif isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor and _holds_patched(m):
-            m._decor_use_nested_tensor = True  # restored by fold
+            m.__dict__["_decor_use_nested_tensor"] = True  # restored by fold
             m.use_nested_tensor = False
 
 
@@ -348,9 +348,9 @@ def restore_containers(model: nn.Module) -> None:
     """After folding: give the containers that no longer hold a patched layer their plain class and settings."""
     for m in model.modules():
         if type(m) is SlowPathTransformerEncoderLayer and not _holds_patched(m):
-            m.__class__ = nn.TransformerEncoderLayer
+            m.__class__ = nn.TransformerEncoderLayer  # type: ignore[assignment]
         elif type(m) is AttentionWithDecorrelatedOutProj and not _holds_patched(m):
-            m.__class__ = nn.MultiheadAttention
+            m.__class__ = nn.MultiheadAttention  # type: ignore[assignment]
         elif isinstance(m, nn.TransformerEncoder) and not _holds_patched(m):
             if "_decor_use_nested_tensor" in m.__dict__:
                 m.use_nested_tensor = m.__dict__.pop("_decor_use_nested_tensor")

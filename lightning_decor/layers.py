@@ -390,7 +390,7 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
             self._decor_capture(input)
         if self.decor_form == "input":
             return self._decor_input_forward(input)
-        return self._conv_forward(input, self._decor_weight(), self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(input, self._decor_weight(), self.bias)  # type: ignore[attr-defined,operator]
 
     def _decor_geometry(self) -> dict[str, Any]:
         return dict(
@@ -460,7 +460,7 @@ _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
 }
 
 
-def largest_block(module: nn.Module, max_features: int | None = None, block_size: int | None = None) -> int | None:
+def largest_block(module: Any, max_features: int | None = None, block_size: int | None = None) -> int | None:
     """The largest block of ``R`` a layer may have: its per-group ``d`` (a dense ``R``), or with ``block_size``
     (and ``max_features`` for layers wider than it) the largest equal split into whole input channels of at most
     that many features. ``None`` when no such block exists and a dense ``R`` is not allowed either."""
@@ -488,7 +488,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
-def _skip_reason(module: nn.Module, max_features: int | None = None, block_size: int | None = None) -> str | None:
+def _skip_reason(module: Any, max_features: int | None = None, block_size: int | None = None) -> str | None:
     """Why an eligible-type layer is not patched, or ``None``."""
     d = module.weight[0].numel()
     if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
