@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
+from lightning_decor.checks import check_bool, check_engine_arguments, check_positive_int
 from lightning_decor.engine import Decorrelator
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
@@ -177,20 +176,24 @@ class DecorrelationCallback(Callback):
         log_correlation_image: str | None = None,
         log_image_every_n_epochs: int = 1,
     ) -> None:
-        self.decor_lr = check_float("decor_lr", decor_lr, 0.0, math.inf, low_open=True)
-        self.kappa = check_float("kappa", kappa, 0.0, 1.0)
-        self.sample_fraction = check_float("sample_fraction", sample_fraction, 0.0, 1.0, low_open=True)
-        self.max_rows = check_positive_int("max_rows", max_rows)
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
-        self.max_features = check_positive_int("max_features", max_features)
-        self.block_size = check_positive_int("block_size", block_size)
-        self.max_overhead = (
-            None if max_overhead is None else check_float("max_overhead", max_overhead, 0.0, math.inf, low_open=True)
-        )
-        self.update_every: int = check_positive_int("update_every", update_every, optional=False)  # type: ignore[assignment]
+        # The engine's arguments, checked once here (the engine checks them again with the same messages).
+        self._engine_arguments = check_engine_arguments(
+            decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
+            exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
+            update_every=update_every, use_cuda_stream=use_cuda_stream,
+        )  # fmt: skip
+        self.decor_lr: float = self._engine_arguments["decor_lr"]
+        self.kappa: float = self._engine_arguments["kappa"]
+        self.sample_fraction: float = self._engine_arguments["sample_fraction"]
+        self.max_rows: int | None = self._engine_arguments["max_rows"]
+        self.include: list[str] | None = self._engine_arguments["include"]
+        self.exclude: list[str] | None = self._engine_arguments["exclude"]
+        self.max_features: int | None = self._engine_arguments["max_features"]
+        self.block_size: int | None = self._engine_arguments["block_size"]
+        self.max_overhead: float | None = self._engine_arguments["max_overhead"]
+        self.update_every: int = self._engine_arguments["update_every"]
+        self.use_cuda_stream: bool = self._engine_arguments["use_cuda_stream"]
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
-        self.use_cuda_stream = check_bool("use_cuda_stream", use_cuda_stream)
         self.fold_on_fit_end = check_bool("fold_on_fit_end", fold_on_fit_end)
         every = check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
         self.log_histograms_every_n_epochs = every
@@ -283,20 +286,8 @@ class DecorrelationCallback(Callback):
                     )
         if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
             self._past_updates += 0 if self._engine is None else self._engine.updates
-            self._engine = Decorrelator(
-                pl_module,
-                decor_lr=self.decor_lr,
-                kappa=self.kappa,
-                sample_fraction=self.sample_fraction,
-                max_rows=self.max_rows,
-                include=self.include,
-                exclude=self.exclude,
-                max_features=self.max_features,
-                block_size=self.block_size,
-                max_overhead=self.max_overhead,
-                update_every=self.update_every,
-                use_cuda_stream=self.use_cuda_stream,
-            )  # patches in place; layers patched before (a refit without folding) keep their R
+            # patches in place; layers patched before (a refit without folding) keep their R
+            self._engine = Decorrelator(pl_module, **{k: getattr(self, k) for k in self._engine_arguments})
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_float", "check_patterns", "check_positive_int"]
+__all__ = ["check_bool", "check_engine_arguments", "check_float", "check_patterns", "check_positive_int"]
 
 
 def _number(value: Any) -> float:
@@ -56,3 +56,35 @@ def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | Non
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"Expected `{name}` to be a list of name patterns (str), but got {patterns!r}.")
     return list(patterns)
+
+
+def check_engine_arguments(
+    *,
+    decor_lr: Any,
+    kappa: Any,
+    sample_fraction: Any,
+    max_rows: Any,
+    include: Any,
+    exclude: Any,
+    max_features: Any,
+    block_size: Any,
+    max_overhead: Any,
+    update_every: Any,
+    use_cuda_stream: Any,
+) -> dict[str, Any]:
+    """The arguments ``Decorrelator`` and ``DecorrelationCallback`` share, checked, by name."""
+    return dict(
+        decor_lr=check_float("decor_lr", decor_lr, 0.0, math.inf, low_open=True),
+        kappa=check_float("kappa", kappa, 0.0, 1.0),
+        sample_fraction=check_float("sample_fraction", sample_fraction, 0.0, 1.0, low_open=True),
+        max_rows=check_positive_int("max_rows", max_rows),
+        include=check_patterns("include", include),
+        exclude=check_patterns("exclude", exclude),
+        max_features=check_positive_int("max_features", max_features),
+        block_size=check_positive_int("block_size", block_size),
+        max_overhead=None
+        if max_overhead is None
+        else check_float("max_overhead", max_overhead, 0.0, math.inf, low_open=True),
+        update_every=check_positive_int("update_every", update_every, optional=False),
+        use_cuda_stream=check_bool("use_cuda_stream", use_cuda_stream),
+    )

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_decor.attention import restore_containers, route_containers
-from lightning_decor.checks import check_bool, check_float, check_patterns, check_positive_int
+from lightning_decor.checks import check_engine_arguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import block_decorrelation_step
 from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
@@ -118,19 +118,22 @@ class Decorrelator:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-        self.decor_lr = check_float("decor_lr", decor_lr, 0.0, math.inf, low_open=True)
-        self.kappa = check_float("kappa", kappa, 0.0, 1.0)
-        self.sample_fraction = check_float("sample_fraction", sample_fraction, 0.0, 1.0, low_open=True)
-        self.max_rows = check_positive_int("max_rows", max_rows)
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
-        self.max_features = check_positive_int("max_features", max_features)
-        self.block_size = check_positive_int("block_size", block_size)
-        self.max_overhead = (
-            None if max_overhead is None else check_float("max_overhead", max_overhead, 0.0, math.inf, low_open=True)
-        )
-        self.update_every: int = check_positive_int("update_every", update_every, optional=False)  # type: ignore[assignment]
-        self.use_cuda_stream = check_bool("use_cuda_stream", use_cuda_stream)
+        checked = check_engine_arguments(
+            decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
+            exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
+            update_every=update_every, use_cuda_stream=use_cuda_stream,
+        )  # fmt: skip
+        self.decor_lr: float = checked["decor_lr"]
+        self.kappa: float = checked["kappa"]
+        self.sample_fraction: float = checked["sample_fraction"]
+        self.max_rows: int | None = checked["max_rows"]
+        self.include: list[str] | None = checked["include"]
+        self.exclude: list[str] | None = checked["exclude"]
+        self.max_features: int | None = checked["max_features"]
+        self.block_size: int | None = checked["block_size"]
+        self.max_overhead: float | None = checked["max_overhead"]
+        self.update_every: int = checked["update_every"]
+        self.use_cuda_stream: bool = checked["use_cuda_stream"]
         self.model = model
         new = decorrelate(model, include=include, exclude=exclude, max_features=max_features, block_size=block_size)
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
