@@ -37,9 +37,13 @@ demo: venv data
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs build *.egg-info
 
-# On a CUDA machine: the overhead benchmark with the side stream (ResNet-18 32x32 batch 256, ResNet-50 224x224
-# batch 128, fp32 and bf16-mixed + channels_last); figures go to examples/benchmarks/results/gpu_*.json.
+# On a CUDA machine: the zoo table (stock torchvision models on small images at batch 32, the benchmark CNN at 128,
+# defaults vs max_overhead=None) and the overhead benchmark with the side stream (ResNet-18 32x32 batch 256,
+# ResNet-50 224x224 batch 128, fp32 and bf16-mixed + channels_last); figures go to
+# examples/benchmarks/results/gpu_*.json.
 gpu-check: venv
+	$(PY) examples/benchmarks/overhead.py --device cuda --zoo --steps 20 --warmup 8 --repeats 3 --no-breakdown \
+		--out examples/benchmarks/results/gpu_zoo.json
 	$(PY) examples/benchmarks/overhead.py --device cuda --models cifar_resnet18 resnet50 --batch-size 256 128 \
 		--steps 15 --warmup 5 --repeats 3 --out examples/benchmarks/results/gpu_fp32.json
 	$(PY) examples/benchmarks/overhead.py --device cuda --models cifar_resnet18 resnet50 --batch-size 256 128 \
@@ -47,5 +51,6 @@ gpu-check: venv
 		--out examples/benchmarks/results/gpu_bf16.json
 
 benchmark: venv data
-	$(PY) examples/benchmarks/overhead.py --models cnn cifar_resnet18
+	$(PY) examples/benchmarks/overhead.py --zoo --steps 10 --warmup 5 --repeats 3 --no-breakdown \
+		--out examples/benchmarks/results/overhead_zoo.json
 	$(PY) examples/benchmarks/time_to_accuracy.py
