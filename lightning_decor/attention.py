@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _skip_reason
+from lightning_decor.layers import (
+    DecorrelatedLayer,
+    DecorrelatedLinear,
+    LayerExtension,
+    _skip_reason,
+    register_extension,
+)
 
 __all__ = [
     "AttentionWithDecorrelatedOutProj",
@@ -244,12 +250,6 @@ class AttentionWithDecorrelatedOutProj(nn.MultiheadAttention):
         )  # fmt: skip
 
 
-# Attention classes decorrelate() patches, by the class it finds.
-PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
-    nn.MultiheadAttention: DecorrelatedMultiheadAttention,
-    AttentionWithDecorrelatedOutProj: DecorrelatedMultiheadAttention,
-    NonDynamicallyQuantizableLinear: DecorrelatedOutProj,
-}
 
 
 def attention_reasons(
@@ -354,3 +354,12 @@ def restore_containers(model: nn.Module) -> None:
         elif isinstance(m, nn.TransformerEncoder) and not _holds_patched(m):
             if "_decor_use_nested_tensor" in m.__dict__:
                 m.use_nested_tensor = m.__dict__.pop("_decor_use_nested_tensor")
+
+
+# Attention classes decorrelate() patches, by the class it finds.
+PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
+    nn.MultiheadAttention: DecorrelatedMultiheadAttention,
+    AttentionWithDecorrelatedOutProj: DecorrelatedMultiheadAttention,
+    NonDynamicallyQuantizableLinear: DecorrelatedOutProj,
+}
+register_extension(LayerExtension(PATCHED, attention_reasons, route_containers, restore_containers))

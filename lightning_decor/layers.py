@@ -16,7 +16,8 @@ import fnmatch
 import math
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ __all__ = [
     "eligible_layers",
     "fold",
     "fold_layer",
+    "register_extension",
 ]
 
 
@@ -460,6 +462,33 @@ _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
 }
 
 
+@dataclass(frozen=True)
+class LayerExtension:
+    """More layer kinds for the verbs, registered by a module built on this one (so that this module imports none
+    of them): :mod:`lightning_decor.attention` registers ``nn.MultiheadAttention``'s projections.
+
+    Attributes:
+        patched: Plain class -> patched class, for :func:`decorrelate`.
+        reasons: ``(model, owners, max_features, block_size) -> {name: why not, or None}`` for their layers.
+        route: Called on the model after patching (containers whose fast paths would bypass ``W @ R``).
+        restore: Called on the model after folding (containers that no longer hold a patched layer).
+    """
+
+    patched: dict[type[nn.Module], type[DecorrelatedLayer]]
+    reasons: Callable[[nn.Module, dict[int, int], int | None, int | None], dict[str, str | None]]
+    route: Callable[[nn.Module], None]
+    restore: Callable[[nn.Module], None]
+
+
+_EXTENSIONS: list[LayerExtension] = []
+
+
+def register_extension(extension: LayerExtension) -> None:
+    """Teach :func:`decorrelate`, :func:`eligible_layers` and :func:`fold` more layer kinds (idempotent)."""
+    if extension not in _EXTENSIONS:
+        _EXTENSIONS.append(extension)
+
+
 def largest_block(module: Any, max_features: int | None = None, block_size: int | None = None) -> int | None:
     """The largest block of ``R`` a layer may have: its per-group ``d`` (a dense ``R``), or with ``block_size``
     (and ``max_features`` for layers wider than it) the largest equal split into whole input channels of at most
@@ -520,14 +549,15 @@ def eligible_layers(
             owners[id(p)] = owners.get(id(p), 0) + 1
     reasons = {}
     for name, m in model.named_modules():
-        if type(m) in _PATCHED:
+        if type(m) in _PATCHED:  # the kinds of this module; extensions name their own layers below
             tied = owners.get(id(m.weight), 0) > 1
             reasons[name] = (
                 "weight shared with another module (tied weights)"
                 if tied
                 else _skip_reason(m, max_features, block_size)
             )
-    reasons.update(_containers().attention_reasons(model, owners, max_features, block_size))
+    for extension in _EXTENSIONS:
+        reasons.update(extension.reasons(model, owners, max_features, block_size))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))  # in module order
 
@@ -584,11 +614,14 @@ def decorrelate(
             continue
         module = model.get_submodule(name)
         block = largest_block(_weight_of(module), max_features, block_size)
-        patched_class = _PATCHED.get(type(module)) or _containers().PATCHED[type(module)]
+        patched_class = _PATCHED.get(type(module)) or next(
+            e.patched[type(module)] for e in _EXTENSIONS if type(module) in e.patched
+        )
         module.__class__ = patched_class  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block)  # type: ignore[operator]
         patched.append(name)
-    _containers().route_containers(model)  # transformer fast paths that would bypass W @ R
+    for extension in _EXTENSIONS:
+        extension.route(model)  # e.g. transformer fast paths that would bypass W @ R
     return patched
 
 
@@ -615,7 +648,8 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         fold_layer(m)
         folded.append(name)
-    _containers().restore_containers(model)
+    for extension in _EXTENSIONS:
+        extension.restore(model)
     return folded
 
 
@@ -639,10 +673,3 @@ def _weight_of(module: nn.Module) -> Any:
     if isinstance(module, nn.MultiheadAttention) and not isinstance(module, DecorrelatedLayer):
         return types.SimpleNamespace(weight=module.in_proj_weight)
     return module
-
-
-def _containers() -> Any:
-    # Imported on use: lightning_decor.attention builds on the classes of this module.
-    from lightning_decor import attention
-
-    return attention

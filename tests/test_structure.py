@@ -1,0 +1,46 @@
+"""The package's import arrows: math <- layers <- engine <- callback / metric / pictures, and Lightning only on the
+callback side (read from the source with ``ast``, so a lazy import inside a function counts too)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_decor"
+
+# What each module may import from the package (its level and below), and whether it may import Lightning.
+ALLOWED: dict[str, tuple[set[str], bool]] = {
+    "checks": (set(), False),
+    "functional": (set(), False),
+    "plan": (set(), False),
+    "distributed": (set(), False),
+    "layers": ({"checks", "functional", "plan"}, False),
+    "attention": ({"layers", "functional"}, False),
+    "engine": ({"attention", "checks", "distributed", "functional", "layers", "plan"}, False),
+    "metric": ({"functional"}, False),  # torchmetrics, not Lightning
+    "pictures": ({"functional", "layers"}, True),
+    "callback": ({"checks", "engine", "functional", "layers", "metric", "pictures", "plan"}, True),
+}
+
+
+def imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "lightning_decor":
+                found |= {f"lightning_decor.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_every_module_imports_only_downwards_and_lightning_only_on_the_callback_side() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(ALLOWED), "a new module needs its place in ALLOWED"
+    for name, (allowed, lightning) in ALLOWED.items():
+        found = imports(PACKAGE / f"{name}.py")
+        own = {m.split(".")[1] for m in found if m.startswith("lightning_decor.")}
+        assert own <= allowed, f"{name} imports {sorted(own - allowed)} from above"
+        uses_lightning = any(m.split(".")[0] in ("lightning", "pytorch_lightning") for m in found)
+        assert uses_lightning <= lightning, f"{name} imports Lightning"
