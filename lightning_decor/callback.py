@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,18 +19,6 @@ from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.pictures import TensorBoardPictures
 
 __all__ = ["DecorrelationCallback"]
-
-
-def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
-    """Which ``.grad`` tensor ``param`` holds (weakly: a stale gradient may still be freed) and its version."""
-    grad = param.grad
-    return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
-
-
-def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bool:
-    """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
-    grad, (old, version) = param.grad, mark
-    return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
 # Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
@@ -213,7 +200,6 @@ class DecorrelationCallback(Callback):
         self._warned_skips = 0
         self._logged_updates = 0  # engine updates already in the metric
         self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
-        self._weight_grads: dict[str, Any] | None = None  # gradient marks, armed until the fit's first backward
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
@@ -463,32 +449,9 @@ class DecorrelationCallback(Callback):
             self._engine.load_state_dict(state_dict)
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._weight_grads = {name: _grad_mark(layer.weight) for name, layer in self._layers.items()}
-
-    @override
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Once per fit, after its first backward: a layer whose weight received a gradient but whose forward was not
-        # called was used through its `.weight` (e.g. `F.linear(x, layer.weight)`), which holds the raw W, not W R.
-        marks, self._weight_grads = self._weight_grads, None
-        if not marks:
-            return
-        bypassed = [
-            name
-            for name, layer in self._layers.items()
-            if (layer.decor_collect or layer.decor_record)  # its forwards note themselves in this batch
-            and layer.decor_rows_seen() == 0
-            and layer.decor_seen_forwards == 0
-            and _got_grad(layer.weight, marks[name])
-        ]
-        if bypassed:
-            rank_zero_warn(
-                f"DecorrelationCallback: the weights of {bypassed} received a gradient in the first training batch, "
-                "but their forward was not called: code that reads `.weight` directly (e.g. "
-                "`F.linear(x, layer.weight)`) computes with the raw W instead of W @ R, and R does not move. Call the "
-                "layer instead, or leave it out with `exclude`. (A penalty on the weights of a layer that this batch "
-                "did not use gives such a gradient too; then there is nothing to fix.)"
-            )
+        if self._engine is not None:  # once per fit, right after its first backward
+            self._engine.check_direct_weight_reads()
 
     def layers(self) -> Iterator[tuple[str, DecorrelatedLayer]]:
         """The patched layers by qualified name."""

@@ -34,6 +34,7 @@ import functools
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,18 @@ from lightning_decor.plan import LayerPlan, LayerShape, Plan, make_plan, measure
 __all__ = ["Decorrelator"]
 
 _CALIBRATION_STEPS = 3  # calls of step() that measure the plain step: two intervals, the shorter one counts
+
+
+def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
+    """Which ``.grad`` tensor ``param`` holds (weakly: a stale gradient may still be freed) and its version."""
+    grad = param.grad
+    return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bool:
+    """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
+    grad, (old, version) = param.grad, mark
+    return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
 @dataclass
@@ -157,6 +170,7 @@ class Decorrelator:
         self._pending_generator_state: Tensor | None = None
         self._pool = False
         self._counts_group: Any = None
+        self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if self.max_overhead is None or not self._fresh:
             self._set_plan(self._static_plan())
@@ -195,6 +209,37 @@ class Decorrelator:
             layer.decor_max_rows = self.max_rows
             layer.decor_generator = self._generator
         self._set_collection()
+        # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
+        self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = {
+            name: _grad_mark(layer.weight) for name, layer in self.layers.items()
+        }
+
+    def check_direct_weight_reads(self) -> None:
+        """Once after :meth:`start` (at the first :meth:`step`, or earlier, right after the first backward): warn
+        about layers whose weight got a gradient while their forward was not called, i.e. code read ``.weight``
+        directly (``F.linear(x, layer.weight)``) and so computed with the raw ``W`` instead of ``W @ R``, and ``R``
+        cannot move."""
+        marks, self._weight_marks = self._weight_marks, None
+        if not marks:
+            return
+        bypassed = [
+            name
+            for name, layer in self.layers.items()
+            if name in marks
+            and (layer.decor_collect or layer.decor_record)  # its forwards note themselves in this step
+            and layer.decor_rows_seen() == 0
+            and layer.decor_seen_forwards == 0
+            and _got_grad(layer.weight, marks[name])
+        ]
+        if bypassed and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0):
+            warnings.warn(
+                f"Decorrelator: the weights of {bypassed} received a gradient in the first training batch, but their "
+                "forward was not called: code that reads `.weight` directly (e.g. `F.linear(x, layer.weight)`) "
+                "computes with the raw W instead of W @ R, and R does not move. Call the layer instead, or leave it "
+                "out with `exclude`. (A penalty on the weights of a layer that this batch did not use gives such a "
+                "gradient too; then there is nothing to fix.)",
+                stacklevel=3,
+            )
 
     def stop(self) -> None:
         """Stop collecting rows and drop the pending ones (the model stays patched), and release the process group
@@ -237,6 +282,7 @@ class Decorrelator:
         device = next(iter(self.layers.values())).weight.device
         if device != self._device:  # the model moved after the engine was made (e.g. by Fabric's setup)
             self.start(device)
+        self.check_direct_weight_reads()
         if self.plan is None:
             self._calibrate()
             return
