@@ -52,36 +52,14 @@ class DecorrelationCallback(Callback):
     any later hook, validation, checkpoint or forward reads ``R``. No host synchronisation happens per layer or per
     step, except when metrics are logged.
 
-    With the rest of the Trainer:
-
-    - **Optimizer steps**: ``on_before_optimizer_step`` only notes that the batch steps; ``R`` moves in
-      ``on_train_batch_end`` of that batch, at most once per training batch, from the rows of all its training
-      forwards (and of the micro-batches before it). Under gradient accumulation (``accumulate_grad_batches``,
-      ``GradientAccumulationScheduler``) that is the micro-batch that steps, from the rows of the whole window.
-      Under manual optimisation with several optimizers (GANs) it is still one update per batch, after all of its
-      steps, so a graph built before one optimizer steps can be backpropagated after it. The several closure
-      evaluations of an LBFGS step all compute with the same ``R``. The order of the two updates does not matter:
-      the new ``R`` depends only on ``R`` and the rows, the optimizer step only on ``W`` and its gradient. A batch
-      whose optimizers never step through Lightning leaves ``R`` unchanged.
-    - **DDP** (``"ddp"``, ``"ddp_spawn"``, ...): before each update the sampled rows of all layers of all ranks are
-      pooled by one ``all_gather`` of a single flat buffer (after a small exchange of the row counts over a CPU
-      group), so every rank applies the same update and holds the same ``R``. The ``decor_R`` buffers are excluded
-      from DDP's per-forward buffer broadcast. After ``ddp_spawn`` the launching process receives the trained weights
-      (``W @ R``) in its plain model; the callback there has not run. Sharded strategies (FSDP, DeepSpeed,
-      ModelParallel) are refused in ``setup``.
-    - **Weight averaging**: ``StochasticWeightAveraging`` and ``WeightAveraging`` (e.g. ``EMAWeightAveraging``) are
-      refused in ``setup``: they average the raw ``W`` and ``R`` apart, so their model is not an average of the
-      trained functions ``W @ R``. Checkpoints hold ``W @ R``; average those instead.
-    - **Precision**: statistics and ``R`` are float32 (float64 for float64 models) under every precision; with
-      ``"16-true"``/``"bf16-true"`` ``R`` stays float32 while the weights are cast.
-    - **torch.compile**: ``trainer.fit(torch.compile(model))`` works; the row capture runs eagerly (one graph break
-      per patched layer in training), so the graph does not recompile as rows accumulate.
-    - **Checkpoints**: the module's ``state_dict`` holds the fused weights (plain-loadable, also with
-      ``save_weights_only=True``); the callback's state (the plan, ``R``, raw weights, sampling RNG) makes
-      ``fit(ckpt_path=...)`` continue exactly. A layer whose saved ``R`` does not fit (another ``include`` or
-      layout) keeps the function the checkpoint holds, with a warning.
-    - **configure_model**: layers built there are created early, in Lightning's init contexts, and patched in
-      ``setup``; the hook must be idempotent, as Lightning requires.
+    With the rest of the Trainer (each behaviour is tested; the README's "Works with" table names the tests):
+    ``R`` moves in ``on_train_batch_end`` of a batch whose optimizer stepped (``on_before_optimizer_step`` only
+    notes it), once per optimizer step, from the rows of the whole accumulation window and after every optimizer of
+    a GAN has stepped; under DDP the rows of all ranks are pooled before each update, so ``R`` stays identical;
+    sharded strategies and weight averaging are refused in ``setup``; ``R`` and the statistics stay float32 under
+    every precision; ``torch.compile`` recompiles only when the plan is applied; checkpoints hold the fused
+    ``W @ R`` (plain-loadable), and the callback's state (plan, ``R``, raw weights, sampling RNG) makes
+    ``fit(ckpt_path=...)`` continue exactly; layers built in ``configure_model`` are patched in ``setup``.
 
     Logged metrics (through the Trainer's loggers, where Lightning writes step metrics: after every
     ``Trainer(log_every_n_steps)``-th training batch that steps, however many optimizers step in it):
