@@ -210,9 +210,8 @@ class Decorrelator:
             layer.decor_generator = self._generator
         self._set_collection()
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
-        self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = {
-            name: _grad_mark(layer.weight) for name, layer in self.layers.items()
-        }
+        self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
+        self._calibration = []  # the plain step is measured within one run, never across a pause between two
 
     def check_direct_weight_reads(self) -> None:
         """Once after :meth:`start` (at the first :meth:`step`, or earlier, right after the first backward): warn
