@@ -41,7 +41,10 @@ def machine() -> dict[str, Any]:
 
 class StepTimer(pl.Callback):
     """Wall-clock of each training batch, from ``on_train_batch_start`` to ``on_train_batch_end`` (forward,
-    backward, the decorrelation update and the optimizer step). Synchronises CUDA at both ends (benchmark only)."""
+    backward, the decorrelation update and the optimizer step). Synchronises CUDA at both ends (benchmark only).
+
+    Put it after every other callback: Lightning calls the hooks in list order, and ``DecorrelationCallback`` moves
+    ``R`` in its own ``on_train_batch_end``, which a timer listed before it would not count."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
