@@ -480,10 +480,13 @@ class Decorrelator:
         if n == 0:
             nan = torch.full((len(rows),), math.nan, device=R.device)
             return nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
-        x = torch.zeros(R.shape[0], n, b, dtype=R.dtype, device=R.device)  # zero rows pad the shorter layers
+        x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
         for r, o, g in zip(rows, group.offsets, group.blocks, strict=True):
-            if r is not None:  # (n_i, g * b) -> (g, n_i, b): each block's own features
-                x[o : o + g, : r.shape[0]].copy_(r.reshape(r.shape[0], g, b).transpose(0, 1))
+            k = 0 if r is None else r.shape[0]
+            if k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
+                x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
+            if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
+                x[o : o + g, k:].zero_()
         per_block = group.counts.get(counts)
         if per_block is None:
             per_block = torch.tensor(

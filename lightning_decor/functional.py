@@ -69,17 +69,20 @@ def _block_losses(z: Tensor, c: Tensor, kappa: float, gram_or_cov: Tensor) -> Te
     """Loss of each block ``(G,)`` from rows ``z`` (G, n, b) already scaled by ``1 / sqrt(n)``, so that
     ``C = z^T z``; ``c`` (G, b) is ``diag(C)`` and ``gram_or_cov`` is ``z z^T`` or ``C``."""
     b = z.shape[2]
-    off_sq = gram_or_cov.pow(2).sum((1, 2)) - c.pow(2).sum(1)  # sum_{i != j} C_ij^2 (||z z^T||_F = ||z^T z||_F)
-    return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).pow(2).sum(1)) / (b * b)
+    # sum_{i != j} C_ij^2 (||z z^T||_F = ||z^T z||_F): one dot product per block, no squared copy of the matrix;
+    # a difference of two sums of squares, so it is clamped at 0 against rounding
+    flat = gram_or_cov.flatten(1)
+    off_sq = (torch.linalg.vecdot(flat, flat) - c.square().sum(1)).clamp_min(0.0)
+    return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).square().sum(1)) / (b * b)
 
 
 def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
     """``(c, gram_or_cov, through_rows)`` of scaled rows ``z`` (G, n, b): through the ``n x n`` Gram when ``n < b``."""
     n, b = z.shape[1], z.shape[2]
-    c = z.pow(2).sum(1)  # (G, b) = diag(C)
     if n < b:
-        return c, torch.bmm(z, z.transpose(1, 2)), True  # (G, n, n)
-    return c, torch.bmm(z.transpose(1, 2), z), False  # (G, b, b) = C
+        return z.square().sum(1), torch.bmm(z, z.transpose(1, 2)), True  # diag(C) (G, b); Gram (G, n, n)
+    C = torch.bmm(z.transpose(1, 2), z)  # (G, b, b)
+    return torch.diagonal(C, dim1=1, dim2=2), C, False
 
 
 def _scaled(z: Tensor, counts: Tensor | None) -> Tensor:
@@ -158,7 +161,11 @@ def block_decorrelation_step(
         loss before the step ``(G,)``, and ``ok`` ``(G,)``: ``False`` where the statistics or the new block are
         non-finite (the block keeps its ``R``).
     """
-    z = _scaled(torch.bmm(x, R.transpose(1, 2)), counts)  # (G, n, b) decorrelated rows / sqrt(n_g)
+    n, b = x.shape[1], x.shape[2]
+    # z = x R^T / sqrt(n_g), so that C = z^T z; the scale goes on the smaller operand (R when b <= n).
+    inv = x.new_tensor(1.0 / math.sqrt(n)) if counts is None else counts.clamp_min(1).to(x.dtype).rsqrt()
+    inv = inv.reshape(-1, 1, 1) if inv.dim() else inv
+    z = torch.bmm(x, (R * inv).transpose(1, 2)) if b <= n else torch.bmm(x, R.transpose(1, 2)) * inv
     c, m, through_rows = _second_moments(z)
     loss = _block_losses(z, c, kappa, m)
     # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R
@@ -167,12 +174,13 @@ def block_decorrelation_step(
     ok = torch.isfinite(loss)  # non-finite statistics contribute nothing (masks, not branches: no host sync)
     moves = ok if counts is None else ok & (counts > 0)
     scale = torch.where(moves[:, None], scale, 1.0)
-    z = torch.where(moves[:, None, None], z, 0.0)
+    # A block without rows has z = 0 (zero padding), so its product term is zero and it keeps R; a block with
+    # non-finite statistics is replaced by its R below: z and C need no masking (bmm keeps blocks apart).
     new = R * scale[:, :, None]
     if through_rows:  # C @ R = z^T @ (z @ R): 4 n b^2 flops per block, no b x b x b product
         new.baddbmm_(z.transpose(1, 2), torch.bmm(z, R), alpha=-lr * (1.0 - kappa))
     else:
-        new.baddbmm_(torch.where(moves[:, None, None], m, 0.0), R, alpha=-lr * (1.0 - kappa))
+        new.baddbmm_(m, R, alpha=-lr * (1.0 - kappa))
     ok = ok & torch.isfinite(new.sum((1, 2)))  # one reduction per block instead of an elementwise check
     new = torch.where(ok[:, None, None], new, R)
     if counts is not None:
