@@ -48,10 +48,17 @@ from lightning_decor.checks import check_engine_arguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import block_decorrelation_step
 from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
-from lightning_decor.plan import LayerPlan, LayerShape, Plan, make_plan, measure_costs
+from lightning_decor.plan import Costs, LayerPlan, LayerShape, Plan, candidate_costs, make_plan, measure_costs
+from lightning_decor.probe import measure_candidates
 
 __all__ = ["Decorrelator"]
 
+_TOLERANCE = 1.5  # a plan is remade when its measured extra time exceeds this many times the budget
+_REPLANS = 2  # at most this many times
+_CHECK_WINDOWS = 3  # steps (of update_every each) timed to check a plan; the fastest one counts
+_MAX_CORRECTION = 3.0  # one check scales the costs by at most this: the candidates are measured, so a larger
+# discrepancy is timing noise (a busy machine) rather than a wrong estimate
+_PROBE_STEPS = 3.0  # the measuring of the candidate forms may take this many plain steps (once per fit)
 _CALIBRATION_STEPS = 3  # calls of step() that measure the plain step: two intervals, the shorter one counts
 
 
@@ -163,6 +170,10 @@ class Decorrelator:
         self._calls = 0  # step() calls since the plan was made (or since start without a plan)
         self._calibration: list[float] = []  # times of the calibration calls
         self._shapes: dict[str, tuple[int, int, int]] = {}  # per layer: rows, forwards, statistics rows per step
+        self._input_shapes: dict[str, tuple[int, ...] | None] = {}  # per layer: its last measured input's shape
+        self._checking: list[float] | None = None  # times of the calls that check a fresh plan's real cost
+        self._replans = 0
+        self._planning: tuple[list[LayerShape], Costs, dict[str, list[tuple[str, float]]]] | None = None
         self._groups: list[_Group] = []
         self._position = torch.zeros(0, dtype=torch.long)  # each layer's place in the concatenated group results
         self._stream: torch.cuda.Stream | None = None
@@ -212,6 +223,8 @@ class Decorrelator:
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
         self._calibration = []  # the plain step is measured within one run, never across a pause between two
+        if self._checking is not None:
+            self._checking = []
 
     def check_direct_weight_reads(self) -> None:
         """Once after :meth:`start` (at the first :meth:`step`, or earlier, right after the first backward): warn
@@ -286,6 +299,8 @@ class Decorrelator:
             self._calibrate()
             return
         self._calls += 1
+        if self._checking is not None and self._check_plan():
+            self._calls = 1  # a new plan: its first update is now
         if (self._calls - 1) % self.update_every == 0:
             self.update_()
         self._set_collection()
@@ -305,26 +320,32 @@ class Decorrelator:
         self._sync()
         self._calibration.append(time.perf_counter())
         self._shapes = {}
+        self._input_shapes = {}
         for name, layer in self.layers.items():
             self._shapes[name] = (layer.decor_seen_rows, layer.decor_seen_forwards, layer.decor_seen_stat_rows)
+            self._input_shapes[name] = layer.decor_seen_input_shape
             layer.decor_seen_rows = layer.decor_seen_forwards = layer.decor_seen_stat_rows = 0
         if len(self._calibration) < _CALIBRATION_STEPS:
             return
         times = self._calibration
         step = min(b - a for a, b in zip(times, times[1:]))
-        plan = make_plan(
-            self._layer_shapes(),
-            costs=measure_costs(self._device),
-            step_seconds=step,
-            max_overhead=self.max_overhead,
+        shapes = self._layer_shapes()
+        costs = measure_costs(self._device)
+        assert self.max_overhead is not None  # calibrating means planning
+        measured = measure_candidates(
+            self.layers,
+            shapes,
+            {n: s for n, s in self._input_shapes.items() if s is not None},
+            {s.name: candidate_costs(s, costs, self.update_every) for s in shapes},
+            budget=self.max_overhead * step,
+            time_limit=_PROBE_STEPS * step,
             update_every=self.update_every,
         )
-        plan.layers = {**self._static_plan().layers, **plan.layers}  # layers patched before keep their form
-        if self._pool:  # every rank must apply the same plan: rank 0's
-            box = [plan.state_dict()]
-            dist.broadcast_object_list(box, src=0, group=self._counts_group)
-            plan = Plan.from_state_dict(box[0])
+        self._planning = (shapes, costs, measured)
+        plan = self._agreed(self._new_plan(step, 1.0))
+        assert plan is not None
         self._set_plan(plan)
+        self._checking, self._replans = [], 0
         self._calibration = []
         self._set_collection()
         if not self.layers:
@@ -334,6 +355,58 @@ class Decorrelator:
                 "plain backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.",
                 stacklevel=2,
             )
+
+    def _new_plan(self, step: float, scale: float) -> Plan:
+        """The plan from the measured candidates, every cost multiplied by ``scale``."""
+        assert self._planning is not None
+        shapes, costs, measured = self._planning
+        plan = make_plan(
+            shapes,
+            costs=Costs(costs.seconds_per_flop * scale, costs.seconds_per_op * scale),
+            step_seconds=step,
+            max_overhead=self.max_overhead,
+            update_every=self.update_every,
+            measured={name: [(f, c * scale) for f, c in entries] for name, entries in measured.items()},
+        )
+        plan.layers = {**self._static_plan().layers, **plan.layers}  # layers patched before keep their form
+        plan.scale = scale
+        return plan
+
+    def _agreed(self, plan: Plan | None) -> Plan | None:
+        """Rank 0's plan (or decision, ``None``) on every rank: all ranks must apply the same plan."""
+        if not self._pool:
+            return plan
+        box = [None if plan is None else plan.state_dict()]
+        dist.broadcast_object_list(box, src=0, group=self._counts_group)
+        return None if box[0] is None else Plan.from_state_dict(box[0])
+
+    def _check_plan(self) -> bool:
+        """Check a fresh plan against the real step: after :data:`_CHECK_WINDOWS` steps with it (of
+        ``update_every`` steps each), if the fastest one's extra time over the plain step exceeds the budget by more
+        than the timing noise, make the plan again with every cost scaled by measured / estimated (at most
+        :data:`_MAX_CORRECTION` per check, :data:`_REPLANS` times). Returns whether a new plan was applied."""
+        assert self._checking is not None and self.plan is not None and self.max_overhead is not None
+        self._sync()
+        self._checking.append(time.perf_counter())
+        k = self.update_every
+        if len(self._checking) < _CHECK_WINDOWS * k + 1:
+            return False
+        times, self._checking = self._checking, None
+        windows = [(times[i + k] - times[i]) / k for i in range(0, _CHECK_WINDOWS * k, k)]  # update included
+        plain, estimate = self.plan.step_seconds, self.plan.estimate
+        plan = None
+        if plain and estimate > 0:
+            extra = min(windows) - plain
+            if extra > _TOLERANCE * self.max_overhead * plain:
+                correction = min(max(extra / estimate, 1.0), _MAX_CORRECTION)
+                plan = self._new_plan(plain, self.plan.scale * correction)
+        plan = self._agreed(plan)
+        if plan is None:
+            return False
+        self._set_plan(plan)
+        self._replans += 1
+        self._checking = [] if self._replans < _REPLANS else None
+        return True
 
     def _layer_shapes(self) -> list[LayerShape]:
         shapes = []
@@ -557,6 +630,7 @@ class Decorrelator:
         self._pending_generator_state = state.get("generator")
         self.updates = int(state.get("updates", 0))
         self._calls = int(state.get("calls", 0))
+        self._checking = None  # a restored plan is kept as it is
         self.start(self._device)
 
     @staticmethod

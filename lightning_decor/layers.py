@@ -129,6 +129,7 @@ class DecorrelatedLayer(nn.Module):
     decor_seen_rows: int
     decor_seen_forwards: int
     decor_seen_stat_rows: int
+    decor_seen_input_shape: tuple[int, ...] | None
     _decor_rows: list[Tensor]
     _decor_seen: int
     _decor_largest: int
@@ -144,6 +145,7 @@ class DecorrelatedLayer(nn.Module):
         self.decor_seen_rows = 0
         self.decor_seen_forwards = 0
         self.decor_seen_stat_rows = 0
+        self.decor_seen_input_shape = None
         self._decor_rows = []
         self._decor_seen = 0  # rows captured since the last update (more than are kept once sampling began)
         self._decor_largest = 0  # the largest capture since the last update
@@ -241,6 +243,8 @@ class DecorrelatedLayer(nn.Module):
             self.decor_seen_rows += rows
             self.decor_seen_forwards += 1
             self.decor_seen_stat_rows += self._decor_stat_rows(input, rows)
+            if isinstance(input, Tensor):  # for the plan's measurements (attention passes three tensors)
+                self.decor_seen_input_shape = tuple(input.shape)
         if self.decor_collect:
             self._decor_store(self.decor_sample_rows(input))
 
@@ -657,12 +661,13 @@ def fold(model: nn.Module) -> list[str]:
 def fold_layer(layer: DecorrelatedLayer) -> None:
     """Fold one patched layer (not the layers inside it, such as an attention's ``out_proj``): weight ``W @ R``,
     its plain class again. Containers around it keep their routing; :func:`fold` restores those."""
-    layer.weight.copy_(layer.decor_fused_weight())
+    if layer.decor_form != "identity":  # "identity": R = I computed as the plain layer, W is the function already
+        layer.weight.copy_(layer.decor_fused_weight())
     del layer.decor_R
     for attr in (
         "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
-        "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows", "_decor_rows",
-        "_decor_index", "_decor_seen", "_decor_largest",
+        "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows",
+        "decor_seen_input_shape", "_decor_rows", "_decor_index", "_decor_seen", "_decor_largest",
     ):  # fmt: skip
         layer.__dict__.pop(attr, None)
     layer.__class__ = layer._decor_base  # type: ignore[assignment]

@@ -31,12 +31,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Costs", "LayerPlan", "LayerShape", "Plan", "block_ladder", "make_plan", "measure_costs"]
+__all__ = [
+    "Costs",
+    "LayerPlan",
+    "LayerShape",
+    "Plan",
+    "block_ladder",
+    "candidate_costs",
+    "make_plan",
+    "measure_costs",
+]
 
 # Small operations per part, counted in layers.py / functional.py / engine.py (launches, not flops).
 _OPS_FUSE = 3  # forming A (matmul or bmm with reshapes) and its weight-gradient product, per forward
@@ -118,6 +128,7 @@ class Plan:
     max_overhead: float | None = None
     costs: Costs | None = None
     estimate: float = 0.0  # estimated seconds of all DBP parts per step
+    scale: float = 1.0  # every cost was multiplied by this (measured / estimated, from a check of the real step)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,6 +138,7 @@ class Plan:
             "max_overhead": self.max_overhead,
             "costs": None if self.costs is None else asdict(self.costs),
             "estimate": self.estimate,
+            "scale": self.scale,
         }
 
     @classmethod
@@ -138,6 +150,7 @@ class Plan:
             max_overhead=state.get("max_overhead"),
             costs=None if costs is None else Costs(**costs),
             estimate=float(state.get("estimate", 0.0)),
+            scale=float(state.get("scale", 1.0)),
         )
 
     def table(self) -> str:
@@ -148,6 +161,8 @@ class Plan:
                 f"budget {self.max_overhead:.0%} of a measured {step * 1e3:.1f} ms step; estimated DBP cost "
                 f"{self.estimate * 1e3:.1f} ms = {self.estimate / step:.1%}"
             )
+            if self.scale != 1.0:
+                head += f"; costs x{self.scale:.2f} after checking the real step"
         else:
             head = "no budget (max_overhead=None): every layer at its largest allowed block"
         width = max([len("layer"), *(len(n) for n in self.layers)])
@@ -198,6 +213,12 @@ def _form_costs(s: LayerShape, b: int, costs: Costs, update_every: int) -> tuple
     return best_form, best + update / update_every
 
 
+def candidate_costs(s: LayerShape, costs: Costs, update_every: int = 1) -> list[tuple[str, float]]:
+    """Estimated ``(form, seconds per step)`` of each block of the layer's ladder (:func:`block_ladder`), from
+    flop and kernel counts: the cheaper of the fused and the input-side form, update and sampling included."""
+    return [_form_costs(s, b, costs, update_every) for b in block_ladder(s.d, s.unit, s.max_block)]
+
+
 def _value(b: int, d: int) -> float:
     """The share of a layer's decorrelation that blocks of ``b`` of its ``d`` features keep (1 for a dense ``R``)."""
     return math.log1p(b) / math.log1p(d)
@@ -220,6 +241,7 @@ def make_plan(
     step_seconds: float | None,
     max_overhead: float | None,
     update_every: int = 1,
+    measured: dict[str, list[tuple[str, float]]] | None = None,
 ) -> Plan:
     """The plan for ``shapes`` (see the module docstring).
 
@@ -230,30 +252,53 @@ def make_plan(
         max_overhead: The budget: estimated seconds of all DBP parts as a fraction of ``step_seconds``; ``None``
             keeps every layer at its largest allowed block.
         update_every: ``R`` moves every this many steps (divides the update's cost).
+        measured: Per layer, measured ``(form, seconds per step)`` of each block of its ladder, in ladder order
+            (:func:`lightning_decor.probe.measure_candidates`); they replace the flop estimates of those layers.
     """
     ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes}
-    table = {s.name: [_form_costs(s, b, costs, update_every) for b in ladders[s.name]] for s in shapes}
+    table = {s.name: candidate_costs(s, costs, update_every) for s in shapes}
+    for name, entries in (measured or {}).items():
+        if name in table:
+            if len(entries) != len(table[name]):
+                raise ValueError(f"Expected {len(table[name])} measured candidates for {name!r}, got {len(entries)}.")
+            table[name] = list(entries)
     choice = {s.name: 0 for s in shapes}  # index into the ladder; len(ladder) means plain
     if max_overhead is not None and step_seconds is not None:
         budget = max_overhead * step_seconds
+        group = costs(0.0, _OPS_GROUP_UPDATE) / update_every  # per distinct block size in use
+        users = Counter(ladders[s.name][0] for s in shapes if ladders[s.name])  # layers per block size
+
+        def cost(name: str, k: int) -> float:
+            return table[name][k][1] if k < len(ladders[name]) else 0.0
+
+        def change(name: str, k: int, j: int) -> float:  # the total's change when a layer moves from k to j
+            ladder = ladders[name]
+            delta = cost(name, j) - cost(name, k)
+            old, new = (ladder[k] if k < len(ladder) else None), (ladder[j] if j < len(ladder) else None)
+            if old != new:
+                delta -= group if old is not None and users[old] == 1 else 0.0
+                delta += group if new is not None and users[new] == 0 else 0.0
+            return delta
+
         total = _total(choice, ladders, table, costs, update_every)
         while total > budget:
-            best: tuple[float, str, float] | None = None
+            best: tuple[float, str, int, float] | None = None
             for s in shapes:
                 k, ladder = choice[s.name], ladders[s.name]
-                if k >= len(ladder):
-                    continue
-                choice[s.name] = k + 1
-                after = _total(choice, ladders, table, costs, update_every)
-                choice[s.name] = k
-                lost = _value(ladder[k], s.d) - (_value(ladder[k + 1], s.d) if k + 1 < len(ladder) else 0.0)
-                saving = total - after
-                if saving > 0 and (best is None or saving / lost > best[0]):
-                    best = (saving / lost, s.name, after)
+                for j in range(k + 1, len(ladder) + 1):  # any smaller block, or plain (measured costs need not
+                    saving = -change(s.name, k, j)  # fall with the block: tiny blocks can cost more than larger)
+                    lost = _value(ladder[k], s.d) - (_value(ladder[j], s.d) if j < len(ladder) else 0.0)
+                    if saving > 0 and (best is None or saving / lost > best[0]):
+                        best = (saving / lost, s.name, j, saving)
             if best is None:
                 break
-            choice[best[1]] += 1
-            total = best[2]
+            name, j = best[1], best[2]
+            ladder, k = ladders[name], choice[name]
+            users[ladder[k]] -= 1
+            if j < len(ladder):
+                users[ladder[j]] += 1
+            choice[name] = j
+            total -= best[3]
     layers = {}
     for s in shapes:
         k, ladder = choice[s.name], ladders[s.name]

@@ -101,7 +101,7 @@ def test_conv_layer_picture_uses_patch_rows(tmp_path) -> None:
 
 
 def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:
-    cb = DecorrelationCallback(log_histograms_every_n_epochs=1, log_correlation_image="net.0")
+    cb = DecorrelationCallback(log_histograms_every_n_epochs=1, log_correlation_image="net.0", max_overhead=100.0)
     trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path))
     with pytest.warns(UserWarning, match="log only through a TensorBoardLogger, and the Trainer has none"):
         trainer.fit(TinyModule())

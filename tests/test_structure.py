@@ -16,7 +16,8 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "distributed": (set(), False),
     "layers": ({"checks", "functional", "plan"}, False),
     "attention": ({"layers", "functional"}, False),
-    "engine": ({"attention", "checks", "distributed", "functional", "layers", "plan"}, False),
+    "probe": ({"functional", "layers", "plan"}, False),
+    "engine": ({"attention", "checks", "distributed", "functional", "layers", "plan", "probe"}, False),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
     "pictures": ({"functional", "layers"}, True),
     "callback": ({"checks", "engine", "functional", "layers", "metric", "pictures", "plan"}, True),

@@ -1,0 +1,197 @@
+"""Measured costs for the cost plan: each candidate form of each layer timed on the device, on the layer's shapes.
+
+The flop counts of :mod:`lightning_decor.plan` miss what dominates many real layers: batched products of small
+blocks run far below a large product's throughput, unfolding patches and the elementwise passes of the update are
+memory-bound, and every kernel has a launch cost. So before the plan is made, :func:`measure_candidates` times the
+operations DBP adds, on random tensors of the shapes each layer saw in the measured steps:
+
+- ``fused`` with blocks of ``b``: forming ``A = W @ R`` and the weight gradient through it (forward and backward);
+- ``input`` with blocks of ``b``: the layer's input-side forward and backward minus the plain layer's (a copy of
+  the layer; the model is not touched);
+- the update with blocks of ``b``: one batched step (:func:`lightning_decor.functional.block_decorrelation_step`)
+  on a few hundred thousand numbers of blocks, per block;
+- drawing the statistics rows, once per layer (every form draws the same rows).
+
+Equal shapes are timed once. Each time is the best of a few runs after a warm-up (synchronising CUDA), so a busy
+machine inflates it less than the step it is compared with. Random numbers come from a private generator: the
+global RNG, and with it the data order and dropout, is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_decor.functional import block_decorrelation_step, fuse_weight, stats_dtype
+from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _DecorrelatedConvNd
+from lightning_decor.plan import LayerShape, block_ladder
+
+__all__ = ["measure_candidates"]
+
+_PROBE_NUMBERS = 1 << 18  # numbers per timed update: enough blocks to reach the batched throughput
+_REPEATS = 3
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up: allocations, kernels, caches
+        best = float("inf")
+        for _ in range(_REPEATS):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return timed
+
+
+def _identity_blocks(blocks: int, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    eye = torch.eye(b, dtype=dtype, device=device)
+    return eye if blocks == 1 else eye.expand(blocks, b, b).clone()
+
+
+@torch.no_grad()
+def _update_seconds(b: int, n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> float:
+    """Seconds per block of one batched update with ``n`` rows per block of ``b`` features."""
+    g = max(1, _PROBE_NUMBERS // (n * b + b * b))
+    R = _identity_blocks(g, b, dtype, device).reshape(g, b, b)
+    x = torch.randn(g, n, b, dtype=dtype, device=device, generator=gen)
+    counts = torch.full((g,), n, device=device)
+    return _timer(device)(lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5)) / g
+
+
+def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> float:
+    """Seconds of forming ``W @ R`` with blocks of ``b`` and its backward into ``W``."""
+    w = layer.weight.detach()
+    weight = torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
+    blocks = layer.decor_features // b
+    R = _identity_blocks(blocks, b, stats_dtype(w.dtype), w.device)
+    groups = layer.decor_groups
+
+    @torch.enable_grad()  # the engine steps under no_grad
+    def run() -> None:
+        fused = fuse_weight(weight, R, groups)
+        fused.backward(torch.ones_like(fused))
+        weight.grad = None
+
+    return _timer(w.device)(run)
+
+
+def _input_seconds(layer: DecorrelatedLayer, shape: tuple[int, ...], b: int | None, gen: torch.Generator) -> float:
+    """Seconds of the layer's forward and backward on an input of ``shape``: input-side form with blocks of ``b``,
+    or the plain layer (``b=None``)."""
+    w = layer.weight.detach()
+    twin = copy.copy(layer)  # shares the parameters; its own layout, no rows kept
+    twin._buffers = dict(layer._buffers)
+    twin.__dict__["_decor_rows"] = []
+    twin.decor_collect = twin.decor_record = False
+    twin.decor_set_layout_(b if b is not None else layer.decor_unit, "input" if b is not None else "identity")
+    x = torch.randn(shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
+    params = [p for p in (twin.weight, twin.bias) if p is not None]
+
+    @torch.enable_grad()
+    def run() -> None:
+        y = twin.forward(x)  # not twin(x): hooks on the model's layer must not see the probe
+        grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
+        del grads
+
+    return _timer(w.device)(run)
+
+
+def _sample_seconds(layer: DecorrelatedLayer, shape: tuple[int, ...], gen: torch.Generator) -> float:
+    w = layer.weight.detach()
+    x = torch.randn(shape, dtype=w.dtype, device=w.device, generator=gen)
+    saved = layer.decor_generator
+    layer.decor_generator = gen  # the layer's own generator (part of a checkpoint) does not move
+    try:
+        return _timer(w.device)(lambda: layer.decor_sample_rows(x))
+    finally:
+        layer.decor_generator = saved
+
+
+def measure_candidates(
+    layers: dict[str, DecorrelatedLayer],
+    shapes: list[LayerShape],
+    input_shapes: dict[str, tuple[int, ...]],
+    estimates: dict[str, list[tuple[str, float]]],
+    *,
+    budget: float,
+    time_limit: float,
+    update_every: int = 1,
+) -> dict[str, list[tuple[str, float]]]:
+    """Measured ``(form, seconds per step)`` of each layer's candidates, in the order of its block ladder
+    (:func:`lightning_decor.plan.block_ladder`), for :func:`lightning_decor.plan.make_plan`'s ``measured``.
+
+    Candidates are measured smallest block first (the ones a tight budget keeps), and only while their flop
+    estimate fits ``budget`` (flops underestimate, so one whose estimate alone exceeds the budget cannot be
+    chosen) and the measuring has taken less than ``time_limit`` seconds. The others keep their estimate,
+    multiplied by the median ratio of measured to estimated cost.
+
+    Args:
+        layers: The patched layers by name (left as they are).
+        shapes: What the planner knows of them (rows, forwards, statistics rows per step).
+        input_shapes: The input shape of each layer's last measured forward; layers without one (attention, whose
+            input is three tensors) get the fused form measured and no input-side candidate.
+        estimates: Per layer, the flop estimates of its candidates (:func:`lightning_decor.plan.candidate_costs`).
+        budget: Seconds per step the plan may spend in all.
+        time_limit: Seconds the measuring may take.
+        update_every: ``R`` moves every this many steps (divides the update's and the sampling's cost).
+    """
+    start = time.perf_counter()
+    gen: dict[torch.device, torch.Generator] = {}
+    cache: dict[tuple[Any, ...], float] = {}
+
+    def cached(key: tuple[Any, ...], fn: Callable[[], float]) -> float:
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
+    by_name = {s.name: s for s in shapes}
+    out: dict[str, list[tuple[str, float] | None]] = {s.name: [None] * len(estimates[s.name]) for s in shapes}
+    # (name, ladder index) from the smallest block of every layer up to the largest
+    order = sorted(((n, k) for n, e in estimates.items() if n in by_name for k in range(len(e))),
+                   key=lambda nk: len(estimates[nk[0]]) - nk[1])  # fmt: skip
+    ratios: list[float] = []
+    for name, k in order:
+        s, layer = by_name[name], layers[name]
+        estimate = estimates[name][k][1]
+        if estimate > budget or time.perf_counter() - start > time_limit:
+            continue
+        w = layer.weight
+        g = gen.setdefault(w.device, torch.Generator(device=w.device).manual_seed(0))
+        sig = (type(layer), tuple(w.shape), w.dtype, w.device, s.groups)
+        shape = input_shapes.get(name)
+        probeable = isinstance(layer, (DecorrelatedLinear, _DecorrelatedConvNd)) and shape is not None
+        sample = 0.0
+        if probeable:
+            sample = cached(("sample", sig, shape, layer.decor_sample_fraction, layer.decor_max_rows),
+                            lambda: _sample_seconds(layer, shape, g))  # fmt: skip
+        b = block_ladder(s.d, s.unit, s.max_block)[k]
+        fuse = cached(("fuse", sig, b), lambda: _fuse_seconds(layer, b, g)) * s.forwards
+        form, cost = "fused", fuse
+        if s.input_side and probeable:
+            plain = cached(("plain", sig, shape), lambda: _input_seconds(layer, shape, None, g))
+            inp = max(cached(("input", sig, shape, b), lambda: _input_seconds(layer, shape, b, g)) - plain, 0.0)
+            if inp * s.forwards < cost:
+                form, cost = "input", inp * s.forwards
+        rows = max(1, s.stat_rows)
+        dtype = stats_dtype(w.dtype)
+        per_block = cached(("update", b, rows, dtype, w.device), lambda: _update_seconds(b, rows, dtype, w.device, g))
+        update = per_block * (s.groups * s.d // b) + sample * s.forwards
+        out[name][k] = (form, cost + update / update_every)
+        if estimate > 0:
+            ratios.append((cost + update / update_every) / estimate)
+    scale = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
+    return {
+        name: [m if m is not None else (f, c * scale) for m, (f, c) in zip(entries, estimates[name])]
+        for name, entries in out.items()
+    }

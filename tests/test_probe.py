@@ -1,0 +1,138 @@
+"""Measured costs for the plan (lightning_decor.probe) and the engine's check of a plan against the real step."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_decor.engine as engine_module
+from lightning_decor import Decorrelator, decorrelate
+from lightning_decor.layers import decorrelated_layers
+from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
+from lightning_decor.probe import measure_candidates
+
+COSTS = Costs(seconds_per_flop=1e-9, seconds_per_op=1e-5)
+
+
+def conv_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)
+    )
+
+
+def shapes_of(model: nn.Module, batch: int) -> tuple[list[LayerShape], dict[str, tuple[int, ...]]]:
+    """The planner's view of the three layers, written out by hand for an input of (batch, 4, 8, 8)."""
+    shapes = [
+        LayerShape("0", d=36, unit=9, c_out=16, groups=1, rows=batch * 36, forwards=1, stat_rows=16,
+                   input_side=True, conv=True, max_block=36),
+        LayerShape("2", d=36, unit=9, c_out=16, groups=4, rows=batch * 16, forwards=1, stat_rows=16,
+                   input_side=False, conv=True, max_block=36),
+        LayerShape("4", d=256, unit=1, c_out=10, groups=1, rows=batch, forwards=1, stat_rows=batch,
+                   input_side=True, max_block=256),
+    ]  # fmt: skip
+    inputs = {"0": (batch, 4, 8, 8), "2": (batch, 16, 6, 6), "4": (batch, 256)}
+    return shapes, inputs
+
+
+def test_measured_candidates_follow_the_ladder_and_leave_model_and_rngs_untouched() -> None:
+    model = conv_net()
+    decorrelate(model)
+    layers = decorrelated_layers(model)
+    for layer in layers.values():
+        layer.decor_max_rows, layer.decor_generator = 16, torch.Generator().manual_seed(5)
+    shapes, inputs = shapes_of(model, batch=8)
+    estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
+    before = copy.deepcopy(model.state_dict())
+    Rs = {n: layer.decor_R.clone() for n, layer in layers.items()}
+    forms = {n: layer.decor_form for n, layer in layers.items()}
+    rng, gens = torch.get_rng_state(), {n: layer.decor_generator.get_state() for n, layer in layers.items()}
+
+    measured = measure_candidates(layers, shapes, inputs, estimates, budget=10.0, time_limit=10.0)
+
+    for s in shapes:
+        entries = measured[s.name]
+        assert len(entries) == len(block_ladder(s.d, s.unit, s.max_block)) == len(estimates[s.name])
+        for form, seconds in entries:
+            assert form in (("fused", "input") if s.input_side else ("fused",)), (s.name, form)
+            assert math.isfinite(seconds) and seconds > 0, (s.name, seconds)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
+    assert all(torch.equal(layers[n].decor_R, R) for n, R in Rs.items())
+    assert {n: layer.decor_form for n, layer in layers.items()} == forms
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # data order and dropout are not shifted
+    assert all(torch.equal(layers[n].decor_generator.get_state(), g) for n, g in gens.items())
+    assert not any(layer._decor_rows for layer in layers.values())
+
+
+@pytest.mark.parametrize("limits", [dict(budget=0.0, time_limit=10.0), dict(budget=10.0, time_limit=0.0)])
+def test_candidates_not_measured_keep_their_estimate(limits: dict[str, float]) -> None:
+    # Nothing fits a zero budget, and nothing is measured with no time: with no measured ratio the estimates stand.
+    model = conv_net()
+    decorrelate(model)
+    shapes, inputs = shapes_of(model, batch=8)
+    estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
+    assert measure_candidates(decorrelated_layers(model), shapes, inputs, estimates, **limits) == estimates
+
+
+def test_measured_costs_replace_the_estimates_and_a_layer_can_drop_straight_to_plain() -> None:
+    layer = LayerShape("conv", d=72, unit=9, c_out=64, groups=1, rows=4096, forwards=1, stat_rows=8,
+                       input_side=True, conv=True)  # fmt: skip
+    assert block_ladder(72, 9) == [72, 36, 18]
+    measured = {"conv": [("fused", 0.2), ("fused", 0.3), ("input", 0.4)]}  # smaller blocks measured dearer
+    group = COSTS(0.0, 40)  # the batched update's launches, per block size in use
+    kept = make_plan([layer], costs=COSTS, step_seconds=1.0, max_overhead=0.25, measured=measured)
+    assert (kept.layers["conv"].form, kept.layers["conv"].block) == ("fused", 72)
+    assert kept.estimate == pytest.approx(0.2 + group)
+    # Over budget: stepping down the ladder would cost more, so the plan leaves the layer plain in one move.
+    plain = make_plan([layer], costs=COSTS, step_seconds=1.0, max_overhead=0.15, measured=measured)
+    assert plain.layers["conv"].form == "plain" and plain.estimate == 0.0
+    with pytest.raises(ValueError, match=r"Expected 3 measured candidates for 'conv', got 1\."):
+        make_plan([layer], costs=COSTS, step_seconds=1.0, max_overhead=0.1, measured={"conv": [("fused", 0.1)]})
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+
+
+def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock under the test's control: plain steps take 1 s. Every candidate is measured at 30 ms, so the first
+    # plan keeps all three layers (90 ms of a 100 ms budget); but each decorrelated layer really adds 60 ms, and
+    # 180 ms is more than the 150 ms the check tolerates: the costs are doubled and the plan is made again.
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(engine_module, "measure_candidates",
+                        lambda layers, shapes, inputs, estimates, **kw: {
+                            name: [("fused", 0.03)] * len(entries) for name, entries in estimates.items()})  # fmt: skip
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    plans = []
+    for _ in range(16):
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 2, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        clock.now += 1.0 if dec.plan is None else 1.0 + 0.06 * len(dec.layers)
+        dec.step()
+        opt.step()
+        if dec.plan is not None and (not plans or plans[-1] is not dec.plan):
+            plans.append(dec.plan)
+    first, *later = plans
+    assert first.step_seconds == 1.0 and first.scale == 1.0 and 0.09 <= first.estimate <= 0.1
+    assert sum(p.form != "plain" for p in first.layers.values()) == 3
+    assert len(later) == 1  # made once: the second plan is within its budget
+    (second,) = later
+    assert second.scale == pytest.approx(0.18 / first.estimate)  # measured extra / estimated extra
+    assert second.estimate <= 0.1  # within the budget in corrected seconds
+    assert sum(p.form != "plain" for p in second.layers.values()) == 1 == len(dec.layers)
+    assert f"costs x{second.scale:.2f} after checking the real step" in second.table().splitlines()[0]
+    assert dec.plan is second and all(torch.isfinite(p).all() for p in model.parameters())
+    assert dec.updates == 16 - 3  # R moved on every step after the measured ones, across the new plan too
