@@ -53,10 +53,10 @@ from lightning_decor.probe import measure_candidates
 
 __all__ = ["Decorrelator"]
 
-_TOLERANCE = 1.5  # a plan is remade when its measured extra time exceeds this many times the budget
+_TOLERANCE = 2.0  # a plan is remade when its measured extra time exceeds this many times the budget
 _REPLANS = 2  # at most this many times
 _CHECK_WINDOWS = 3  # steps (of update_every each) timed to check a plan; the fastest one counts
-_MAX_CORRECTION = 3.0  # one check scales the costs by at most this: the candidates are measured, so a larger
+_MAX_CORRECTION = 2.0  # one check scales the costs by at most this: the candidates are measured, so a larger
 # discrepancy is timing noise (a busy machine) rather than a wrong estimate
 _PROBE_STEPS = 3.0  # the measuring of the candidate forms may take this many plain steps (once per fit)
 _CALIBRATION_STEPS = 3  # calls of step() that measure the plain step: two intervals, the shorter one counts
