@@ -18,9 +18,11 @@ the losses are logged.
 
 **The plan.** With ``max_overhead`` set (the default), the first three calls of :meth:`Decorrelator.step` measure
 the plain training step (every layer computes its plain function: ``R`` is the identity) and the shapes each layer
-sees; the third makes the per-layer plan (:mod:`lightning_decor.plan`) within ``max_overhead`` of the measured
-step, and ``R`` starts moving from the fourth step. ``max_overhead=None`` skips this: every layer keeps its largest
-allowed block, fused into the weight, and ``R`` moves from the first step.
+sees; the third times each layer's candidate forms (:mod:`lightning_decor.probe`) and makes the per-layer plan
+(:mod:`lightning_decor.plan`) within ``max_overhead`` of the measured step, and ``R`` starts moving from the fourth
+step. Steps four to seven check the plan against the real step; a plan whose extra time exceeds twice its budget is
+made again with its costs scaled by measured / estimated (at most twice). ``max_overhead=None`` skips all this:
+every layer keeps its largest allowed block, fused into the weight, and ``R`` moves from the first step.
 
 **The update.** Layers whose blocks have the same size share one stacked tensor (each layer's ``decor_R`` is a view
 into it) and move together in one batched step (:func:`lightning_decor.functional.block_decorrelation_step`): a
