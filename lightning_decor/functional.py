@@ -85,12 +85,18 @@ def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
     return torch.diagonal(C, dim1=1, dim2=2), C, False
 
 
-def _scaled(z: Tensor, counts: Tensor | None) -> Tensor:
-    """Rows ``z`` (G, n, b) divided by ``sqrt(n_g)``, so that ``z^T z`` is ``C``; ``counts`` (G,) gives each
-    block's number of real rows (the rest are zero padding), ``None`` means all ``n``."""
+def _row_scale(n: int, counts: Tensor | None, dtype: torch.dtype) -> float | Tensor:
+    """``1 / sqrt(n_g)`` for rows ``(G, n, b)``, so that ``z^T z`` of the scaled rows is ``C``: a number when all
+    ``n`` rows are real (``counts=None``), else ``(G, 1, 1)`` from each block's number of real rows ``counts``
+    (G,) (the rest are zero padding)."""
     if counts is None:
-        return z * (1.0 / math.sqrt(z.shape[1]))
-    return z * counts.clamp_min(1).to(z.dtype).rsqrt()[:, None, None]
+        return 1.0 / math.sqrt(n)
+    return counts.clamp_min(1).to(dtype).rsqrt()[:, None, None]
+
+
+def _scaled(z: Tensor, counts: Tensor | None) -> Tensor:
+    """Rows ``z`` (G, n, b) divided by ``sqrt(n_g)`` (:func:`_row_scale`), so that ``z^T z`` is ``C``."""
+    return z * _row_scale(z.shape[1], counts, z.dtype)
 
 
 def decorrelation_loss(z: Tensor, kappa: float, *, blocks: int = 1) -> Tensor:
@@ -163,8 +169,7 @@ def block_decorrelation_step(
     """
     n, b = x.shape[1], x.shape[2]
     # z = x R^T / sqrt(n_g), so that C = z^T z; the scale goes on the smaller operand (R when b <= n).
-    inv = x.new_tensor(1.0 / math.sqrt(n)) if counts is None else counts.clamp_min(1).to(x.dtype).rsqrt()
-    inv = inv.reshape(-1, 1, 1) if inv.dim() else inv
+    inv = _row_scale(n, counts, x.dtype)
     z = torch.bmm(x, (R * inv).transpose(1, 2)) if b <= n else torch.bmm(x, R.transpose(1, 2)) * inv
     c, m, through_rows = _second_moments(z)
     loss = _block_losses(z, c, kappa, m)

@@ -156,6 +156,7 @@ def measure_candidates(
         return cache[key]
 
     by_name = {s.name: s for s in shapes}
+    ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes}
     out: dict[str, list[tuple[str, float] | None]] = {s.name: [None] * len(estimates[s.name]) for s in shapes}
     # (name, ladder index) from the smallest block of every layer up to the largest
     order = sorted(((n, k) for n, e in estimates.items() if n in by_name for k in range(len(e))),
@@ -175,7 +176,7 @@ def measure_candidates(
         if probeable:
             sample = cached(("sample", sig, shape, layer.decor_sample_fraction, layer.decor_max_rows),
                             lambda: _sample_seconds(layer, shape, g))  # fmt: skip
-        b = block_ladder(s.d, s.unit, s.max_block)[k]
+        b = ladders[name][k]
         fuse = cached(("fuse", sig, b), lambda: _fuse_seconds(layer, b, g)) * s.forwards
         form, cost = "fused", fuse
         if s.input_side and probeable:
