@@ -34,6 +34,7 @@ __all__ = [
     "decorrelation_update_",
     "fuse_weight",
     "guarded_decorrelation_update_",
+    "identity_blocks",
     "off_diagonal",
     "sample_conv_patch_rows",
     "stats_dtype",
@@ -58,6 +59,12 @@ def _check_kappa(kappa: float) -> None:
         raise TypeError(f"Expected `kappa` to be a float, but got {type(kappa).__name__}: {kappa!r}.")
     if not 0.0 <= kappa <= 1.0:  # also rejects NaN
         raise ValueError(f"Expected `kappa` in [0, 1], but got {kappa!r}.")
+
+
+def identity_blocks(blocks: int, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An identity ``R``: the ``(b, b)`` identity for one block, else a ``(blocks, b, b)`` stack of them."""
+    eye = torch.eye(b, dtype=dtype, device=device)
+    return eye if blocks == 1 else eye.expand(blocks, b, b).clone()
 
 
 def _blocks(R: Tensor) -> Tensor:

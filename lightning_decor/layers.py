@@ -34,6 +34,7 @@ from lightning_decor.functional import (
     decorrelate_rows,
     fuse_weight,
     guarded_decorrelation_update_,
+    identity_blocks,
     sample_conv_patch_rows,
     stats_dtype,
 )
@@ -166,8 +167,7 @@ class DecorrelatedLayer(nn.Module):
                 f"({self.decor_unit} features each), but got {block!r}."
             )
         g = groups * (d // b)
-        eye = torch.eye(b, device=self.weight.device, dtype=stats_dtype(self.weight.dtype))
-        self.decor_R = eye if g == 1 else eye.expand(g, -1, -1).clone()
+        self.decor_R = identity_blocks(g, b, stats_dtype(self.weight.dtype), self.weight.device)
         self.decor_form = form
 
     @property

@@ -268,12 +268,12 @@ def make_plan(
         group = costs(0.0, _OPS_GROUP_UPDATE) / update_every  # per distinct block size in use
         users = Counter(ladders[s.name][0] for s in shapes if ladders[s.name])  # layers per block size
 
-        def cost(name: str, k: int) -> float:
+        def seconds(name: str, k: int) -> float:  # of ladder entry k (plain: 0)
             return table[name][k][1] if k < len(ladders[name]) else 0.0
 
         def change(name: str, k: int, j: int) -> float:  # the total's change when a layer moves from k to j
             ladder = ladders[name]
-            delta = cost(name, j) - cost(name, k)
+            delta = seconds(name, j) - seconds(name, k)
             old, new = (ladder[k] if k < len(ladder) else None), (ladder[j] if j < len(ladder) else None)
             if old != new:
                 delta -= group if old is not None and users[old] == 1 else 0.0

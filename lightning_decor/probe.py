@@ -25,9 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from lightning_decor.functional import block_decorrelation_step, fuse_weight, stats_dtype
+from lightning_decor.functional import block_decorrelation_step, fuse_weight, identity_blocks, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _DecorrelatedConvNd
 from lightning_decor.plan import LayerShape, block_ladder
 
@@ -54,16 +53,11 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     return timed
 
 
-def _identity_blocks(blocks: int, b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    eye = torch.eye(b, dtype=dtype, device=device)
-    return eye if blocks == 1 else eye.expand(blocks, b, b).clone()
-
-
 @torch.no_grad()
 def _update_seconds(b: int, n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> float:
     """Seconds per block of one batched update with ``n`` rows per block of ``b`` features."""
     g = max(1, _PROBE_NUMBERS // (n * b + b * b))
-    R = _identity_blocks(g, b, dtype, device).reshape(g, b, b)
+    R = identity_blocks(g, b, dtype, device).reshape(g, b, b)
     x = torch.randn(g, n, b, dtype=dtype, device=device, generator=gen)
     counts = torch.full((g,), n, device=device)
     return _timer(device)(lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5)) / g
@@ -74,7 +68,7 @@ def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> flo
     w = layer.weight.detach()
     weight = torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
     blocks = layer.decor_features // b
-    R = _identity_blocks(blocks, b, stats_dtype(w.dtype), w.device)
+    R = identity_blocks(blocks, b, stats_dtype(w.dtype), w.device)
     groups = layer.decor_groups
 
     @torch.enable_grad()  # the engine steps under no_grad
