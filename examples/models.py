@@ -10,10 +10,13 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 
-def benchmark_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
-    """The 5-conv BatchNorm CNN of the prototype (32-32-64-64-128 channels, 3x3, two max-pools) + linear head."""
+def benchmark_cnn(in_channels: int = 1, num_classes: int = 10, batch_norm: bool = True) -> nn.Sequential:
+    """The 5-conv BatchNorm CNN of the prototype (32-32-64-64-128 channels, 3x3, two max-pools) + linear head;
+    with ``batch_norm=False`` the convolutions have biases and no normalisation follows them."""
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
+        if not batch_norm:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
     return nn.Sequential(
@@ -31,10 +34,44 @@ def cifar_resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return net
 
 
+def mlp(in_features: int = 784, width: int = 512, num_classes: int = 10) -> nn.Sequential:
+    """A multilayer perceptron ``in_features``-512-512-``num_classes`` with ReLU on flattened pixels."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )  # fmt: skip
+
+
+def small_vit(in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    """torchvision's ``VisionTransformer``, small: patch 4, width 128, 4 blocks of 4 heads, MLP 256; its patch
+    embedding takes ``in_channels``."""
+    net = torchvision.models.VisionTransformer(
+        image_size=image_size, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256,
+        num_classes=num_classes,
+    )  # fmt: skip
+    net.conv_proj = nn.Conv2d(in_channels, 128, kernel_size=4, stride=4)
+    return net
+
+
+class ToRGB32(nn.Module):
+    """Grey images resized to 32x32 (bilinear) with the channel repeated three times, for stock RGB models."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """``"cnn"``, ``"cifar_resnet18"`` or a torchvision classification model name (``"resnet50"``)."""
-    if name == "cnn":
-        return benchmark_cnn(in_channels, num_classes)
+    """``"cnn"`` (``"cnn_nobn"`` without BatchNorm), ``"mlp"``, ``"vit"`` (:func:`small_vit`), ``"cifar_resnet18"``,
+    ``"resnet18_32"`` (stock ResNet-18 on grey images as 3x32x32) or a torchvision classification model name."""
+    if name in ("cnn", "cnn_nobn"):
+        return benchmark_cnn(in_channels, num_classes, batch_norm=name == "cnn")
+    if name == "mlp":
+        return mlp(in_channels * 28 * 28, num_classes=num_classes)
+    if name == "vit":
+        return small_vit(in_channels, num_classes)
+    if name == "resnet18_32":
+        return nn.Sequential(ToRGB32(), torchvision.models.resnet18(num_classes=num_classes))
     if name == "cifar_resnet18":
         return cifar_resnet18(in_channels, num_classes)
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -83,6 +83,10 @@ class DecorrelationCallback(Callback):
             CNN (docs/TUNING.md).
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the
             variances, 0.5 pulls the second moments towards the identity.
+        normalize: How each step of the rule is scaled: ``"none"`` is the authors' rule (step ``decor_lr``);
+            ``"trace"`` divides the step by the mean of ``diag C``; ``"spectral"`` by ``||C||_F^2 / tr C`` (a mean of
+            ``C``'s eigenvalues weighted by themselves: 1 at the fixed point, large for wide correlated inputs),
+            so that one ``decor_lr`` suits inputs of any scale, width and correlation (docs/TUNING.md).
         sample_fraction: Fraction of each batch's samples (images for convolutions, rows for Linear) whose input
             rows feed the statistics, in ``(0, 1]``. A Linear draws its rows uniformly over all leading dimensions
             (samples and sequence positions).
@@ -126,6 +130,7 @@ class DecorrelationCallback(Callback):
         self,
         decor_lr: float = 3e-3,
         kappa: float = 0.5,
+        normalize: str = "none",
         sample_fraction: float = 0.1,
         max_rows: int | None = 64,
         include: list[str] | None = None,
@@ -145,10 +150,11 @@ class DecorrelationCallback(Callback):
         self._engine_arguments = check_engine_arguments(
             decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
             exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
-            update_every=update_every, use_cuda_stream=use_cuda_stream,
+            update_every=update_every, use_cuda_stream=use_cuda_stream, normalize=normalize,
         )  # fmt: skip
         self.decor_lr: float = self._engine_arguments["decor_lr"]
         self.kappa: float = self._engine_arguments["kappa"]
+        self.normalize: str = self._engine_arguments["normalize"]
         self.sample_fraction: float = self._engine_arguments["sample_fraction"]
         self.max_rows: int | None = self._engine_arguments["max_rows"]
         self.include: list[str] | None = self._engine_arguments["include"]

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_engine_arguments", "check_float", "check_patterns", "check_positive_int"]
+__all__ = ["check_bool", "check_choice", "check_engine_arguments", "check_float", "check_patterns", "check_positive_int"]
 
 
 def _number(value: Any) -> float:
@@ -49,6 +49,16 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value``, one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Expected `{name}` in {choices}, but got {value!r}.")
+    return value
+
+
+NORMALIZE = ("none", "trace", "spectral")  # lightning_decor.functional.NORMALIZE (checks imports nothing of ours)
+
+
 def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
     """Glob patterns on module names: a list of str, or ``None``."""
     if patterns is None:
@@ -71,11 +81,13 @@ def check_engine_arguments(
     max_overhead: Any,
     update_every: Any,
     use_cuda_stream: Any,
+    normalize: Any,
 ) -> dict[str, Any]:
     """The arguments ``Decorrelator`` and ``DecorrelationCallback`` share, checked, by name."""
     return dict(
         decor_lr=check_float("decor_lr", decor_lr, 0.0, math.inf, low_open=True),
         kappa=check_float("kappa", kappa, 0.0, 1.0),
+        normalize=check_choice("normalize", normalize, NORMALIZE),
         sample_fraction=check_float("sample_fraction", sample_fraction, 0.0, 1.0, low_open=True),
         max_rows=check_positive_int("max_rows", max_rows),
         include=check_patterns("include", include),

@@ -105,6 +105,8 @@ class Decorrelator:
         model: The model to decorrelate, patched in place.
         decor_lr: Learning rate of the decorrelation rule (> 0).
         kappa: Weight of the unit-variance term, in ``[0, 1]``.
+        normalize: Scaling of each step: ``"none"`` (the authors' rule), ``"trace"`` or ``"spectral"`` (see
+            :func:`lightning_decor.functional.block_decorrelation_step`).
         sample_fraction: Fraction of each batch's samples whose input rows feed the statistics, in ``(0, 1]``.
         max_rows: At most this many rows per layer and forward, drawn at random (``None``: all).
         include: Glob patterns of layers to patch (``None``: all eligible).
@@ -128,6 +130,7 @@ class Decorrelator:
         *,
         decor_lr: float = 3e-3,
         kappa: float = 0.5,
+        normalize: str = "none",
         sample_fraction: float = 0.1,
         max_rows: int | None = 64,
         include: Sequence[str] | None = None,
@@ -143,10 +146,11 @@ class Decorrelator:
         checked = check_engine_arguments(
             decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
             exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
-            update_every=update_every, use_cuda_stream=use_cuda_stream,
+            update_every=update_every, use_cuda_stream=use_cuda_stream, normalize=normalize,
         )  # fmt: skip
         self.decor_lr: float = checked["decor_lr"]
         self.kappa: float = checked["kappa"]
+        self.normalize: str = checked["normalize"]
         self.sample_fraction: float = checked["sample_fraction"]
         self.max_rows: int | None = checked["max_rows"]
         self.include: list[str] | None = checked["include"]
@@ -568,7 +572,9 @@ class Decorrelator:
                 [c for c, g in zip(counts, group.blocks, strict=True) for _ in range(g)], device=R.device
             )
             group.counts = {counts: per_block}  # the counts of the last step: usually the next step's too
-        new, loss, ok = block_decorrelation_step(R, x, per_block, lr=self.decor_lr, kappa=self.kappa)
+        new, loss, ok = block_decorrelation_step(
+            R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize
+        )
         R.copy_(new)
         layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
         layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(

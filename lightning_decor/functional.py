@@ -28,6 +28,7 @@ __all__ = [
     "conv_patch_rows",
     "correlation_picture",
     "dense_matrix",
+    "NORMALIZE",
     "block_decorrelation_step",
     "decorrelate_rows",
     "decorrelation_loss",
@@ -72,15 +73,34 @@ def _blocks(R: Tensor) -> Tensor:
     return R if R.dim() == 3 else R.unsqueeze(0)
 
 
-def _block_losses(z: Tensor, c: Tensor, kappa: float, gram_or_cov: Tensor) -> Tensor:
-    """Loss of each block ``(G,)`` from rows ``z`` (G, n, b) already scaled by ``1 / sqrt(n)``, so that
-    ``C = z^T z``; ``c`` (G, b) is ``diag(C)`` and ``gram_or_cov`` is ``z z^T`` or ``C``."""
-    b = z.shape[2]
-    # sum_{i != j} C_ij^2 (||z z^T||_F = ||z^T z||_F): one dot product per block, no squared copy of the matrix;
-    # a difference of two sums of squares, so it is clamped at 0 against rounding
+def _frobenius_sq(gram_or_cov: Tensor) -> Tensor:
+    """``||C||_F^2`` of each block ``(G,)`` from ``z z^T`` or ``C`` (``||z z^T||_F = ||z^T z||_F``): one dot product
+    per block, no squared copy of the matrix."""
     flat = gram_or_cov.flatten(1)
-    off_sq = (torch.linalg.vecdot(flat, flat) - c.square().sum(1)).clamp_min(0.0)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def _block_losses(c: Tensor, kappa: float, fro_sq: Tensor) -> Tensor:
+    """Loss of each block ``(G,)`` from ``c`` (G, b), the diagonal of ``C``, and ``fro_sq`` (G,), ``||C||_F^2``."""
+    b = c.shape[1]
+    # sum_{i != j} C_ij^2: a difference of two sums of squares, so it is clamped at 0 against rounding
+    off_sq = (fro_sq - c.square().sum(1)).clamp_min(0.0)
     return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).square().sum(1)) / (b * b)
+
+
+NORMALIZE = ("none", "trace", "spectral")
+"""How the step is normalised: ``"none"`` is the authors' rule; ``"trace"`` divides it by the mean of ``diag C``;
+``"spectral"`` by ``||C||_F^2 / tr C`` (see :func:`block_decorrelation_step`)."""
+_MIN_NORM = 1e-6  # a normaliser below this (inputs of almost no energy) counts as this
+
+
+def _step_sizes(lr: float, c: Tensor, fro_sq: Tensor, normalize: str) -> float | Tensor:
+    """The step size of each block: ``lr`` (``"none"``), else ``lr`` divided by the block's normaliser ``(G,)``."""
+    if normalize == "none":
+        return lr
+    trace = c.sum(1)
+    norm = trace / c.shape[1] if normalize == "trace" else fro_sq / trace
+    return lr / torch.where(trace > 0, norm, 1.0).clamp_min(_MIN_NORM)
 
 
 def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -134,12 +154,18 @@ def decorrelation_loss(z: Tensor, kappa: float, *, blocks: int = 1) -> Tensor:
     n, d = z.shape
     zg = _scaled(z.to(stats_dtype(z.dtype)).reshape(n, blocks, d // blocks).transpose(0, 1), None)  # (G, n, b)
     c, m, _ = _second_moments(zg)
-    return _block_losses(zg, c, kappa, m).mean()
+    return _block_losses(c, kappa, _frobenius_sq(m)).mean()
 
 
-def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
+def _check_normalize(normalize: str) -> None:
+    if not isinstance(normalize, str) or normalize not in NORMALIZE:
+        raise ValueError(f"Expected `normalize` in {NORMALIZE}, but got {normalize!r}.")
+
+
+def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float, normalize: str) -> None:
     _check_rows("x", x)
     _check_kappa(kappa)
+    _check_normalize(normalize)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise TypeError(f"Expected `lr` to be a float, but got {type(lr).__name__}: {lr!r}.")
     if not (lr > 0 and math.isfinite(lr)):
@@ -153,7 +179,7 @@ def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float) -> None:
 
 
 def block_decorrelation_step(
-    R: Tensor, x: Tensor, counts: Tensor | None, *, lr: float, kappa: float
+    R: Tensor, x: Tensor, counts: Tensor | None, *, lr: float, kappa: float, normalize: str = "none"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the rule for a stack of ``G`` independent diagonal blocks, out of place, without a host sync.
 
@@ -168,6 +194,12 @@ def block_decorrelation_step(
             its ``R`` and reports a NaN loss.
         lr: The decorrelation learning rate.
         kappa: Weight of the unit-variance term.
+        normalize: ``"none"``: the authors' rule, step ``lr``. ``"trace"``: step ``lr / mean(diag C)``.
+            ``"spectral"``: step ``lr / (||C||_F^2 / tr C)``; ``||C||_F^2 / tr C = sum(l^2) / sum(l)`` over the
+            eigenvalues ``l`` of ``C`` is their mean weighted by themselves, between the mean and the largest
+            eigenvalue, and 1 at ``C = I``. The rule is stable for ``lr * l_max << 1``; dividing by this
+            normaliser makes the step nearly independent of the input's scale, width and correlation, at no extra
+            cost (both sums are computed for the loss anyway). Each block has its own; the fixed point is the same.
 
     Returns:
         ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's
@@ -179,20 +211,26 @@ def block_decorrelation_step(
     inv = _row_scale(n, counts, x.dtype)
     z = torch.bmm(x, (R * inv).transpose(1, 2)) if b <= n else torch.bmm(x, R.transpose(1, 2)) * inv
     c, m, through_rows = _second_moments(z)
-    loss = _block_losses(z, c, kappa, m)
+    fro_sq = _frobenius_sq(m)
+    loss = _block_losses(c, kappa, fro_sq)
+    step = _step_sizes(lr, c, fro_sq, normalize)  # lr, or (G,) per block
+    per_block = isinstance(step, Tensor)
+    eta = step[:, None] if per_block else step
     # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R
     # with s = kappa * (c - 1) - (1 - kappa) * c; so R_new = diag(1 - lr * s) @ R - lr * (1 - kappa) * C @ R.
-    scale = 1.0 - lr * (kappa * (c - 1.0) - (1.0 - kappa) * c)  # (G, b)
+    scale = 1.0 - eta * (kappa * (c - 1.0) - (1.0 - kappa) * c)  # (G, b)
     ok = torch.isfinite(loss)  # non-finite statistics contribute nothing (masks, not branches: no host sync)
     moves = ok if counts is None else ok & (counts > 0)
     scale = torch.where(moves[:, None], scale, 1.0)
     # A block without rows has z = 0 (zero padding), so its product term is zero and it keeps R; a block with
     # non-finite statistics is replaced by its R below: z and C need no masking (bmm keeps blocks apart).
     new = R * scale[:, :, None]
-    if through_rows:  # C @ R = z^T @ (z @ R): 4 n b^2 flops per block, no b x b x b product
-        new.baddbmm_(z.transpose(1, 2), torch.bmm(z, R), alpha=-lr * (1.0 - kappa))
+    # C @ R through the rows, z^T @ (z @ R): 4 n b^2 flops per block, no b x b x b product
+    left, right = (z.transpose(1, 2), torch.bmm(z, R)) if through_rows else (m, R)
+    if per_block:  # each block's own step on the smaller factor
+        new.baddbmm_(left, right * (-(1.0 - kappa) * step)[:, None, None])
     else:
-        new.baddbmm_(m, R, alpha=-lr * (1.0 - kappa))
+        new.baddbmm_(left, right, alpha=-step * (1.0 - kappa))
     ok = ok & torch.isfinite(new.sum((1, 2)))  # one reduction per block instead of an elementwise check
     new = torch.where(ok[:, None, None], new, R)
     if counts is not None:
@@ -200,20 +238,20 @@ def block_decorrelation_step(
     return new, loss, ok
 
 
-def _updated(R: Tensor, x: Tensor, lr: float, kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+def _updated(R: Tensor, x: Tensor, lr: float, kappa: float, normalize: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(R_new, loss, ok)`` in the statistics dtype for one ``R`` (dense, or a stack of equal diagonal blocks each
     updated from its own ``b = d / G`` input features); ``ok`` is ``False`` when any block's step was non-finite."""
     dtype = stats_dtype(R.dtype)
     r = _blocks(R).to(dtype)  # (G, b, b)
     g, b = r.shape[0], r.shape[1]
     xg = x.to(device=R.device, dtype=dtype).reshape(x.shape[0], g, b).transpose(0, 1)  # (G, n, b)
-    new, loss, ok = block_decorrelation_step(r, xg, None, lr=lr, kappa=kappa)
+    new, loss, ok = block_decorrelation_step(r, xg, None, lr=lr, kappa=kappa, normalize=normalize)
     ok = ok.all()
     return torch.where(ok, new, r).reshape(R.shape), loss.mean(), ok
 
 
 @torch.no_grad()
-def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> Tensor:
+def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float, normalize: str = "none") -> Tensor:
     """Update ``R`` in place by one step of the decorrelation rule and return the loss before the step.
 
     With ``z = x @ R.T`` and ``C = z.T @ z / n``::
@@ -230,6 +268,9 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
         x: Raw input rows ``(n, d)`` of the layer (any floating dtype).
         lr: The decorrelation learning rate ``eta`` (> 0).
         kappa: Weight of the unit-variance term, in ``[0, 1]``.
+        normalize: ``"none"`` (default): the rule above, exactly. ``"trace"`` or ``"spectral"``: ``lr`` divided by
+            ``mean(diag C)`` or by ``||C||_F^2 / tr C`` (each block its own; see
+            :func:`block_decorrelation_step`).
 
     Returns:
         The decorrelation loss of ``z = x @ R.T`` before the update (a scalar tensor; see
@@ -239,11 +280,13 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> T
         >>> R = torch.eye(4)
         >>> loss = decorrelation_update_(R, torch.randn(64, 4) @ torch.randn(4, 4), lr=1e-2, kappa=0.5)
     """
-    return guarded_decorrelation_update_(R, x, lr=lr, kappa=kappa)[0]
+    return guarded_decorrelation_update_(R, x, lr=lr, kappa=kappa, normalize=normalize)[0]
 
 
 @torch.no_grad()
-def guarded_decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float) -> tuple[Tensor, Tensor]:
+def guarded_decorrelation_update_(
+    R: Tensor, x: Tensor, *, lr: float, kappa: float, normalize: str = "none"
+) -> tuple[Tensor, Tensor]:
     """:func:`decorrelation_update_` that never writes a non-finite value into ``R``, without a host sync.
 
     The step is skipped (``R`` kept) when the statistics of ``x`` are non-finite (NaN/Inf input) or when the
@@ -252,9 +295,9 @@ def guarded_decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: flo
     Returns:
         ``(loss, ok)``: the loss before the step and a boolean scalar tensor, ``False`` when the step was skipped.
     """
-    _check_update_args(R, x, lr, kappa)
+    _check_update_args(R, x, lr, kappa, normalize)
     with torch.autocast(R.device.type, enabled=False):
-        new, loss, ok = _updated(R, x, lr, kappa)
+        new, loss, ok = _updated(R, x, lr, kappa, normalize)
         R.copy_(new)  # `new` is R wherever the step was skipped
     return loss, ok
 

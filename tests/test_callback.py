@@ -163,6 +163,8 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:
         ({"kappa": 1.5}, ValueError, r"Expected `kappa` in \[0, 1\], but got 1.5"),
         ({"kappa": float("nan")}, ValueError, r"Expected `kappa` in \[0, 1\], but got nan"),
         ({"kappa": [0.5]}, TypeError, r"Expected `kappa` to be a float, but got list: \[0.5\]"),
+        ({"normalize": "l2"}, ValueError, r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'l2'"),
+        ({"normalize": None}, ValueError, r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got None"),
         ({"sample_fraction": 0.0}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 0.0"),
         ({"sample_fraction": 1.2}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 1.2"),
         ({"max_rows": 0}, ValueError, r"Expected `max_rows` to be >= 1 or None, but got 0"),

@@ -12,20 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_decor import Decorrelator, decorrelation_matrices
+from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
 from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
 
 
-def reference_update(R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "none") -> torch.Tensor:
     """One step of the rule of Dalm et al. in float64 on one block: z = x R^T, C = z^T z / n,
-    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R."""
+    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R; with ``normalize="spectral"`` the step is
+    lr / (||C||_F^2 / tr C)."""
     R, x = R.double(), x.double()
     z = x @ R.T
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
-    return R - LR * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
+    lr = LR if normalize == "none" else LR / float((C**2).sum() / c.sum())
+    return R - lr * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
 
 
 def mlp() -> nn.Sequential:
@@ -67,16 +69,19 @@ def train(model: nn.Module, dec: Decorrelator, batches, record=None):
         h.remove()
 
 
-def test_plain_pytorch_loop_moves_every_r_by_the_rule() -> None:
+@pytest.mark.parametrize("normalize", ["none", "spectral"])
+def test_plain_pytorch_loop_moves_every_r_by_the_rule(normalize: str) -> None:
     model = mlp()
-    dec = Decorrelator(model, decor_lr=LR, kappa=KAPPA, sample_fraction=1.0, max_rows=None, max_overhead=None)
+    dec = Decorrelator(
+        model, decor_lr=LR, kappa=KAPPA, sample_fraction=1.0, max_rows=None, max_overhead=None, normalize=normalize
+    )
     assert sorted(dec.layers) == ["0", "2", "4"]
     record: list = []
     train(model, dec, data(4), record)
     assert dec.updates == 4
     for before, rows, after in record:  # layers "0" and "4" share a block size of 8: one batched update
-        for name in ("0", "2", "4"):
-            torch.testing.assert_close(after[name].double(), reference_update(before[name], rows[name]),
+        for name in ("0", "2", "4"):  # (each layer with its own divisor when normalised)
+            torch.testing.assert_close(after[name].double(), reference_update(before[name], rows[name], normalize),
                                        rtol=0, atol=1e-6)  # fmt: skip  # float32 R vs float64 reference
 
 
@@ -234,3 +239,6 @@ def test_engine_errors() -> None:
         Decorrelator(nn.Linear(2, 2), update_every=0)
     with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got 2"):
         Decorrelator(nn.Linear(2, 2), kappa=2)
+    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'L2'"):
+        Decorrelator(nn.Linear(2, 2), normalize="L2")
+    assert checks.NORMALIZE == functional.NORMALIZE  # the checks name the choices the math offers

@@ -167,3 +167,61 @@ def test_block_diagonal_update_is_the_rule_per_block(n: int) -> None:
     torch.testing.assert_close(fuse_weight(w, R), w @ torch.block_diag(*R))  # float64 defaults (1e-7): measured 4e-16
     with pytest.raises(ValueError, match=r"Expected `blocks` to be a positive divisor of d = 12, but got 5"):
         decorrelation_loss(torch.tensor(z), 0.3, blocks=5)
+
+
+def reference_normaliser(R: np.ndarray, x: np.ndarray, normalize: str) -> float:
+    """The step's divisor, written out: mean(diag C) ("trace") or ||C||_F^2 / tr C ("spectral") of z = x R^T."""
+    z = x @ R.T
+    C = z.T @ z / x.shape[0]
+    if normalize == "trace":
+        return float(np.trace(C) / C.shape[0])
+    return float((C**2).sum() / np.trace(C))
+
+
+@pytest.mark.parametrize("normalize", ["trace", "spectral"])
+@pytest.mark.parametrize("n", [50, 5])  # explicit C and through the rows
+def test_normalised_step_is_the_rule_with_lr_over_the_normaliser(normalize: str, n: int) -> None:
+    rng = np.random.default_rng(2)
+    G, b = 2, 6
+    R0 = np.stack([np.eye(b) + 0.1 * rng.standard_normal((b, b)) for _ in range(G)])
+    # the two blocks' inputs differ in scale by 30x: each block must get its own divisor
+    x = rng.standard_normal((n, G * b)) @ rng.standard_normal((G * b, G * b)) * np.repeat([1.0, 30.0], b)
+    R = torch.tensor(R0)
+    decorrelation_update_(R, torch.tensor(x), lr=0.05, kappa=0.3, normalize=normalize)
+    expected = []
+    for g in range(G):
+        xg = x[:, g * b : (g + 1) * b]
+        lr = 0.05 / reference_normaliser(R0[g], xg, normalize)
+        expected.append(reference_step(R0[g], xg, lr, 0.3)[0])
+    np.testing.assert_allclose(R.numpy(), np.stack(expected), rtol=0, atol=1e-9)  # float64: measured ~1e-15
+
+
+def test_spectral_step_does_not_depend_on_the_input_scale_and_is_stable_where_the_rule_diverges() -> None:
+    rng = np.random.default_rng(3)
+    d = 64
+    x = rng.standard_normal((256, d)) + 2.0 * rng.standard_normal((256, 1))  # strongly correlated: l_max ~ 4 d
+    for scale in (1e-2, 1.0, 1e2):  # kappa = 0: the decorrelating part is homogeneous, so the step is the same
+        R = torch.eye(d, dtype=torch.float64)
+        decorrelation_update_(R, torch.tensor(x * scale), lr=0.1, kappa=0.0, normalize="spectral")
+        if scale == 1e-2:
+            first = R.clone()
+        torch.testing.assert_close(R, first, rtol=1e-9, atol=1e-12)
+    # the same lr without normalising: lr * l_max ~ 25, and R blows up within a few steps; with it, the loss falls
+    plain = torch.eye(d, dtype=torch.float64)
+    spectral = torch.eye(d, dtype=torch.float64)
+    xt = torch.tensor(x)
+    first_loss = decorrelation_loss(xt, 0.5).item()
+    for _ in range(20):
+        decorrelation_update_(plain, xt, lr=0.1, kappa=0.5)
+        decorrelation_update_(spectral, xt, lr=0.1, kappa=0.5, normalize="spectral")
+    assert decorrelation_loss(xt @ spectral.T, 0.5).item() < 0.2 * first_loss
+    assert not decorrelation_loss(xt @ plain.T, 0.5).item() < first_loss  # diverged (R kept where non-finite)
+
+
+def test_normalised_step_keeps_an_input_without_energy() -> None:
+    R = torch.eye(4)
+    x = torch.zeros(8, 4)
+    decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="spectral")  # tr C = 0: divisor 1, step of the rule
+    np.testing.assert_allclose(R.numpy(), reference_step(np.eye(4), np.zeros((8, 4)), 0.1, 0.5)[0], atol=1e-7)
+    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'max'"):
+        decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="max")
