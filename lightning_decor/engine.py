@@ -346,6 +346,7 @@ class Decorrelator:
             budget=self.max_overhead * step,
             time_limit=_PROBE_STEPS * step,
             update_every=self.update_every,
+            normalize=self.normalize,
         )
         self._planning = (shapes, costs, measured)
         plan = self._agreed(self._new_plan(step, 1.0))

@@ -54,13 +54,17 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
 
 
 @torch.no_grad()
-def _update_seconds(b: int, n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> float:
+def _update_seconds(
+    b: int, n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator, normalize: str
+) -> float:
     """Seconds per block of one batched update with ``n`` rows per block of ``b`` features."""
     g = max(1, _PROBE_NUMBERS // (n * b + b * b))
     R = identity_blocks(g, b, dtype, device).reshape(g, b, b)
     x = torch.randn(g, n, b, dtype=dtype, device=device, generator=gen)
     counts = torch.full((g,), n, device=device)
-    return _timer(device)(lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5)) / g
+    return _timer(device)(
+        lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5, normalize=normalize)
+    ) / g
 
 
 def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> float:
@@ -121,6 +125,7 @@ def measure_candidates(
     budget: float,
     time_limit: float,
     update_every: int = 1,
+    normalize: str = "none",
 ) -> dict[str, list[tuple[str, float]]]:
     """Measured ``(form, seconds per step)`` of each layer's candidates, in the order of its block ladder
     (:func:`lightning_decor.plan.block_ladder`), for :func:`lightning_decor.plan.make_plan`'s ``measured``.
@@ -139,6 +144,7 @@ def measure_candidates(
         budget: Seconds per step the plan may spend in all.
         time_limit: Seconds the measuring may take.
         update_every: ``R`` moves every this many steps (divides the update's and the sampling's cost).
+        normalize: The update's ``normalize`` (:func:`lightning_decor.functional.block_decorrelation_step`).
     """
     start = time.perf_counter()
     gen: dict[torch.device, torch.Generator] = {}
@@ -180,7 +186,9 @@ def measure_candidates(
                 form, cost = "input", inp * s.forwards
         rows = max(1, s.stat_rows)
         dtype = stats_dtype(w.dtype)
-        per_block = cached(("update", b, rows, dtype, w.device), lambda: _update_seconds(b, rows, dtype, w.device, g))
+        per_block = cached(
+            ("update", b, rows, dtype, w.device), lambda: _update_seconds(b, rows, dtype, w.device, g, normalize)
+        )
         update = per_block * (s.groups * s.d // b) + sample * s.forwards
         out[name][k] = (form, cost + update / update_every)
         if estimate > 0:
