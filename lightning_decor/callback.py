@@ -128,9 +128,9 @@ class DecorrelationCallback(Callback):
 
     def __init__(
         self,
-        decor_lr: float = 3e-3,
+        decor_lr: float = 3e-2,
         kappa: float = 0.5,
-        normalize: str = "none",
+        normalize: str = "spectral",
         sample_fraction: float = 0.1,
         max_rows: int | None = 64,
         include: list[str] | None = None,

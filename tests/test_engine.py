@@ -18,10 +18,10 @@ from lightning_decor.layers import DecorrelatedLayer
 LR, KAPPA = 0.05, 0.5
 
 
-def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "none") -> torch.Tensor:
+def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "spectral") -> torch.Tensor:
     """One step of the rule of Dalm et al. in float64 on one block: z = x R^T, C = z^T z / n,
     R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R; with ``normalize="spectral"`` the step is
-    lr / (||C||_F^2 / tr C)."""
+    lr / (||C||_F^2 / tr C), the default."""
     R, x = R.double(), x.double()
     z = x @ R.T
     C = z.T @ z / z.shape[0]

@@ -54,6 +54,7 @@ from data import (  # noqa: E402
 CALLBACK_VALUES: dict[str, Any] = {
     "decor_lr": 0.002,
     "kappa": 0.25,
+    "normalize": "trace",
     "sample_fraction": 0.5,
     "max_rows": 32,
     "max_features": 4096,

@@ -50,13 +50,18 @@ LR, KAPPA = 0.05, 0.5
 R_ATOL, SAME_OPS_ATOL = 1e-5, 1e-6
 
 
-def reference_update(R: torch.Tensor, x: torch.Tensor, lr: float = LR, kappa: float = KAPPA) -> torch.Tensor:
+def reference_update(
+    R: torch.Tensor, x: torch.Tensor, lr: float = LR, kappa: float = KAPPA, normalize: str = "spectral"
+) -> torch.Tensor:
     """One step of the rule of Dalm et al. in float64: z = x R^T, C = z^T z / n,
-    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R."""
+    R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R, with the default normalised step
+    lr / (||C||_F^2 / tr C) (``normalize="none"``: the authors' step lr)."""
     R, x = R.double(), x.double()
     z = x @ R.T
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
+    if normalize == "spectral":
+        lr = lr / float((C**2).sum() / c.sum())
     return R - lr * ((1 - kappa) * (C - torch.diag(c)) + kappa * torch.diag(c - 1)) @ R
 
 

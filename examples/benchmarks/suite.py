@@ -54,9 +54,9 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "cnn_bn": Task("cnn", 10000, 2, 128, 26, (3e-3, 1e-2, 3e-2)),
-    "cnn_nobn": Task("cnn_nobn", 10000, 2, 128, 26, (1e-3, 3e-3, 1e-2)),
-    "mlp": Task("mlp", 20000, 3, 128, 50, (3e-4, 1e-3, 3e-3)),
-    "vit": Task("vit", 10000, 2, 128, 26, (3e-4, 1e-3, 3e-3)),
+    "cnn_nobn": Task("cnn_nobn", 10000, 2, 128, 26, (3e-3, 1e-2, 3e-2)),
+    "mlp": Task("mlp", 20000, 3, 128, 50, (1e-3, 3e-3, 1e-2)),
+    "vit": Task("vit", 10000, 2, 128, 26, (1e-3, 3e-3, 1e-2)),
     "resnet18": Task("resnet18_32", 10000, 2, 128, 26, (1e-3, 3e-3, 1e-2)),
 }
 VALIDATION = 5000  # the last training images: the validation split for choosing the learning rate
