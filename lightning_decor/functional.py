@@ -91,11 +91,14 @@ def _block_losses(c: Tensor, kappa: float, fro_sq: Tensor) -> Tensor:
 NORMALIZE = ("none", "trace", "spectral")
 """How the step is normalised: ``"none"`` is the authors' rule; ``"trace"`` divides it by the mean of ``diag C``;
 ``"spectral"`` by ``||C||_F^2 / tr C`` (see :func:`block_decorrelation_step`)."""
-_MIN_NORM = 1e-6  # a normaliser below this (inputs of almost no energy) counts as this
+_MIN_NORM = 1.0  # the divisor is at least 1: a normalised step is never larger than the rule's own
 
 
 def _step_sizes(lr: float, c: Tensor, fro_sq: Tensor, normalize: str) -> float | Tensor:
-    """The step size of each block: ``lr`` (``"none"``), else ``lr`` divided by the block's normaliser ``(G,)``."""
+    """The step size of each block: ``lr`` (``"none"``), else ``lr`` divided by the block's normaliser ``(G,)``,
+    at least 1. Without that floor an input of little energy (a nearly dead channel: ``diag C ~ 1e-6``) would get
+    a step a million times ``lr``, and the unit-variance term, which does not shrink with the input's scale, would
+    multiply its ``R`` by that much in one step."""
     if normalize == "none":
         return lr
     trace = c.sum(1)
@@ -200,6 +203,7 @@ def block_decorrelation_step(
             eigenvalue, and 1 at ``C = I``. The rule is stable for ``lr * l_max << 1``; dividing by this
             normaliser makes the step nearly independent of the input's scale, width and correlation, at no extra
             cost (both sums are computed for the loss anyway). Each block has its own; the fixed point is the same.
+            A divisor below 1 counts as 1 (inputs of little energy get the rule's own step, never a larger one).
 
     Returns:
         ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's

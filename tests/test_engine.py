@@ -26,7 +26,7 @@ def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "spectra
     z = x @ R.T
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
-    lr = LR if normalize == "none" else LR / float((C**2).sum() / c.sum())
+    lr = LR if normalize == "none" else LR / max(1.0, float((C**2).sum() / c.sum()))
     return R - lr * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
 
 

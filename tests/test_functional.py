@@ -174,8 +174,8 @@ def reference_normaliser(R: np.ndarray, x: np.ndarray, normalize: str) -> float:
     z = x @ R.T
     C = z.T @ z / x.shape[0]
     if normalize == "trace":
-        return float(np.trace(C) / C.shape[0])
-    return float((C**2).sum() / np.trace(C))
+        return max(1.0, float(np.trace(C) / C.shape[0]))
+    return max(1.0, float((C**2).sum() / np.trace(C)))  # never below 1
 
 
 @pytest.mark.parametrize("normalize", ["trace", "spectral"])
@@ -200,12 +200,17 @@ def test_spectral_step_does_not_depend_on_the_input_scale_and_is_stable_where_th
     rng = np.random.default_rng(3)
     d = 64
     x = rng.standard_normal((256, d)) + 2.0 * rng.standard_normal((256, 1))  # strongly correlated: l_max ~ 4 d
-    for scale in (1e-2, 1.0, 1e2):  # kappa = 0: the decorrelating part is homogeneous, so the step is the same
+    for scale in (1.0, 1e2, 1e4):  # kappa = 0: the decorrelating part is homogeneous, so the step is the same
         R = torch.eye(d, dtype=torch.float64)
         decorrelation_update_(R, torch.tensor(x * scale), lr=0.1, kappa=0.0, normalize="spectral")
-        if scale == 1e-2:
+        if scale == 1.0:
             first = R.clone()
         torch.testing.assert_close(R, first, rtol=1e-9, atol=1e-12)
+    # an input of little energy (divisor 1e-6 < 1) gets the rule's own step, not a million times it
+    R = torch.eye(d, dtype=torch.float64)
+    tiny = x * 1e-3 / np.sqrt(((x.T @ x / 256) ** 2).sum() / np.trace(x.T @ x / 256))
+    decorrelation_update_(R, torch.tensor(tiny), lr=0.1, kappa=0.5, normalize="spectral")
+    np.testing.assert_allclose(R.numpy(), reference_step(np.eye(d), tiny, 0.1, 0.5)[0], rtol=0, atol=1e-12)
     # the same lr without normalising: lr * l_max ~ 25, and R blows up within a few steps; with it, the loss falls
     plain = torch.eye(d, dtype=torch.float64)
     spectral = torch.eye(d, dtype=torch.float64)

@@ -61,7 +61,7 @@ def reference_update(
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
     if normalize == "spectral":
-        lr = lr / float((C**2).sum() / c.sum())
+        lr = lr / max(1.0, float((C**2).sum() / c.sum()))
     return R - lr * ((1 - kappa) * (C - torch.diag(c)) + kappa * torch.diag(c - 1)) @ R
 
 
