@@ -45,6 +45,21 @@ class TrainClock(pl.Callback):
         self.train_seconds = self._now()
 
 
+def record(clock: TrainClock, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
+    """After ``trainer.fit``: the run's ``history`` (with the final model evaluated too, when the last evaluation
+    was before the last step), ``train_seconds``, ``final_acc`` and ``best_acc``."""
+    hist = clock.history
+    if not hist or hist[-1][1] != trainer.global_step:
+        value = trainer.validate(module, datamodule=datamodule, verbose=False)[0][clock.monitor]
+        hist.append((clock.train_seconds, trainer.global_step, float(value)))
+    return {
+        "history": hist,
+        "train_seconds": clock.train_seconds,
+        "final_acc": hist[-1][2],
+        "best_acc": max(h[2] for h in hist),
+    }
+
+
 def first_time_reaching(history: list[tuple[float, int, float]], target: float) -> tuple[float, int] | None:
     """``(seconds, step)`` of the first evaluation with metric >= ``target``, or ``None``."""
     for seconds, step, value in history:

@@ -36,7 +36,7 @@ import torch
 from common import machine, write_json
 from models import ImageClassifier
 from torch.utils.data import TensorDataset
-from timing import TrainClock, first_time_reaching
+from timing import TrainClock, first_time_reaching, record
 
 from data import FashionMNISTDataModule
 from lightning_decor import DecorrelationCallback
@@ -99,17 +99,10 @@ def run(task: Task, seed: int, lr: float, dbp: dict[str, Any] | None, root: str,
         enable_progress_bar=False,
     )
     trainer.fit(module, datamodule=data)
-    hist = clock.history
-    if not hist or hist[-1][1] != trainer.global_step:  # evaluate the final model too
-        acc = trainer.validate(module, datamodule=data, verbose=False)[0]["val/acc"]
-        hist.append((clock.train_seconds, trainer.global_step, float(acc)))
     skipped = int(trainer.callback_metrics.get("decor/skipped", torch.tensor(0.0)).item()) if dbp is not None else 0
     return {
-        "history": hist,
-        "train_seconds": clock.train_seconds,
+        **record(clock, trainer, module, data),
         "steps": steps,
-        "final_acc": hist[-1][2],
-        "best_acc": max(h[2] for h in hist),
         "skipped": skipped,
         "finite": all(torch.isfinite(p).all() for p in module.parameters()),
     }

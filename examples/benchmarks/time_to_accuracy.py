@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from common import machine, write_json
 from models import ImageClassifier
-from timing import TrainClock, first_time_reaching
+from timing import TrainClock, first_time_reaching, record
 
 from data import FashionMNISTDataModule
 from lightning_decor import DecorrelationCallback
@@ -66,21 +66,13 @@ def run(
         enable_progress_bar=args.progress,
     )
     trainer.fit(module, datamodule=data)
-    hist = clock.history
-    if not hist or hist[-1][1] != trainer.global_step:  # evaluate the final model too
-        acc = trainer.validate(module, datamodule=data, verbose=False)[0]["val/acc"]
-        hist.append((clock.train_seconds, trainer.global_step, float(acc)))
+    result = record(clock, trainer, module, data)
     print(
-        f"    {method:<4} seed {seed} lr {lr:g} {epochs} ep: final acc {hist[-1][2]:.4f}, "
-        f"train {clock.train_seconds:.1f} s",
+        f"    {method:<4} seed {seed} lr {lr:g} {epochs} ep: final acc {result['final_acc']:.4f}, "
+        f"train {result['train_seconds']:.1f} s",
         flush=True,
     )
-    return {
-        "history": hist,
-        "train_seconds": clock.train_seconds,
-        "final_acc": hist[-1][2],
-        "best_acc": max(h[2] for h in hist),
-    }
+    return result
 
 
 def main() -> None:
