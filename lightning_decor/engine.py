@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from lightning_decor.attention import restore_containers, route_containers
 from lightning_decor.checks import check_engine_arguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
-from lightning_decor.functional import block_decorrelation_step
+from lightning_decor.functional import block_decorrelation_step, reset_null_space
 from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
 from lightning_decor.plan import Costs, LayerPlan, LayerShape, Plan, candidate_costs, make_plan, measure_costs
 from lightning_decor.probe import measure_candidates
@@ -74,6 +74,12 @@ def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bo
     """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
     grad, (old, version) = param.grad, mark
     return grad is not None and (old is None or old() is not grad or grad._version != version)
+
+
+NULL_RESET_EVERY = 20
+"""Every this many updates, each block's ``R`` on its input's null space is put back to the identity's
+(:func:`lightning_decor.functional.reset_null_space`): between two resets it grows at most ``(1 + lr * kappa)^20``
+(x2.7 at ``lr * kappa = 0.05``)."""
 
 
 @dataclass
@@ -573,6 +579,8 @@ class Decorrelator:
                 [c for c, g in zip(counts, group.blocks, strict=True) for _ in range(g)], device=R.device
             )
             group.counts = {counts: per_block}  # the counts of the last step: usually the next step's too
+        if self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
+            R.copy_(reset_null_space(R, x, per_block))  # bounds R's part on a rank-deficient input's null space
         new, loss, ok = block_decorrelation_step(
             R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize
         )

@@ -204,6 +204,7 @@ def block_decorrelation_step(
             normaliser makes the step nearly independent of the input's scale, width and correlation, at no extra
             cost (both sums are computed for the loss anyway). Each block has its own; the fixed point is the same.
             A divisor below 1 counts as 1 (inputs of little energy get the rule's own step, never a larger one).
+            In every mode a feature with ``c_i = 0`` keeps its row (see :func:`decorrelation_update_`).
 
     Returns:
         ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's
@@ -225,7 +226,10 @@ def block_decorrelation_step(
     scale = 1.0 - eta * (kappa * (c - 1.0) - (1.0 - kappa) * c)  # (G, b)
     ok = torch.isfinite(loss)  # non-finite statistics contribute nothing (masks, not branches: no host sync)
     moves = ok if counts is None else ok & (counts > 0)
-    scale = torch.where(moves[:, None], scale, 1.0)
+    # A feature with no variance in the sample (c_i = 0: an always-zero input such as a dead ReLU channel or a
+    # padding-only tap of a small feature map) keeps its row: the rule would multiply it by (1 + eta * kappa)
+    # every step, without bound, and z_i = 0 whatever its row (the loss's gradient there is 0).
+    scale = torch.where(moves[:, None] & (c > 0), scale, 1.0)
     # A block without rows has z = 0 (zero padding), so its product term is zero and it keeps R; a block with
     # non-finite statistics is replaced by its R below: z and C need no masking (bmm keeps blocks apart).
     new = R * scale[:, :, None]
@@ -240,6 +244,52 @@ def block_decorrelation_step(
     if counts is not None:
         loss = torch.where(counts > 0, loss, math.nan)
     return new, loss, ok
+
+
+NULL_EPS = 1e-4
+"""The soft threshold of :func:`reset_null_space`, relative to the mean eigenvalue of the input's ``C_x``."""
+
+
+@torch.no_grad()
+def reset_null_space(R: Tensor, x: Tensor, counts: Tensor | None, *, eps: float = NULL_EPS) -> Tensor:
+    """Put the part of each block ``R`` that acts on the null space of its input back to the identity's, out of place.
+
+    The rule multiplies the whole ``R`` from the left, also its part on directions the input never takes. When the
+    input is rank-deficient (exact copies of features: a grayscale image fed as three equal RGB channels; linear
+    dependencies), unit variance cannot be reached there, and that part grows as ``(1 + lr * kappa)`` per step
+    without bound: ``z = R x`` does not change in exact arithmetic, but after a few thousand steps ``R`` holds
+    entries of 1e6 and more that cancel on the data, and float32 rounding then ruins ``z`` and the fused weight.
+
+    With ``C_x = x^T x / n`` of the raw rows and ``e = eps * tr(C_x) / b``, the soft projector onto the input's
+    range is ``P = C_x (C_x + e I)^-1``, and the result is ``R P + (I - P) = R - (R - I) e (C_x + e I)^-1``:
+    directions with variance well above ``e`` keep ``R`` (``z`` changes by a relative ``e / (l + e)`` along an
+    eigenvalue ``l``), the null space gets the identity. Computed in float64 (a Cholesky factorisation per block).
+    A block with fewer real rows than features (its sample cannot tell the null space), without energy, or whose
+    factorisation fails, keeps its ``R``.
+
+    Args:
+        R: The blocks, ``(G, b, b)``.
+        x: Raw input rows per block, ``(G, n, b)``; rows past ``counts[g]`` must be zero.
+        counts: ``(G,)`` real rows of each block (``None``: all ``n``).
+        eps: The threshold relative to the mean eigenvalue of ``C_x``, > 0.
+
+    Returns:
+        The new blocks ``(G, b, b)`` in ``R``'s dtype.
+    """
+    if not (isinstance(eps, float) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"Expected `eps` to be a finite float > 0, but got {eps!r}.")
+    n, b = x.shape[1], x.shape[2]
+    xd = x.double()
+    rows = torch.full((x.shape[0],), n, device=x.device) if counts is None else counts
+    C = torch.bmm(xd.transpose(1, 2), xd) / rows.clamp_min(1).double()[:, None, None]
+    e = eps * torch.diagonal(C, dim1=1, dim2=2).sum(1) / b  # (G,)
+    eye = torch.eye(b, dtype=torch.float64, device=x.device)
+    L, info = torch.linalg.cholesky_ex(C + torch.where(e > 0, e, 1.0)[:, None, None] * eye)
+    inv = torch.cholesky_solve(e[:, None, None] * eye.expand_as(C), L)  # e (C_x + e I)^-1
+    Rd = R.double()
+    new = Rd - torch.bmm(Rd - eye, inv)
+    ok = (info == 0) & (rows >= b) & (e > 0) & torch.isfinite(new.sum((1, 2)))
+    return torch.where(ok[:, None, None], new, Rd).to(R.dtype)
 
 
 def _updated(R: Tensor, x: Tensor, lr: float, kappa: float, normalize: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -261,6 +311,10 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float, norm
     With ``z = x @ R.T`` and ``C = z.T @ z / n``::
 
         R <- R - lr * [(1 - kappa) * (C - diag(c)) + kappa * diag(c - 1)] @ R
+
+    except that a feature with no variance in the rows (``c_i = 0``: an always-zero input, such as a dead ReLU
+    channel or a tap that only ever sees padding) keeps its row of ``R``: the rule would multiply that row by
+    ``1 + lr * kappa`` at every step, without bound, while ``z_i`` stays 0 (the loss's gradient in that row is 0).
 
     The statistics are computed in ``R``'s dtype promoted to at least float32, with autocast off. When
     ``n < d`` the product ``C @ R`` is formed through the rows, ``z.T @ (z @ R) / n`` (``4 n d^2`` instead of

@@ -242,3 +242,27 @@ def test_engine_errors() -> None:
     with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'L2'"):
         Decorrelator(nn.Linear(2, 2), normalize="L2")
     assert checks.NORMALIZE == functional.NORMALIZE  # the checks name the choices the math offers
+
+
+def test_r_stays_bounded_on_a_rank_deficient_input() -> None:
+    """Three equal copies of 4 features (a grayscale image fed as RGB): the rule alone grows R's null-space part
+    without bound (tests/test_functional.py measures it); the engine resets it every NULL_RESET_EVERY updates."""
+    from lightning_decor.engine import NULL_RESET_EVERY
+
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 3)
+    dec = Decorrelator(layer, decor_lr=3e-2, kappa=0.5, sample_fraction=1.0, max_rows=None, max_overhead=None)
+    g = torch.Generator().manual_seed(2)
+    mixing = torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)
+    for _ in range(30 * NULL_RESET_EVERY):
+        u = torch.randn(256, 4, generator=g) @ mixing
+        layer(torch.cat([u, u, u], 1)).sum().backward()
+        dec.step()
+        layer.zero_grad()
+    assert dec.updates == 30 * NULL_RESET_EVERY
+    R = layer.decor_R
+    assert torch.isfinite(R).all() and R.norm() < 30  # without the reset: 9.4e3 after 600 steps
+    # R still decorrelates the input's range: the decorrelated copies' loss is at its floor (unit variance for all
+    # twelve is out of reach on a rank-4 input; the rule alone reaches 0.028 there)
+    u = torch.randn(2048, 4, generator=g) @ mixing
+    assert functional.decorrelation_loss(torch.cat([u, u, u], 1) @ R.T, 0.5).item() < 0.05

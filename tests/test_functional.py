@@ -11,12 +11,14 @@ from lightning_decor.functional import (
     decorrelation_loss,
     decorrelation_update_,
     fuse_weight,
+    reset_null_space,
     sample_conv_patch_rows,
 )
 
 
 def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tuple[np.ndarray, float]:
-    """R - lr * [(1-k)(C - diag C) + k diag(diag C - 1)] R and the loss, written out with numpy."""
+    """R - lr * [(1-k)(C - diag C) + k diag(diag C - 1)] R and the loss, written out with numpy; a feature with
+    C_ii = 0 gets no unit-variance term (its row of C is 0, so its row of R stays)."""
     n, d = x.shape
     z = x @ R.T
     C = np.zeros((d, d))
@@ -25,7 +27,7 @@ def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tup
     C /= n
     c = np.diag(C).copy()
     off = C - np.diag(c)
-    G = (1 - kappa) * off + kappa * np.diag(c - 1)
+    G = (1 - kappa) * off + kappa * np.diag(np.where(c > 0, c - 1, 0.0))
     loss = ((1 - kappa) * (off**2).sum() + kappa * ((c - 1) ** 2).sum()) / d**2
     return R - lr * G @ R, loss
 
@@ -226,7 +228,83 @@ def test_spectral_step_does_not_depend_on_the_input_scale_and_is_stable_where_th
 def test_normalised_step_keeps_an_input_without_energy() -> None:
     R = torch.eye(4)
     x = torch.zeros(8, 4)
-    decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="spectral")  # tr C = 0: divisor 1, step of the rule
-    np.testing.assert_allclose(R.numpy(), reference_step(np.eye(4), np.zeros((8, 4)), 0.1, 0.5)[0], atol=1e-7)
+    decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="spectral")  # tr C = 0: no feature has variance
+    torch.testing.assert_close(R, torch.eye(4), rtol=0, atol=0)  # the rule would scale it by 1 + lr * kappa
     with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'max'"):
         decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="max")
+
+
+@pytest.mark.parametrize("normalize", ["none", "spectral"])
+def test_a_feature_without_variance_keeps_its_row_over_many_steps(normalize: str) -> None:
+    """A dead input (a dead ReLU channel, a tap that only sees padding): the rule without the exception multiplies
+    its row by 1 + lr * kappa per step, (1.05)^2000 ~ 1e42, past float32; here the row stays e_i and R stays finite,
+    while the live features are decorrelated as before."""
+    rng = np.random.default_rng(4)
+    n, d, dead = 128, 6, 2
+    x = rng.standard_normal((n, d)) @ (np.eye(d) + 0.5 * rng.standard_normal((d, d)))
+    x[:, dead] = 0.0
+    R = torch.eye(d)
+    xt = torch.tensor(x, dtype=torch.float32)
+    first = decorrelation_loss(xt, 0.5).item()
+    for _ in range(2000):
+        decorrelation_update_(R, xt, lr=0.1, kappa=0.5, normalize=normalize)
+    assert torch.isfinite(R).all()
+    torch.testing.assert_close(R[dead], torch.eye(d)[dead], rtol=0, atol=0)
+    live = [i for i in range(d) if i != dead]
+    C = (xt @ R.T).T @ (xt @ R.T) / n
+    off = C[live][:, live] - torch.diag(torch.diagonal(C)[live])
+    assert off.abs().max() < 1e-3 and (torch.diagonal(C)[live] - 1).abs().max() < 1e-3  # decorrelated, unit variance
+    # the loss keeps the dead feature's (0 - 1)^2 term: kappa * 1 / d^2 is its floor
+    final = decorrelation_loss(xt @ R.T, 0.5).item()
+    assert final == pytest.approx(0.5 / d**2, abs=1e-5) and final < first
+
+
+def duplicated_rows(n: int, k: int, copies: int, seed: int) -> np.ndarray:
+    """``n`` rows of ``k`` correlated features repeated ``copies`` times (a grayscale image fed as RGB): rank ``k``."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal((n, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)))
+    return np.concatenate([u] * copies, axis=1)
+
+
+def test_reset_null_space_is_the_soft_projection_and_keeps_z() -> None:
+    x = duplicated_rows(200, 3, 2, seed=5)  # (200, 6), rank 3
+    rng = np.random.default_rng(6)
+    R0 = np.eye(6) + 0.2 * rng.standard_normal((6, 6))
+    null = np.concatenate([np.eye(3), -np.eye(3)], axis=1).T / np.sqrt(2)  # (6, 3): x @ null = 0
+    R0 = R0 + 50.0 * rng.standard_normal((6, 3)) @ null.T  # a large part on the null space, as the rule grows it
+    new = reset_null_space(torch.tensor(R0)[None], torch.tensor(x)[None], None)[0].numpy()
+    C = x.T @ x / 200
+    e = 1e-4 * np.trace(C) / 6
+    expected = R0 - (R0 - np.eye(6)) @ (e * np.linalg.inv(C + e * np.eye(6)))  # the formula, written out
+    np.testing.assert_allclose(new, expected, rtol=0, atol=1e-8)  # float64 both sides: measured ~1e-13
+    np.testing.assert_allclose(new @ null, null, rtol=0, atol=1e-8)  # the null space gets the identity's part
+    z0, z1 = x @ R0.T, x @ new.T  # the decorrelated rows barely move: by e / (l + e) along each eigenvalue l
+    assert np.abs(z1 - z0).max() < 1e-3 * np.abs(z0).max()
+
+
+def test_reset_null_space_keeps_blocks_it_cannot_judge() -> None:
+    x = torch.tensor(duplicated_rows(4, 3, 2, seed=7))  # 4 rows < 6 features: the sample's null space is not the input's
+    R = torch.eye(6, dtype=torch.float64)[None] + 0.5
+    torch.testing.assert_close(reset_null_space(R, x[None], None), R, rtol=0, atol=0)
+    zeros = torch.zeros(1, 10, 6, dtype=torch.float64)  # no energy
+    torch.testing.assert_close(reset_null_space(R, zeros, None), R, rtol=0, atol=0)
+    counts = torch.tensor([4])  # 10 rows of which 4 are real
+    padded = torch.cat([x, torch.zeros(6, 6, dtype=torch.float64)])[None]
+    torch.testing.assert_close(reset_null_space(R, padded, counts), R, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Expected `eps` to be a finite float > 0, but got 0.0"):
+        reset_null_space(R, padded, counts, eps=0.0)
+
+
+def test_rule_on_a_rank_deficient_input_grows_r_without_the_reset() -> None:
+    """Why the engine resets: on three equal copies of 4 features the rule alone grows R's null-space part by about
+    (1 + lr * kappa) per step (measured: |R| ~ 4e6 after 1000 steps at lr 3e-2, spectral), and float32 rounding of
+    the cancelling entries then ruins z; with a reset every 20 steps R stays small and the loss at its floor."""
+    xt = torch.tensor(duplicated_rows(512, 4, 3, seed=8), dtype=torch.float32)
+    plain, reset = torch.eye(12), torch.eye(12)
+    for step in range(1000):
+        decorrelation_update_(plain, xt, lr=3e-2, kappa=0.5, normalize="spectral")
+        if step % 20 == 19:
+            reset.copy_(reset_null_space(reset[None], xt[None], None)[0])
+        decorrelation_update_(reset, xt, lr=3e-2, kappa=0.5, normalize="spectral")
+    assert plain.norm() > 1e5 and reset.norm() < 30
+    assert decorrelation_loss(xt @ reset.T, 0.5).item() < 0.05  # its floor (unit variance is out of reach): 0.028
