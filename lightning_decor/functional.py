@@ -315,6 +315,8 @@ def decorrelation_update_(R: Tensor, x: Tensor, *, lr: float, kappa: float, norm
     except that a feature with no variance in the rows (``c_i = 0``: an always-zero input, such as a dead ReLU
     channel or a tap that only ever sees padding) keeps its row of ``R``: the rule would multiply that row by
     ``1 + lr * kappa`` at every step, without bound, while ``z_i`` stays 0 (the loss's gradient in that row is 0).
+    On a rank-deficient input the same growth happens along the input's null space; a loop of many steps should
+    call :func:`reset_null_space` now and then, as the engine does every 20 updates.
 
     The statistics are computed in ``R``'s dtype promoted to at least float32, with autocast off. When
     ``n < d`` the product ``C @ R`` is formed through the rows, ``z.T @ (z @ R) / n`` (``4 n d^2`` instead of
