@@ -87,7 +87,9 @@ class DecorrelationCallback(Callback):
         normalize: How each step of the rule is scaled: ``"none"`` is the authors' rule (step ``decor_lr``);
             ``"trace"`` divides the step by the mean of ``diag C``; ``"spectral"`` by ``||C||_F^2 / tr C`` (a mean of
             ``C``'s eigenvalues weighted by themselves: 1 at the fixed point, large for wide correlated inputs),
-            so that one ``decor_lr`` suits inputs of any scale, width and correlation (docs/TUNING.md).
+            so that one ``decor_lr`` suits inputs of any scale, width and correlation (docs/TUNING.md), each ``R``
+            block its own; ``"layer"`` divides every block of a layer by the whole layer's ``||C||_F^2 / tr C``
+            (estimated from pairs of 64 rows), the step a dense ``R`` would take, whatever blocks the plan chose.
         sample_fraction: Fraction of each batch's samples (images for convolutions, rows for Linear) whose input
             rows feed the statistics, in ``(0, 1]``. A Linear draws its rows uniformly over all leading dimensions
             (samples and sequence positions).

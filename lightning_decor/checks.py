@@ -56,7 +56,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-NORMALIZE = ("none", "trace", "spectral")  # lightning_decor.functional.NORMALIZE (checks imports nothing of ours)
+NORMALIZE = ("none", "trace", "spectral", "layer")  # lightning_decor.functional.NORMALIZE (checks imports nothing of ours)
 
 
 def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:

@@ -111,7 +111,7 @@ class Decorrelator:
         model: The model to decorrelate, patched in place.
         decor_lr: Learning rate of the decorrelation rule (> 0).
         kappa: Weight of the unit-variance term, in ``[0, 1]``.
-        normalize: Scaling of each step: ``"none"`` (the authors' rule), ``"trace"`` or ``"spectral"`` (see
+        normalize: Scaling of each step: ``"none"`` (the authors' rule), ``"trace"``, ``"spectral"`` or ``"layer"`` (see
             :func:`lightning_decor.functional.block_decorrelation_step`).
         sample_fraction: Fraction of each batch's samples whose input rows feed the statistics, in ``(0, 1]``.
         max_rows: At most this many rows per layer and forward, drawn at random (``None``: all).
@@ -582,8 +582,9 @@ class Decorrelator:
         if self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
             R.copy_(reset_null_space(R, x, per_block))  # bounds R's part on a rank-deficient input's null space
         new, loss, ok = block_decorrelation_step(
-            R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize
-        )
+            R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
+            segment=group.segment, layers=len(rows),
+        )  # fmt: skip
         R.copy_(new)
         layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
         layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(

@@ -88,13 +88,17 @@ def _block_losses(c: Tensor, kappa: float, fro_sq: Tensor) -> Tensor:
     return ((1.0 - kappa) * off_sq + kappa * (c - 1.0).square().sum(1)) / (b * b)
 
 
-NORMALIZE = ("none", "trace", "spectral")
+NORMALIZE = ("none", "trace", "spectral", "layer")
 """How the step is normalised: ``"none"`` is the authors' rule; ``"trace"`` divides it by the mean of ``diag C``;
-``"spectral"`` by ``||C||_F^2 / tr C`` (see :func:`block_decorrelation_step`)."""
+``"spectral"`` by ``||C||_F^2 / tr C`` of each block; ``"layer"`` by that of the whole layer's input, estimated
+from pairs of rows (see :func:`block_decorrelation_step`)."""
+LAYER_ROWS = 64  # rows per layer for the "layer" divisor's estimate from pairs of rows
 _MIN_NORM = 1.0  # the divisor is at least 1: a normalised step is never larger than the rule's own
 
 
-def _step_sizes(lr: float, c: Tensor, fro_sq: Tensor, normalize: str) -> float | Tensor:
+def _step_sizes(
+    lr: float, c: Tensor, fro_sq: Tensor, normalize: str, layer: Tensor | None = None
+) -> float | Tensor:
     """The step size of each block: ``lr`` (``"none"``), else ``lr`` divided by the block's normaliser ``(G,)``,
     at least 1. Without that floor an input of little energy (a nearly dead channel: ``diag C ~ 1e-6``) would get
     a step a million times ``lr``, and the unit-variance term, which does not shrink with the input's scale, would
@@ -102,8 +106,39 @@ def _step_sizes(lr: float, c: Tensor, fro_sq: Tensor, normalize: str) -> float |
     if normalize == "none":
         return lr
     trace = c.sum(1)
-    norm = trace / c.shape[1] if normalize == "trace" else fro_sq / trace
+    if normalize == "layer":
+        assert layer is not None
+        # a layer without a usable estimate (fewer than 2 rows) falls back to its block's own divisor
+        norm = torch.where(torch.isfinite(layer), layer, fro_sq / trace)
+    else:
+        norm = trace / c.shape[1] if normalize == "trace" else fro_sq / trace
     return lr / torch.where(trace > 0, norm, 1.0).clamp_min(_MIN_NORM)
+
+
+def _layer_divisors(
+    z: Tensor, inv: float | Tensor, counts: Tensor | None, segment: Tensor | None, layers: int
+) -> Tensor:
+    """Each block's layer's ``||C||_F^2 / tr C`` ``(G,)``, from pairs of its first :data:`LAYER_ROWS` real rows:
+    ``mean_{i != j} (z_i . z_j)^2 / mean_i |z_i|^2`` over the whole layer's decorrelated rows (an unbiased estimate
+    of ``||C||_F^2`` over one of ``tr C``; the Gram of the layer is the sum of its blocks' Grams). NaN where a layer
+    has fewer than 2 rows or no energy. ``z`` are the rows scaled by ``inv`` (:func:`_row_scale`)."""
+    g, n = z.shape[0], z.shape[1]
+    m = min(n, LAYER_ROWS)
+    zm = z[:, :m] / inv  # back to the rows' own scale (inv is equal for all blocks of a layer)
+    gram = torch.bmm(zm, zm.transpose(1, 2))  # (G, m, m)
+    seg = torch.zeros(g, dtype=torch.long, device=z.device) if segment is None else segment
+    full = torch.zeros(layers, m, m, dtype=gram.dtype, device=z.device).index_add_(0, seg, gram)
+    k = torch.full((g,), m, device=z.device) if counts is None else counts.clamp_max(m)
+    k = torch.zeros(layers, dtype=k.dtype, device=z.device).index_reduce_(0, seg, k, "amax", include_self=False)
+    real = torch.arange(m, device=z.device)[None, :] < k[:, None]  # (L, m)
+    pairs = real[:, :, None] & real[:, None, :]
+    diag = torch.diagonal(full, dim1=1, dim2=2)
+    eye = torch.eye(m, dtype=torch.bool, device=z.device)
+    kf = k.to(gram.dtype)
+    off = torch.where(pairs & ~eye, full.square(), 0.0).sum((1, 2)) / (kf * (kf - 1)).clamp_min(1.0)
+    trace = torch.where(real, diag, 0.0).sum(1) / kf.clamp_min(1.0)
+    ratio = torch.where((k >= 2) & (trace > 0), off / trace, math.nan)
+    return ratio[seg]
 
 
 def _second_moments(z: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -182,7 +217,15 @@ def _check_update_args(R: Tensor, x: Tensor, lr: float, kappa: float, normalize:
 
 
 def block_decorrelation_step(
-    R: Tensor, x: Tensor, counts: Tensor | None, *, lr: float, kappa: float, normalize: str = "none"
+    R: Tensor,
+    x: Tensor,
+    counts: Tensor | None,
+    *,
+    lr: float,
+    kappa: float,
+    normalize: str = "none",
+    segment: Tensor | None = None,
+    layers: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the rule for a stack of ``G`` independent diagonal blocks, out of place, without a host sync.
 
@@ -204,7 +247,13 @@ def block_decorrelation_step(
             normaliser makes the step nearly independent of the input's scale, width and correlation, at no extra
             cost (both sums are computed for the loss anyway). Each block has its own; the fixed point is the same.
             A divisor below 1 counts as 1 (inputs of little energy get the rule's own step, never a larger one).
-            In every mode a feature with ``c_i = 0`` keeps its row (see :func:`decorrelation_update_`).
+            ``"layer"``: step ``lr / (||C||_F^2 / tr C)`` of the block's whole *layer* (what a dense ``R`` would
+            divide by, whatever the blocks: the cross-block correlations count), estimated from pairs of the
+            layer's first :data:`LAYER_ROWS` rows at ``2 m^2 d`` flops; a layer with fewer than 2 rows uses its
+            block's own divisor. In every mode a feature with ``c_i = 0`` keeps its row (see
+            :func:`decorrelation_update_`).
+        segment: ``(G,)`` the layer (``0 .. layers - 1``) of each block, for ``"layer"``; ``None``: one layer.
+        layers: The number of layers in ``segment``.
 
     Returns:
         ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's
@@ -218,7 +267,8 @@ def block_decorrelation_step(
     c, m, through_rows = _second_moments(z)
     fro_sq = _frobenius_sq(m)
     loss = _block_losses(c, kappa, fro_sq)
-    step = _step_sizes(lr, c, fro_sq, normalize)  # lr, or (G,) per block
+    layer = _layer_divisors(z, inv, counts, segment, layers) if normalize == "layer" else None
+    step = _step_sizes(lr, c, fro_sq, normalize, layer)  # lr, or (G,) per block
     per_block = isinstance(step, Tensor)
     eta = step[:, None] if per_block else step
     # G @ R = (1 - kappa) * (C - diag c) @ R + kappa * diag(c - 1) @ R = (1 - kappa) * C @ R + diag(s) @ R

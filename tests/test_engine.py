@@ -26,7 +26,13 @@ def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "spectra
     z = x @ R.T
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
-    lr = LR if normalize == "none" else LR / max(1.0, float((C**2).sum() / c.sum()))
+    if normalize == "layer":  # ||C||_F^2 / tr C from pairs of the (at most 64) rows: dense R, one block
+        gram = z[:64] @ z[:64].T
+        m = gram.shape[0]
+        off = (gram.square().sum() - torch.diagonal(gram).square().sum()) / (m * (m - 1))
+        lr = LR / max(1.0, float(off / torch.diagonal(gram).mean()))
+    else:
+        lr = LR if normalize == "none" else LR / max(1.0, float((C**2).sum() / c.sum()))
     return R - lr * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
 
 
@@ -69,7 +75,7 @@ def train(model: nn.Module, dec: Decorrelator, batches, record=None):
         h.remove()
 
 
-@pytest.mark.parametrize("normalize", ["none", "spectral"])
+@pytest.mark.parametrize("normalize", ["none", "spectral", "layer"])
 def test_plain_pytorch_loop_moves_every_r_by_the_rule(normalize: str) -> None:
     model = mlp()
     dec = Decorrelator(
@@ -239,7 +245,7 @@ def test_engine_errors() -> None:
         Decorrelator(nn.Linear(2, 2), update_every=0)
     with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got 2"):
         Decorrelator(nn.Linear(2, 2), kappa=2)
-    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'L2'"):
+    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got 'L2'"):
         Decorrelator(nn.Linear(2, 2), normalize="L2")
     assert checks.NORMALIZE == functional.NORMALIZE  # the checks name the choices the math offers
 

@@ -230,7 +230,7 @@ def test_normalised_step_keeps_an_input_without_energy() -> None:
     x = torch.zeros(8, 4)
     decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="spectral")  # tr C = 0: no feature has variance
     torch.testing.assert_close(R, torch.eye(4), rtol=0, atol=0)  # the rule would scale it by 1 + lr * kappa
-    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral'\), but got 'max'"):
+    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got 'max'"):
         decorrelation_update_(R, x, lr=0.1, kappa=0.5, normalize="max")
 
 
@@ -308,3 +308,22 @@ def test_rule_on_a_rank_deficient_input_grows_r_without_the_reset() -> None:
         decorrelation_update_(reset, xt, lr=3e-2, kappa=0.5, normalize="spectral")
     assert plain.norm() > 1e5 and reset.norm() < 30
     assert decorrelation_loss(xt @ reset.T, 0.5).item() < 0.05  # its floor (unit variance is out of reach): 0.028
+
+
+@pytest.mark.parametrize("n", [50, 100])  # all rows in the estimate, and the first 64 of them
+def test_layer_step_divides_every_block_by_the_whole_layers_divisor(n: int) -> None:
+    rng = np.random.default_rng(9)
+    G, b = 3, 4
+    R0 = np.stack([np.eye(b) + 0.1 * rng.standard_normal((b, b)) for _ in range(G)])
+    # correlated across blocks: the layer's divisor is far above each block's
+    x = rng.standard_normal((n, G * b)) + 1.5 * rng.standard_normal((n, 1))
+    R = torch.tensor(R0)
+    decorrelation_update_(R, torch.tensor(x), lr=0.05, kappa=0.3, normalize="layer")
+    z = x @ torch.block_diag(*torch.tensor(R0)).numpy().T  # the layer's decorrelated rows
+    m = min(n, 64)
+    gram = z[:m] @ z[:m].T
+    pairs = [(i, j) for i in range(m) for j in range(m) if i != j]
+    divisor = np.mean([gram[i, j] ** 2 for i, j in pairs]) / np.mean(np.diag(gram))  # ||C||_F^2 / tr C, from pairs
+    assert divisor > 1.5 * max(reference_normaliser(R0[g], x[:, g * b : (g + 1) * b], "spectral") for g in range(G))
+    expected = [reference_step(R0[g], x[:, g * b : (g + 1) * b], 0.05 / max(1.0, divisor), 0.3)[0] for g in range(G)]
+    np.testing.assert_allclose(R.numpy(), np.stack(expected), rtol=0, atol=1e-9)  # float64: measured ~1e-15
