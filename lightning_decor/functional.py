@@ -129,7 +129,7 @@ def _layer_divisors(
     seg = torch.zeros(g, dtype=torch.long, device=z.device) if segment is None else segment
     full = torch.zeros(layers, m, m, dtype=gram.dtype, device=z.device).index_add_(0, seg, gram)
     k = torch.full((g,), m, device=z.device) if counts is None else counts.clamp_max(m)
-    k = torch.zeros(layers, dtype=k.dtype, device=z.device).index_reduce_(0, seg, k, "amax", include_self=False)
+    k = torch.zeros(layers, dtype=k.dtype, device=z.device).scatter_(0, seg, k)  # a layer's blocks share counts
     real = torch.arange(m, device=z.device)[None, :] < k[:, None]  # (L, m)
     pairs = real[:, :, None] & real[:, None, :]
     diag = torch.diagonal(full, dim1=1, dim2=2)
