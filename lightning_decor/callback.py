@@ -79,7 +79,7 @@ class DecorrelationCallback(Callback):
 
     Args:
         decor_lr: Learning rate ``eta`` of the decorrelation rule (> 0). With the default ``normalize="spectral"``
-            each step is ``eta`` divided by the layer's ``||C||_F^2 / tr C``, so one value suits inputs of any
+            each step is ``eta`` divided by ``||C||_F^2 / tr C`` of its ``R`` block, so one value suits inputs of any
             scale, width and correlation; the default 3e-2 was chosen on the five-model suite
             (docs/TUNING.md). For the authors' rule (``normalize="none"``) values near 3e-3 and below are stable.
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the

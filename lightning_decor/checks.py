@@ -56,7 +56,8 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-NORMALIZE = ("none", "trace", "spectral", "layer")  # lightning_decor.functional.NORMALIZE (checks imports nothing of ours)
+# lightning_decor.functional.NORMALIZE (checks imports nothing of ours)
+NORMALIZE = ("none", "trace", "spectral", "layer")
 
 
 def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:

@@ -245,7 +245,8 @@ def test_engine_errors() -> None:
         Decorrelator(nn.Linear(2, 2), update_every=0)
     with pytest.raises(ValueError, match=r"Expected `kappa` in \[0, 1\], but got 2"):
         Decorrelator(nn.Linear(2, 2), kappa=2)
-    with pytest.raises(ValueError, match=r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got 'L2'"):
+    choices = r"\('none', 'trace', 'spectral', 'layer'\)"
+    with pytest.raises(ValueError, match=rf"Expected `normalize` in {choices}, but got 'L2'"):
         Decorrelator(nn.Linear(2, 2), normalize="L2")
     assert checks.NORMALIZE == functional.NORMALIZE  # the checks name the choices the math offers
 

@@ -168,7 +168,9 @@ def main() -> None:
             runs["BP"].append(run(task, seed, lr, None, args.data_dir))
             for label, dbp in zip(labels, args.dbp, strict=True):  # interleaved with BP, same data order
                 runs[label].append(run(task, seed, lr, dbp, args.data_dir))
-            line = " | ".join(f"{m[:40]} {r[-1]['final_acc']:.4f} {r[-1]['train_seconds']:.0f}s" for m, r in runs.items())
+            line = " | ".join(
+                f"{m[:40]} {r[-1]['final_acc']:.4f} {r[-1]['train_seconds']:.0f}s" for m, r in runs.items()
+            )
             print(f"  seed {seed}: {line}", flush=True)
         per_config = {}
         for label in labels:
