@@ -44,6 +44,7 @@ __all__ = [
     "Plan",
     "block_ladder",
     "candidate_costs",
+    "input_side_seconds",
     "make_plan",
     "measure_costs",
 ]
@@ -196,14 +197,20 @@ def block_ladder(d: int, unit: int, max_block: int | None = None, min_block: int
     return ladder
 
 
+def input_side_seconds(s: LayerShape, b: int, costs: Costs) -> float:
+    """Estimated seconds per step of the input-side form with blocks of ``b`` (``R`` on the layer's rows)."""
+    blocked = b < s.d or s.groups > 1
+    ops = _OPS_INPUT_CONV if s.conv else (_OPS_INPUT_BLOCKS if blocked else _OPS_INPUT_LINEAR)
+    return costs(4.0 * s.rows * s.groups * s.d * b, ops * s.forwards)
+
+
 def _form_costs(s: LayerShape, b: int, costs: Costs, update_every: int) -> tuple[str, float]:
     """``(form, seconds per step)`` of the cheaper form with blocks of ``b``, update included."""
     D, blocked = s.groups * s.d, b < s.d or s.groups > 1  # D: all input features
     fused = costs(4.0 * s.c_out * s.d * b * s.forwards, (_OPS_FUSE_BLOCKS if blocked else _OPS_FUSE) * s.forwards)
     best_form, best = "fused", fused
     if s.input_side:
-        ops = _OPS_INPUT_CONV if s.conv else (_OPS_INPUT_BLOCKS if blocked else _OPS_INPUT_LINEAR)
-        inp = costs(4.0 * s.rows * D * b, ops * s.forwards)
+        inp = input_side_seconds(s, b, costs)
         if inp < best:
             best_form, best = "input", inp
     n = s.stat_rows

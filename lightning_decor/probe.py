@@ -28,7 +28,7 @@ import torch
 
 from lightning_decor.functional import block_decorrelation_step, fuse_weight, identity_blocks, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _DecorrelatedConvNd
-from lightning_decor.plan import LayerShape, block_ladder
+from lightning_decor.plan import Costs, LayerShape, block_ladder, input_side_seconds
 
 __all__ = ["measure_candidates"]
 
@@ -126,6 +126,7 @@ def measure_candidates(
     time_limit: float,
     update_every: int = 1,
     normalize: str = "none",
+    costs: Costs | None = None,
 ) -> dict[str, list[tuple[str, float]]]:
     """Measured ``(form, seconds per step)`` of each layer's candidates, in the order of its block ladder
     (:func:`lightning_decor.plan.block_ladder`), for :func:`lightning_decor.plan.make_plan`'s ``measured``.
@@ -133,7 +134,9 @@ def measure_candidates(
     Candidates are measured smallest block first (the ones a tight budget keeps), and only while their flop
     estimate fits ``budget`` (flops underestimate, so one whose estimate alone exceeds the budget cannot be
     chosen) and the measuring has taken less than ``time_limit`` seconds. The others keep their estimate,
-    multiplied by the median ratio of measured to estimated cost.
+    multiplied by the ratio of measured to estimated cost of the same layer's nearest measured candidate (the
+    ratio falls as blocks grow, fixed costs weigh less: a ratio from other layers' small blocks would price large
+    ones several times too high), or by the median ratio over all measured candidates for a layer with none.
 
     Args:
         layers: The patched layers by name (left as they are).
@@ -145,6 +148,9 @@ def measure_candidates(
         time_limit: Seconds the measuring may take.
         update_every: ``R`` moves every this many steps (divides the update's and the sampling's cost).
         normalize: The update's ``normalize`` (:func:`lightning_decor.functional.block_decorrelation_step`).
+        costs: The device constants; with them, the input-side form is measured only where its flop estimate is
+            below the measured fused form (flops underestimate: it could not win, and unfolding a large layer's
+            patches to time it takes seconds). ``None``: measured wherever it is available.
     """
     start = time.perf_counter()
     gen: dict[torch.device, torch.Generator] = {}
@@ -179,7 +185,7 @@ def measure_candidates(
         b = ladders[name][k]
         fuse = cached(("fuse", sig, b), lambda: _fuse_seconds(layer, b, g)) * s.forwards
         form, cost = "fused", fuse
-        if s.input_side and probeable:
+        if s.input_side and probeable and (costs is None or input_side_seconds(s, b, costs) < cost):
             plain = cached(("plain", sig, shape), lambda: _input_seconds(layer, shape, None, g))
             inp = max(cached(("input", sig, shape, b), lambda: _input_seconds(layer, shape, b, g)) - plain, 0.0)
             if inp * s.forwards < cost:
@@ -193,8 +199,22 @@ def measure_candidates(
         out[name][k] = (form, cost + update / update_every)
         if estimate > 0:
             ratios.append((cost + update / update_every) / estimate)
-    scale = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
-    return {
-        name: [m if m is not None else (f, c * scale) for m, (f, c) in zip(entries, estimates[name])]
-        for name, entries in out.items()
-    }
+    median = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
+    return {name: _extrapolated(entries, estimates[name], median) for name, entries in out.items()}
+
+
+def _extrapolated(
+    measured: list[tuple[str, float] | None], estimates: list[tuple[str, float]], median: float
+) -> list[tuple[str, float]]:
+    """One layer's candidates: the measured ones as they are, each other one its estimate times the
+    measured / estimated ratio of the layer's nearest measured candidate in the ladder (``median`` if none)."""
+    known = [k for k, m in enumerate(measured) if m is not None and estimates[k][1] > 0]
+    out = []
+    for k, (m, (form, estimate)) in enumerate(zip(measured, estimates)):
+        if m is not None:
+            out.append(m)
+            continue
+        near = min(known, key=lambda j: (abs(j - k), j), default=None)
+        ratio = median if near is None else measured[near][1] / estimates[near][1]  # type: ignore[index]
+        out.append((form, estimate * ratio))
+    return out
