@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import lightning_decor.engine as engine_module
 from lightning_decor import Decorrelator, decorrelate
 from lightning_decor.layers import decorrelated_layers
 from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
+import lightning_decor.probe as probe_module
 from lightning_decor.probe import measure_candidates
 
 COSTS = Costs(seconds_per_flop=1e-9, seconds_per_op=1e-5)
@@ -81,6 +83,38 @@ def test_candidates_not_measured_keep_their_estimate(limits: dict[str, float]) -
     assert measure_candidates(decorrelated_layers(model), shapes, inputs, estimates, **limits) == estimates
 
 
+def test_the_input_side_form_is_timed_only_where_its_flop_estimate_beats_the_measured_fused_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = conv_net()
+    decorrelate(model)
+    shapes, inputs = shapes_of(model, batch=8)
+    estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
+    timed = []
+    real = probe_module._input_seconds
+    monkeypatch.setattr(probe_module, "_input_seconds", lambda layer, shape, b, gen: timed.append(b) or real(
+        layer, shape, b, gen))
+    layers = decorrelated_layers(model)
+    kw = dict(budget=10.0, time_limit=10.0)
+    # One second per flop: the input form's estimate exceeds any measured fused time, so it is never timed.
+    slow = measure_candidates(layers, shapes, inputs, estimates, costs=Costs(1.0, 1.0), **kw)  # type: ignore[arg-type]
+    assert timed == [] and all(form == "fused" for entries in slow.values() for form, _ in entries)
+    # Free flops: it is timed for every candidate of the two layers that have it (with the plain layer once each).
+    measure_candidates(layers, shapes, inputs, estimates, costs=Costs(0.0, 0.0), **kw)  # type: ignore[arg-type]
+    ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes if s.input_side}
+    assert sorted(b for b in timed if b is not None) == sorted(b for ladder in ladders.values() for b in ladder)
+    assert timed.count(None) == len(ladders)
+
+
+def test_unmeasured_candidates_take_the_ratio_of_their_layers_nearest_measured_one() -> None:
+    estimates = [("fused", 4.0), ("fused", 1.0), ("input", 0.6), ("fused", 0.25), ("fused", 0.2)]
+    measured = [None, ("fused", 2.0), None, ("input", 1.0), None]  # ratios 2 (ladder entry 1) and 4 (entry 3)
+    out = probe_module._extrapolated(measured, estimates, median=10.0)
+    assert out == [("fused", 8.0), ("fused", 2.0), ("input", 1.2), ("input", 1.0), ("fused", 0.8)]
+    # a layer with nothing measured takes the median ratio over all layers
+    assert probe_module._extrapolated([None, None], estimates[:2], median=10.0) == [("fused", 40.0), ("fused", 10.0)]
+
+
 def test_measured_costs_replace_the_estimates_and_a_layer_can_drop_straight_to_plain() -> None:
     layer = LayerShape("conv", d=72, unit=9, c_out=64, groups=1, rows=4096, forwards=1, stat_rows=8,
                        input_side=True, conv=True)  # fmt: skip
@@ -102,12 +136,11 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
 
 
-def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A clock under the test's control: plain steps take 1 s. Every candidate is measured at 30 ms, so the first
-    # plan keeps all three layers (90 ms of a 100 ms budget); but each decorrelated layer really adds 80 ms, and
-    # 240 ms is more than the 130 ms the check tolerates (1.3 x the budget): the costs are scaled by 240 / 90 (under
-    # the cap of 3), and the plan is made again. It keeps one layer (80 ms corrected), whose real 80 ms the next
-    # check accepts.
+def train_with_a_slow_plan(
+    monkeypatch: pytest.MonkeyPatch, real_per_layer: float
+) -> tuple[nn.Module, Decorrelator, list[Any]]:
+    """16 steps of 1 s plain (a clock under the test's control) where every candidate is measured at 30 ms but each
+    decorrelated layer really adds ``real_per_layer`` seconds; returns the model, the engine and its plans in order."""
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     monkeypatch.setattr(engine_module, "measure_candidates",
@@ -117,16 +150,26 @@ def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: py
     dec = Decorrelator(model, max_overhead=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
-    plans = []
+    plans: list[Any] = []
     for _ in range(16):
         x, y = torch.randn(16, 32, generator=g), torch.randint(0, 2, (16,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        clock.now += 1.0 if dec.plan is None else 1.0 + 0.08 * len(dec.layers)
+        clock.now += 1.0 if dec.plan is None else 1.0 + real_per_layer * len(dec.layers)
         dec.step()
         opt.step()
         if dec.plan is not None and (not plans or plans[-1] is not dec.plan):
             plans.append(dec.plan)
+    return model, dec, plans
+
+
+def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A clock under the test's control: plain steps take 1 s. Every candidate is measured at 30 ms, so the first
+    # plan keeps all three layers (90 ms of a 100 ms budget); but each decorrelated layer really adds 80 ms, and
+    # 240 ms is more than the 150 ms the check tolerates (1.5 x the budget): the costs are scaled by 240 / 90 (under
+    # the cap of 3), and the plan is made again. It keeps one layer (80 ms corrected), whose real 80 ms the next
+    # check accepts.
+    model, dec, plans = train_with_a_slow_plan(monkeypatch, real_per_layer=0.08)
     first, *later = plans
     assert first.step_seconds == 1.0 and first.scale == 1.0 and 0.09 <= first.estimate <= 0.1
     assert sum(p.form != "plain" for p in first.layers.values()) == 3
@@ -138,3 +181,17 @@ def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: py
     assert f"costs x{second.scale:.2f} after checking the real step" in second.table().splitlines()[0]
     assert dec.plan is second and all(torch.isfinite(p).all() for p in model.parameters())
     assert dec.updates == 16 - 3  # R moved on every step after the measured ones, across the new plan too
+
+
+def test_one_check_corrects_the_costs_by_at_most_three_and_plans_are_made_at_most_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each layer really adds 500 ms against 30 ms measured: 1.5 s of extra time, 16 times the estimate. The first
+    # check scales the costs by 3 (the cap: a gap this large is more likely a busy machine than a wrong measurement),
+    # keeping one layer (90 ms corrected); its real 500 ms fail the second check too, which scales by 3 again (270 ms
+    # a layer: none fits the 100 ms budget). Then the checks stop.
+    model, dec, plans = train_with_a_slow_plan(monkeypatch, real_per_layer=0.5)
+    assert [p.scale for p in plans] == [1.0, 3.0, 9.0]
+    assert [sum(lp.form != "plain" for lp in p.layers.values()) for p in plans] == [3, 1, 0]
+    assert dec.plan is plans[-1] and not dec.layers
+    assert all(torch.isfinite(p).all() for p in model.parameters())
