@@ -138,7 +138,7 @@ def test_validation_of_a_transformer_sees_the_trained_function(tmp_path, fold_on
     # No cost plan: which layers it keeps depends on the measured step time (machine load), and this test needs R in
     # linear1 to move on every machine.
     cb = DecorrelationCallback(
-        decor_lr=0.01, sample_fraction=1.0, max_rows=None, fold_on_fit_end=fold_on_fit_end, max_overhead=None
+        decor_lr=0.1, sample_fraction=1.0, max_rows=None, fold_on_fit_end=fold_on_fit_end, max_overhead=None
     )
     trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb])
     trainer.fit(model)

@@ -21,7 +21,7 @@ LR, KAPPA = 0.05, 0.5
 def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "spectral") -> torch.Tensor:
     """One step of the rule of Dalm et al. in float64 on one block: z = x R^T, C = z^T z / n,
     R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R; with ``normalize="spectral"`` the step is
-    lr / (||C||_F^2 / tr C), the default."""
+    lr / max(10, ||C||_F^2 / tr C), the default."""
     R, x = R.double(), x.double()
     z = x @ R.T
     C = z.T @ z / z.shape[0]
@@ -30,9 +30,9 @@ def reference_update(R: torch.Tensor, x: torch.Tensor, normalize: str = "spectra
         gram = z[:64] @ z[:64].T
         m = gram.shape[0]
         off = (gram.square().sum() - torch.diagonal(gram).square().sum()) / (m * (m - 1))
-        lr = LR / max(1.0, float(off / torch.diagonal(gram).mean()))
+        lr = LR / max(10.0, float(off / torch.diagonal(gram).mean()))
     else:
-        lr = LR if normalize == "none" else LR / max(1.0, float((C**2).sum() / c.sum()))
+        lr = LR if normalize == "none" else LR / max(10.0, float((C**2).sum() / c.sum()))
     return R - lr * ((1 - KAPPA) * (C - torch.diag(c)) + KAPPA * torch.diag(c - 1)) @ R
 
 

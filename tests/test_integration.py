@@ -55,13 +55,13 @@ def reference_update(
 ) -> torch.Tensor:
     """One step of the rule of Dalm et al. in float64: z = x R^T, C = z^T z / n,
     R <- R - lr [(1 - kappa)(C - diag C) + kappa diag(diag C - 1)] R, with the default normalised step
-    lr / (||C||_F^2 / tr C) (``normalize="none"``: the authors' step lr)."""
+    lr / max(10, ||C||_F^2 / tr C) (``normalize="none"``: the authors' step lr)."""
     R, x = R.double(), x.double()
     z = x @ R.T
     C = z.T @ z / z.shape[0]
     c = torch.diagonal(C)
     if normalize == "spectral":
-        lr = lr / max(1.0, float((C**2).sum() / c.sum()))
+        lr = lr / max(10.0, float((C**2).sum() / c.sum()))
     return R - lr * ((1 - kappa) * (C - torch.diag(c)) + kappa * torch.diag(c - 1)) @ R
 
 
