@@ -67,6 +67,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # Cheaper variants, measured for docs/TUNING.md (not in the default comparison):
     "DBP block_size=576": {"block_size": 576},
     "DBP update_every=2": {"update_every": 2},
+    # Every layer left plain by a budget nothing fits: what the callback costs by itself (hooks, the measured steps)
+    "DBP all plain": {"max_overhead": 1e-9},
 }
 DEFAULT_METHODS = ["BP", "DBP defaults", "DBP paper-like"]
 
