@@ -79,14 +79,16 @@ class DecorrelationCallback(Callback):
 
     Args:
         decor_lr: Learning rate ``eta`` of the decorrelation rule (> 0). With the default ``normalize="spectral"``
-            each step is ``eta`` divided by ``||C||_F^2 / tr C`` of its ``R`` block, so one value suits inputs of any
-            scale, width and correlation; the default 3e-2 was chosen on the five-model suite
-            (docs/TUNING.md). For the authors' rule (``normalize="none"``) values near 3e-3 and below are stable.
+            each step is ``eta`` divided by ``||C||_F^2 / tr C`` of its ``R`` block, at least 10, so one value suits
+            inputs of any scale, width and correlation and no step exceeds ``eta / 10`` (3e-3, the authors' own, at
+            the default 3e-2, chosen on the five-model suite: docs/TUNING.md). For the authors' rule
+            (``normalize="none"``) values near 3e-3 and below are stable.
         kappa: Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the
             variances, 0.5 pulls the second moments towards the identity.
         normalize: How each step of the rule is scaled: ``"none"`` is the authors' rule (step ``decor_lr``);
             ``"trace"`` divides the step by the mean of ``diag C``; ``"spectral"`` by ``||C||_F^2 / tr C`` (a mean of
-            ``C``'s eigenvalues weighted by themselves: 1 at the fixed point, large for wide correlated inputs),
+            ``C``'s eigenvalues weighted by themselves: 1 at the fixed point, large for wide correlated inputs; every
+            divisor counts as at least :data:`lightning_decor.functional.MIN_DIVISOR`, 10),
             so that one ``decor_lr`` suits inputs of any scale, width and correlation (docs/TUNING.md), each ``R``
             block its own; ``"layer"`` divides every block of a layer by the whole layer's ``||C||_F^2 / tr C``
             (estimated from pairs of 64 rows), the step a dense ``R`` would take, whatever blocks the plan chose.
