@@ -42,7 +42,7 @@ clean:
 # ResNet-50 224x224 batch 128, fp32 and bf16-mixed + channels_last); figures go to
 # examples/benchmarks/results/gpu_*.json.
 gpu-check: venv
-	$(PY) examples/benchmarks/overhead.py --device cuda --zoo --steps 20 --warmup 8 --repeats 3 --no-breakdown \
+	$(PY) examples/benchmarks/overhead.py --device cuda --zoo --steps 26 --warmup 17 --repeats 5 --no-breakdown \
 		--out examples/benchmarks/results/gpu_zoo.json
 	$(PY) examples/benchmarks/overhead.py --device cuda --models cifar_resnet18 resnet50 --batch-size 256 128 \
 		--steps 15 --warmup 5 --repeats 3 --out examples/benchmarks/results/gpu_fp32.json
@@ -51,6 +51,6 @@ gpu-check: venv
 		--out examples/benchmarks/results/gpu_bf16.json
 
 benchmark: venv data
-	$(PY) examples/benchmarks/overhead.py --zoo --steps 10 --warmup 5 --repeats 3 --no-breakdown \
+	$(PY) examples/benchmarks/overhead.py --zoo --steps 26 --warmup 17 --repeats 5 --no-breakdown \
 		--out examples/benchmarks/results/overhead_zoo.json
 	$(PY) examples/benchmarks/time_to_accuracy.py

@@ -37,11 +37,11 @@ class DecorrelationCallback(Callback):
     The work is done by a :class:`lightning_decor.Decorrelator` (``callback.engine``); the callback decides when it
     runs and where its numbers are logged.
 
-    **The cost plan** (``max_overhead``, default 0.1): the first three optimizer steps run plain (``R`` is the
+    **The cost plan** (``max_overhead``, default 0.1): the first five optimizer steps run plain (``R`` is the
     identity) and measure the training step and the shapes each layer sees; then every layer gets the cheapest
     form that fits the budget (``R`` fused into the weight or applied to the input rows; a block-diagonal ``R`` for
     layers whose dense ``R`` would cost too much; plain for layers not worth their cost), printed once as a table
-    (``callback.plan``), saved in checkpoints, and ``R`` moves from the fourth step on. ``max_overhead=None``
+    (``callback.plan``), saved in checkpoints, and ``R`` moves from the sixth step on. ``max_overhead=None``
     skips the plan: every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the
     first step. See docs/TUNING.md for how the plan decides.
 

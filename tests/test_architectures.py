@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices, fold
 from lightning_decor.layers import eligible_layers
+from lightning_decor.engine import CALIBRATION_STEPS
 
 
 class Classifier(pl.LightningModule):
@@ -50,7 +51,7 @@ def test_architecture_trains_and_folds(name: str, tmp_path) -> None:
     assert set(cb.plan.layers) == {n for n, why in reasons.items() if why is None}  # every eligible layer planned
     kept = {n for n, p in cb.plan.layers.items() if p.form != "plain"}
     Rs = decorrelation_matrices(module)
-    assert set(Rs) == kept and Rs and cb.updates == 6 - 3  # after the 3 measured steps
+    assert set(Rs) == kept and Rs and cb.updates == 6 - CALIBRATION_STEPS  # after the measured steps
     for layer, R in Rs.items():
         assert torch.isfinite(R).all(), layer
         assert R.shape[-1] == cb.plan.layers[layer].block, layer

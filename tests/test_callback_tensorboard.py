@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.engine import CALIBRATION_STEPS
 
 
 class InOrderData(pl.LightningDataModule):
@@ -106,7 +107,7 @@ def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:
     trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path))
     with pytest.warns(UserWarning, match="log only through a TensorBoardLogger, and the Trainer has none"):
         trainer.fit(TinyModule())
-    assert cb.updates == 8 - 3  # training went on (the first 3 steps measure the plain step for the plan)
+    assert cb.updates == 8 - CALIBRATION_STEPS  # training went on (the first steps measure the plain step)
 
 
 def test_unknown_picture_layer_fails_before_training_and_leaves_a_plain_model(tmp_path) -> None:

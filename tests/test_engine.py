@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
+from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
@@ -121,20 +122,23 @@ def test_layers_with_equal_blocks_and_different_row_counts_move_independently() 
     assert dec.skipped is not None and dec.skipped.sum() == 0  # no rows is not a skip
 
 
-def test_plan_is_made_after_three_plain_measured_steps() -> None:
+def test_plan_is_made_after_the_plain_measured_steps() -> None:
+    assert CALIBRATION_STEPS == 5  # four intervals, the shortest counts (docs/TUNING.md)
     model = mlp()
     dec = Decorrelator(model, max_overhead=100.0)  # a budget everything fits in: the plan keeps every layer
-    batches = data(5)
+    batches = data(CALIBRATION_STEPS + 2)
     for layer in dec.layers.values():
         assert layer.decor_form == "identity"
-    train(model, dec, batches[:3])
+    train(model, dec, batches[: CALIBRATION_STEPS - 1])
+    assert dec.plan is None and dec.calibrating
+    train(model, dec, batches[CALIBRATION_STEPS - 1 : CALIBRATION_STEPS])
     assert dec.plan is not None and dec.updates == 0 and not dec.calibrating
     assert all(torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
     assert {n: (p.form, p.block) for n, p in dec.plan.layers.items()} == {
         n: (layer.decor_form, layer.decor_block) for n, layer in dec.layers.items()
     }
     assert all(p.form in ("fused", "input") and p.block == p.d for p in dec.plan.layers.values())
-    train(model, dec, batches[3:])
+    train(model, dec, batches[CALIBRATION_STEPS:])
     assert dec.updates == 2
     assert all(not torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
 
@@ -144,7 +148,7 @@ def test_a_plan_with_every_layer_plain_warns_and_trains_plainly() -> None:
     dec = Decorrelator(model, max_overhead=1e-9)  # no decorrelation fits a billionth of a step
     with pytest.warns(UserWarning, match=r"the plan leaves every layer plain: decorrelating any of them would cost "
                       r"more than `max_overhead`=1e-09 of the measured .* ms step"):  # fmt: skip
-        train(model, dec, data(4))
+        train(model, dec, data(CALIBRATION_STEPS + 1))
     assert dec.layers == {} and dec.updates == 0
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())
 
@@ -153,7 +157,7 @@ def test_the_measured_steps_compute_the_plain_model() -> None:
     model, reference = mlp(), mlp()
     dec = Decorrelator(model)
     opt, opt_ref = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x, y in data(3):
+    for x, y in data(CALIBRATION_STEPS):
         for m, o in ((model, opt), (reference, opt_ref)):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -169,7 +173,7 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     settings = dict(decor_lr=LR, kappa=KAPPA, sample_fraction=0.5, max_rows=8, max_overhead=100.0)
     model = mlp()
     dec = Decorrelator(model, **settings)  # type: ignore[arg-type]
-    train(model, dec, batches)  # uninterrupted: 3 measured steps, then 6 updates
+    train(model, dec, batches)  # uninterrupted: 5 measured steps, then 4 updates
 
     first = mlp()
     dec1 = Decorrelator(first, **settings)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback
+from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +191,8 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
     acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
     assert {"decor/loss", "train/loss", "val/acc"} <= set(acc.Tags()["scalars"])
-    # 768 images / batch 128 = 6 steps, logged every step; R moves after the 3 steps that measure the plain step
-    assert len(acc.Scalars("decor/loss")) == 3
+    # 768 images / batch 128 = 6 steps, logged every step; R moves after the steps that measure the plain step
+    assert len(acc.Scalars("decor/loss")) == 6 - CALIBRATION_STEPS
     plan = done.stderr[done.stderr.index("Decorrelation plan") :].splitlines()[2:8]  # the table printed at the plan
     kept = {line.split()[0] for line in plan if line.split()[5] != "plain"}
     assert {"net.0", "net.19"} <= {line.split()[0] for line in plan}  # every conv and the head: 6 layers
@@ -268,8 +269,9 @@ def test_readme_python_usage_runs(in_tmp: Path) -> None:
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     trainer, model = namespace["trainer"], namespace["model"]
     (cb,) = decor_callbacks(trainer)
-    # 256 samples / batch 32 per epoch; R moves once per step after the 3 steps that measure the plain step
-    assert cb.updates == trainer.max_epochs * 8 - 3 == trainer.global_step - 3 and cb.plan is not None
+    # 256 samples / batch 32 per epoch; R moves once per step after the steps that measure the plain step
+    assert cb.updates == trainer.max_epochs * 8 - CALIBRATION_STEPS == trainer.global_step - CALIBRATION_STEPS
+    assert cb.plan is not None
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # "a plain model again"
 
 
@@ -289,7 +291,7 @@ def test_readme_plain_pytorch_usage_runs() -> None:
     namespace: dict[str, Any] = {"model": model, "loader": loader}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     dec = namespace["dec"]
-    assert dec.updates == 8 - 3 and dec.plan is not None  # after the 3 measured steps
+    assert dec.updates == 8 - CALIBRATION_STEPS and dec.plan is not None  # after the measured steps
     assert all(p.form != "plain" for p in dec.plan.layers.values())
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())  # "a plain model again"
     assert not torch.equal(model[0].weight, reference[0].weight)  # it trained
@@ -339,7 +341,7 @@ def test_readme_fabric_usage_runs_on_two_processes_with_identical_r(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rank in ranks:
-        assert rank["updates"] == 8 - 3 and rank["plain"]  # R moved after the 3 measured steps; folded at the end
+        assert rank["updates"] == 8 - CALIBRATION_STEPS and rank["plain"]  # R moved after the measured steps; folded
         assert all(p["form"] != "plain" for p in rank["plan"]["layers"].values())
     assert ranks[0]["plan"] == ranks[1]["plan"]  # rank 0's plan on both ranks
     for name, value in ranks[0]["state"].items():  # the same trained function (W R folded) on both ranks

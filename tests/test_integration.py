@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
+from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
@@ -165,7 +166,7 @@ def test_resume_continues_exactly(tmp_path: Path, stop: str, plan: bool) -> None
     if stop == "epoch_boundary":  # a finished run of one epoch
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
         trainer = quiet_trainer(tmp_path, callbacks=[callback(**options), ckpt], enable_checkpointing=True,
-                                **{**kwargs, "max_epochs": 1})  # fmt: skip
+                                **{**kwargs, "max_epochs": 2})  # fmt: skip (8 steps: past the measured ones)
         trainer.fit(first)
         path = tmp_path / "ckpt" / "last.ckpt"
     else:  # checkpoint after optimizer step 5 (epoch 1, batch 1), crash three batches later
@@ -180,7 +181,7 @@ def test_resume_continues_exactly(tmp_path: Path, stop: str, plan: bool) -> None
     resumed = IndexedData()
     cb = callback(**options)
     quiet_trainer(tmp_path / "resumed", callbacks=[cb], **kwargs).fit(resumed, ckpt_path=path)
-    assert cb.updates == (12 - 3 if plan else 12)  # the count continues from the checkpoint
+    assert cb.updates == (12 - CALIBRATION_STEPS if plan else 12)  # the count continues from the checkpoint
     saved_state = torch.load(path, weights_only=True)["callbacks"]["DecorrelationCallback"]
     if plan:  # the resumed run took the checkpoint's plan, measured by the first run, instead of measuring again
         assert cb.plan is not None and cb.plan.state_dict() == saved_state["plan"]
@@ -257,7 +258,8 @@ def fit_on_two_ranks(strategy: str, out: str, plan: bool = False) -> TinyModule:
     pl.seed_everything(0)
     model = BufferedModule()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=4 if plan else 3,
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2 if plan else 1,
+        limit_train_batches=4 if plan else 3,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[callback(max_overhead=0.5 if plan else None), RankRecorder(out)],
     )  # fmt: skip
@@ -320,14 +322,14 @@ def test_ddp_ranks_share_rank_zeros_plan(tmp_path: Path, monkeypatch: pytest.Mon
     plans = [rank["plan"] for rank in ranks]
     assert plans[0] is not None and plans[0] == plans[1]  # one plan, measured on rank 0 (each rank times its own)
     steps = list(zip(ranks[0]["batches"], ranks[1]["batches"], strict=True))
-    assert len(steps) == 4  # (rank 0 has 4 batches of 32 of its 128 samples)
+    assert len(steps) == 8  # (rank 0 has 4 batches of 32 of its 128 samples, two epochs)
     for b0, b1 in steps:  # the same layouts, R and model on both ranks after every step
         for name in b0["after"]:
             assert torch.equal(b0["after"][name], b1["after"][name]), name
         for name in b0["params"]:
             assert torch.equal(b0["params"][name], b1["params"][name]), name
-    for name in steps[-1][0]["after"]:  # R moved in the step after the three measured ones
-        assert not torch.equal(steps[-1][0]["after"][name], steps[2][0]["after"][name]), name
+    for name in steps[-1][0]["after"]:  # R moved in the steps after the measured ones
+        assert not torch.equal(steps[-1][0]["after"][name], steps[CALIBRATION_STEPS - 1][0]["after"][name]), name
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
@@ -426,13 +428,16 @@ def test_compiled_model_recompiles_once_for_the_plan(tmp_path: Path) -> None:
         trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0,
                                 callbacks=[cb, counter] if compiled else [cb])  # fmt: skip
         trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model)
-        assert cb.updates == 16 - 3
+        assert cb.updates == 16 - CALIBRATION_STEPS
         states[compiled] = raw_state(model)
     frames = counter.frames
     assert len(frames) == 16
     # Compiled in the first batch (layers plain while the step is measured), once more when the plan gives the
-    # layers their forms (after the third step, so the fourth batch compiles), then never again.
-    assert frames[1:4] == [frames[1]] * 3 and frames[4] > frames[3] and frames[4:] == [frames[4]] * 12
+    # layers their forms (after the fifth step, so the sixth batch compiles), then never again.
+    c = CALIBRATION_STEPS
+    assert frames[1 : c + 1] == [frames[1]] * c and frames[c + 1] > frames[c] and frames[c + 1 :] == [frames[c + 1]] * (
+        16 - c - 1
+    )
     for name, value in states[False].items():
         torch.testing.assert_close(states[True][name], value, rtol=0, atol=SAME_OPS_ATOL, msg=name)
     assert (states[True]["net.0.R"] - torch.eye(8)).abs().max() > 1e-2  # rows were captured while compiled

@@ -14,6 +14,7 @@ from torch import nn
 
 import lightning_decor.engine as engine_module
 from lightning_decor import Decorrelator, decorrelate
+from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import decorrelated_layers
 from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
 import lightning_decor.probe as probe_module
@@ -139,7 +140,7 @@ def mlp() -> nn.Sequential:
 def train_with_a_slow_plan(
     monkeypatch: pytest.MonkeyPatch, real_per_layer: float
 ) -> tuple[nn.Module, Decorrelator, list[Any]]:
-    """16 steps of 1 s plain (a clock under the test's control) where every candidate is measured at 30 ms but each
+    """20 steps of 1 s plain (a clock under the test's control) where every candidate is measured at 30 ms but each
     decorrelated layer really adds ``real_per_layer`` seconds; returns the model, the engine and its plans in order."""
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
@@ -151,7 +152,7 @@ def train_with_a_slow_plan(
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
     plans: list[Any] = []
-    for _ in range(16):
+    for _ in range(20):
         x, y = torch.randn(16, 32, generator=g), torch.randint(0, 2, (16,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -180,7 +181,7 @@ def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: py
     assert sum(p.form != "plain" for p in second.layers.values()) == 1 == len(dec.layers)
     assert f"costs x{second.scale:.2f} after checking the real step" in second.table().splitlines()[0]
     assert dec.plan is second and all(torch.isfinite(p).all() for p in model.parameters())
-    assert dec.updates == 16 - 3  # R moved on every step after the measured ones, across the new plan too
+    assert dec.updates == 20 - CALIBRATION_STEPS  # R moved on every step after the measured ones, across the new plan
 
 
 def test_one_check_corrects_the_costs_by_at_most_three_and_plans_are_made_at_most_twice(

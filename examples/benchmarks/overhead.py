@@ -30,11 +30,11 @@ from common import StepTimer, machine, write_json
 from models import ImageClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_decor import DecorrelationCallback, decorrelate
+from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
 from lightning_decor.layers import decorrelated_layers
 
-SHAPES = {"cnn": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224), "resnet50": (3, 224, 224)}
-CPU_BATCH = {"cnn": 128, "cifar_resnet18": 128, "resnet18": 32, "resnet50": 32}
+SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224), "resnet50": (3, 224, 224)}
+CPU_BATCH = {"cnn": 128, "mlp": 128, "cifar_resnet18": 128, "resnet18": 32, "resnet50": 32}
 
 
 def _vit32() -> torch.nn.Module:
@@ -55,7 +55,7 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], int]] = {
 for _name, (_build, _shape, _batch) in ZOO.items():
     SHAPES[_name], CPU_BATCH[_name] = _shape, _batch
 ZOO_MODELS = [*ZOO, "cnn"]
-ZOO_METHODS = ["BP", "DBP defaults", "DBP max_overhead=None"]
+ZOO_METHODS = ["BP", "DBP defaults", "DBP max_overhead=0.05", "DBP all plain", "DBP max_overhead=None"]
 
 # The methods compared. "DBP defaults" is DecorrelationCallback() as a user gets it; "DBP paper-like" samples
 # 10 % of the images with all their patches and no row cap, as the authors' code does.
@@ -64,6 +64,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "DBP defaults": {},
     "DBP paper-like": {"sample_fraction": 0.1, "max_rows": None},
     "DBP max_overhead=None": {"max_overhead": None},  # dense R everywhere: the behaviour before the cost plan
+    "DBP max_overhead=0.05": {"max_overhead": 0.05},  # half the default budget
     # Cheaper variants, measured for docs/TUNING.md (not in the default comparison):
     "DBP block_size=576": {"block_size": 576},
     "DBP update_every=2": {"update_every": 2},
@@ -97,8 +98,8 @@ def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | 
     if kwargs is not None:
         callbacks.append(DecorrelationCallback(**kwargs))
     callbacks.append(timer)  # last: its batch end comes after the callback's, where R moves
-    if args.warmup < 5 and kwargs is not None and kwargs.get("max_overhead", 0.1) is not None:
-        raise SystemExit("--warmup must be >= 5 for the cost plan: 3 steps measure, the 4th applies the plan")
+    if args.warmup < 7 and kwargs is not None and kwargs.get("max_overhead", 0.1) is not None:
+        raise SystemExit("--warmup must be >= 7 for the cost plan: 5 steps measure, the 6th applies the plan")
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -186,26 +187,100 @@ def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwarg
     return rows_out
 
 
+def interleaved_steps(model_name: str, batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Step times of every method with the steps interleaved: one model per method in one plain PyTorch loop
+    (``Decorrelator``, the engine the callback drives), each first trained alone for ``--warmup`` steps (the plan
+    measures the plain step as the time between two of its own steps, so that part may not be interleaved), then
+    one step of each method in turn, the order rotating, for the remaining steps. A slow or fast spell of the
+    machine then hits every method alike, which fits (seconds apart) cannot promise on a shared VM."""
+    planned = [m for m in args.methods if METHODS[m] is not None and METHODS[m].get("max_overhead", 0.1) is not None]
+    if planned and args.warmup < 17:
+        raise SystemExit(
+            "--interleave-steps needs --warmup >= 17 for the cost plan: 5 steps measure, the plan's checks time up to "
+            "12 more, and those steps must run alone"
+        )
+    device = torch.device(args.device)
+    runs: dict[str, Any] = {}
+    for method in args.methods:
+        torch.manual_seed(0)
+        net = build_module(model_name).net.to(device)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        kwargs = METHODS[method]
+        engine = Decorrelator(net, **kwargs) if kwargs is not None else None
+        runs[method] = (net, torch.optim.Adam(net.parameters(), lr=1e-3), engine)
+    generator = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(batch, *SHAPES[model_name], generator=generator).to(device),
+         torch.randint(0, 10, (batch,), generator=generator).to(device))
+        for _ in range(4)
+    ]  # fmt: skip
+
+    def step(method: str, i: int) -> float:
+        net, optimizer, engine = runs[method]
+        x, y = data[i % len(data)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if engine is not None:
+            engine.step()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for method in args.methods:
+        for i in range(args.warmup):
+            step(method, i)
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for i in range(args.warmup, args.steps):
+        k = i % len(args.methods)
+        for method in args.methods[k:] + args.methods[:k]:
+            times[method].append(step(method, i))
+    for method, (_, _, engine) in runs.items():
+        if engine is not None and engine.plan is not None:
+            PLANS.setdefault(model_name, {})[f"interleaved {json_key(METHODS[method])}"] = engine.plan.state_dict()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "cifar_resnet18", "resnet50"], choices=sorted(SHAPES))
-    parser.add_argument("--zoo", action="store_true", help="the zoo models and methods (overrides --models/--methods)")
+    parser.add_argument(
+        "--zoo", action="store_true", help="the zoo models (overrides --models) and methods (unless --methods is given)"
+    )
     parser.add_argument("--batch-size", nargs="+", type=int, help="one per model (default: CPU sizes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=12, help="steps per fit, the warm-up included")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {DEFAULT_METHODS}")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument(
+        "--interleave-steps",
+        action="store_true",
+        help="also time the methods step by step in one plain PyTorch loop (the engine, no Trainer), --steps steps "
+        "per method after its --warmup alone: the low-noise ratio",
+    )
     parser.add_argument("--out", default="examples/benchmarks/results/overhead.json")
     args = parser.parse_args()
     if args.zoo:
-        args.models, args.methods = ZOO_MODELS, ZOO_METHODS
+        args.models = ZOO_MODELS
+    if args.methods is None:
+        args.methods = ZOO_METHODS if args.zoo else DEFAULT_METHODS
     batches = args.batch_size or [CPU_BATCH[m] for m in args.models]
     if len(batches) != len(args.models):
         parser.error(f"--batch-size needs one value per model ({len(args.models)}), got {len(batches)}")
+    if args.steps - args.warmup < 3:
+        parser.error(
+            f"--steps counts the warm-up: --steps {args.steps} --warmup {args.warmup} would time "
+            f"{max(args.steps - args.warmup, 0)} step(s) per fit; time at least 3 (e.g. --steps {args.warmup + 9})"
+        )
     if "BP" not in args.methods:
         args.methods = ["BP", *args.methods]
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "models": {}}
@@ -213,7 +288,10 @@ def main() -> None:
         print(f"\n== {model_name}, batch {batch}, {args.device}, {args.precision} ==", flush=True)
         times: dict[str, list[list[float]]] = {m: [] for m in args.methods}
         for rep in range(args.repeats):
-            for method in args.methods:
+            # the order rotates from repeat to repeat: a machine that speeds up or slows down within a repeat
+            # favours no method
+            order = args.methods[rep % len(args.methods) :] + args.methods[: rep % len(args.methods)]
+            for method in order:
                 t = fit_steps(model_name, batch, args.steps, METHODS[method], args)
                 times[method].append(t)
                 print(
@@ -221,13 +299,23 @@ def main() -> None:
                     flush=True,
                 )
         entry: dict[str, Any] = {"batch": batch, "methods": {}}
-        for method in args.methods:
+        for method in args.methods if args.repeats else []:  # --repeats 0: the interleaved steps only
             ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(times[method], times["BP"])]
             entry["methods"][method] = {
                 "median_step_ms": statistics.median([s for run in times[method] for s in run]) * 1e3,
                 "ratio_to_bp": statistics.median(ratios),
                 "ratios": ratios,
                 "step_times_s": times[method],
+            }
+        if args.interleave_steps:
+            steps = interleaved_steps(model_name, batch, args)
+            entry["interleaved"] = {
+                m: {
+                    "median_step_ms": statistics.median(t) * 1e3,
+                    "ratio_to_bp": statistics.median(t) / statistics.median(steps["BP"]),
+                    "step_times_s": t,
+                }
+                for m, t in steps.items()
             }
         if not args.no_breakdown:
             entry["breakdown"] = {
@@ -238,6 +326,8 @@ def main() -> None:
         print(f"\n{'method':<16} {'median step':>12} {'ratio to BP':>12}")
         for method, v in entry["methods"].items():
             print(f"{method:<16} {v['median_step_ms']:9.1f} ms {v['ratio_to_bp']:12.3f}")
+        for method, v in entry.get("interleaved", {}).items():
+            print(f"{method + ' (steps interleaved)':<40} {v['median_step_ms']:9.1f} ms {v['ratio_to_bp']:12.3f}")
         for method, layers in entry.get("breakdown", {}).items():
             print(f"\n  per layer, {method} (ms): layer, d, rows, fuse fwd+bwd, sample, update")
             for r in layers:
