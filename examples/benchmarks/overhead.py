@@ -33,7 +33,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
 from lightning_decor.layers import decorrelated_layers
 
-SHAPES = {"cnn": (1, 28, 28), "mlp": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224), "resnet50": (3, 224, 224)}
+SHAPES = {
+    "cnn": (1, 28, 28), "mlp": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224),
+    "resnet50": (3, 224, 224),
+}  # fmt: skip
 CPU_BATCH = {"cnn": 128, "mlp": 128, "cifar_resnet18": 128, "resnet18": 32, "resnet50": 32}
 
 
