@@ -259,8 +259,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--steps", type=int, default=12, help="steps per fit, the warm-up included")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=26, help="steps per fit, the warm-up included")
+    parser.add_argument(
+        "--warmup", type=int, default=17, help="steps dropped: the plan measures 5 and checks itself over up to 12"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {DEFAULT_METHODS}")
     parser.add_argument("--no-breakdown", action="store_true")
