@@ -31,6 +31,7 @@ from models import ImageClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
+from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import decorrelated_layers
 
 SHAPES = {
@@ -75,6 +76,23 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "DBP all plain": {"max_overhead": 1e-9},
 }
 DEFAULT_METHODS = ["BP", "DBP defaults", "DBP paper-like"]
+# Steps a planned run must drop before its timing means anything: the plan's measured steps and two more (the step
+# that applies it); with the steps interleaved also the plan's checks (up to two of six steps each), which time the
+# interval between two of its own steps and so must run alone.
+PLAN_WARMUP = CALIBRATION_STEPS + 2
+INTERLEAVED_WARMUP = CALIBRATION_STEPS + 12
+
+
+def plans(method: str) -> bool:
+    """Whether the method's callback makes a cost plan (``max_overhead`` is set, as by default)."""
+    kwargs = METHODS[method]
+    return kwargs is not None and kwargs.get("max_overhead", 0.1) is not None
+
+
+def rotated(methods: list[str], k: int) -> list[str]:
+    """``methods`` starting at the ``k``-th (modulo): run in this order, no method always goes first."""
+    k %= len(methods)
+    return methods[k:] + methods[:k]
 
 
 def build_module(model_name: str) -> ImageClassifier:
@@ -101,8 +119,6 @@ def fit_steps(model_name: str, batch: int, steps: int, kwargs: dict[str, Any] | 
     if kwargs is not None:
         callbacks.append(DecorrelationCallback(**kwargs))
     callbacks.append(timer)  # last: its batch end comes after the callback's, where R moves
-    if args.warmup < 7 and kwargs is not None and kwargs.get("max_overhead", 0.1) is not None:
-        raise SystemExit("--warmup must be >= 7 for the cost plan: 5 steps measure, the 6th applies the plan")
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -196,12 +212,6 @@ def interleaved_steps(model_name: str, batch: int, args: argparse.Namespace) -> 
     measures the plain step as the time between two of its own steps, so that part may not be interleaved), then
     one step of each method in turn, the order rotating, for the remaining steps. A slow or fast spell of the
     machine then hits every method alike, which fits (seconds apart) cannot promise on a shared VM."""
-    planned = [m for m in args.methods if METHODS[m] is not None and METHODS[m].get("max_overhead", 0.1) is not None]
-    if planned and args.warmup < 17:
-        raise SystemExit(
-            "--interleave-steps needs --warmup >= 17 for the cost plan: 5 steps measure, the plan's checks time up to "
-            "12 more, and those steps must run alone"
-        )
     device = torch.device(args.device)
     runs: dict[str, Any] = {}
     for method in args.methods:
@@ -240,8 +250,7 @@ def interleaved_steps(model_name: str, batch: int, args: argparse.Namespace) -> 
             step(method, i)
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     for i in range(args.warmup, args.steps):
-        k = i % len(args.methods)
-        for method in args.methods[k:] + args.methods[:k]:
+        for method in rotated(args.methods, i):
             times[method].append(step(method, i))
     for method, (_, _, engine) in runs.items():
         if engine is not None and engine.plan is not None:
@@ -288,6 +297,17 @@ def main() -> None:
         )
     if "BP" not in args.methods:
         args.methods = ["BP", *args.methods]
+    if any(plans(m) for m in args.methods):
+        if args.warmup < PLAN_WARMUP:
+            parser.error(
+                f"--warmup must be >= {PLAN_WARMUP} for the cost plan: {CALIBRATION_STEPS} steps measure, the next "
+                "applies the plan"
+            )
+        if args.interleave_steps and args.warmup < INTERLEAVED_WARMUP:
+            parser.error(
+                f"--interleave-steps needs --warmup >= {INTERLEAVED_WARMUP} for the cost plan: {CALIBRATION_STEPS} "
+                "steps measure, the plan's checks time up to 12 more, and those steps must run alone"
+            )
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "models": {}}
     for model_name, batch in zip(args.models, batches):
         print(f"\n== {model_name}, batch {batch}, {args.device}, {args.precision} ==", flush=True)
@@ -295,8 +315,7 @@ def main() -> None:
         for rep in range(args.repeats):
             # the order rotates from repeat to repeat: a machine that speeds up or slows down within a repeat
             # favours no method
-            order = args.methods[rep % len(args.methods) :] + args.methods[: rep % len(args.methods)]
-            for method in order:
+            for method in rotated(args.methods, rep):
                 t = fit_steps(model_name, batch, args.steps, METHODS[method], args)
                 times[method].append(t)
                 print(
