@@ -159,7 +159,7 @@ class DecorrelatedMultiheadAttention(DecorrelatedLayer, nn.MultiheadAttention):
     def decor_rows_per_forward(self, input: Any) -> int:  # noqa: A002 (the base's name)
         return max(t.numel() // t.shape[-1] for t in input)  # rows of the longest of query, key and value
 
-    def _decor_stat_rows(self, input: Any, rows: int) -> int:  # noqa: A002 (the base's name)
+    def decor_stat_rows(self, input: Any, rows: int) -> int:  # noqa: A002 (the base's name)
         n = min(self._decor_n_samples(t.numel() // t.shape[-1]) for t in input)  # as decor_sample_rows draws
         return n if self.decor_max_rows is None else min(n, self.decor_max_rows)
 

@@ -13,9 +13,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_decor.checks import check_bool, check_engine_arguments, check_positive_int
-from lightning_decor.engine import Decorrelator
+from lightning_decor.engine import Decorrelator, _pinned_plan
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
+from lightning_decor.plan import Plan
 from lightning_decor.pictures import TensorBoardPictures
 
 __all__ = ["DecorrelationCallback"]
@@ -125,6 +126,12 @@ class DecorrelationCallback(Callback):
             keeps a reference to that layer's latest training input (no copy, no device sync per step) and computes
             the picture from at most 8192 of its rows at epoch end.
         log_image_every_n_epochs: Every this many training epochs, log the ``log_correlation_image`` picture.
+        plan: ``"auto"``: the cost plan is made by the planner (measured, or taken from the plan cache). Or the path
+            of a plan file written by ``callback.plan.save(path)`` (JSON or YAML), or a ``Plan``, to pin: every run,
+            on any machine, gets its layouts. The file must name every decorrelated layer.
+        plan_cache: Keep the costs a run measures on disk (``~/.cache/lightning_decor``, or
+            ``$LIGHTNING_DECOR_CACHE``; ``LIGHTNING_DECOR_CACHE=off`` turns it off too), so that later runs with the
+            same model, shapes, budget and machine plan identically without timing anything.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -150,6 +157,8 @@ class DecorrelationCallback(Callback):
         log_histograms_every_n_epochs: int | None = None,
         log_correlation_image: str | None = None,
         log_image_every_n_epochs: int = 1,
+        plan: str | Plan = "auto",
+        plan_cache: bool = True,
     ) -> None:
         # The engine's arguments, checked once here (the engine checks them again with the same messages).
         self._engine_arguments = check_engine_arguments(
@@ -181,6 +190,8 @@ class DecorrelationCallback(Callback):
         self.log_correlation_image = log_correlation_image
         check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
         self.log_image_every_n_epochs = log_image_every_n_epochs
+        self.plan_cache = check_bool("plan_cache", plan_cache)
+        self._pinned = _pinned_plan(plan)  # read and checked now: a bad file fails before the Trainer starts
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._engine: Decorrelator | None = None
         self._past_updates = 0  # updates of engines of earlier fits (a fit after folding makes a new engine)
@@ -262,7 +273,10 @@ class DecorrelationCallback(Callback):
         if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
             self._past_updates += 0 if self._engine is None else self._engine.updates
             # patches in place; layers patched before (a refit without folding) keep their R
-            self._engine = Decorrelator(pl_module, **{k: getattr(self, k) for k in self._engine_arguments})
+            self._engine = Decorrelator(
+                pl_module, **{k: getattr(self, k) for k in self._engine_arguments},
+                plan=self._pinned if self._pinned is not None else "auto", plan_cache=self.plan_cache,
+            )  # fmt: skip
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
@@ -350,11 +364,15 @@ class DecorrelationCallback(Callback):
         engine = self._engine
         if engine is None:
             return
-        before = engine.updates
+        before, overhead = engine.updates, engine.overhead
         engine.step()
-        if engine.plan is not None and self._plan_shown is not engine.plan:
+        if engine.plan is not None and self._plan_shown is not engine.plan:  # after every (re)plan
             self._plan_shown = engine.plan
             rank_zero_info(engine.plan.table())
+        elif engine.overhead is not overhead and engine.plan is not None:  # a check kept the plan
+            rank_zero_info(engine.plan.table().splitlines()[0])
+        if engine.overhead is not overhead and engine.overhead is not None:
+            self._log_overhead(pl_module, engine.overhead)
         if engine.updates > before and engine.last_losses is not None:
             self._metric.update(engine.last_losses)
             self._fresh = True
@@ -426,11 +444,20 @@ class DecorrelationCallback(Callback):
         self._wait()
 
     # ------------------------------------------------------------------ checkpoints
+    def _log_overhead(self, pl_module: LightningModule, share: float) -> None:
+        """``decor/overhead`` at the step it is measured, straight to the loggers (it is measured once or twice per
+        fit, rarely at a step where Lightning writes)."""
+        trainer = pl_module.trainer
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"decor/overhead": share}, step=trainer.global_step)
+        trainer.callback_metrics["decor/overhead"] = torch.tensor(share)
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._engine is None or not self._engine.layers:
+        if self._engine is None:
             return {}
-        return self._engine.state_dict()
+        return self._engine.state_dict()  # also when the plan left every layer plain
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

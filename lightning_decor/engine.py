@@ -16,14 +16,13 @@ losses, skip counts and a ``state_dict``. Plain PyTorch::
 ``DecorrelationCallback`` is the Lightning front-end of the same engine: it decides when ``step`` runs and where
 the losses are logged.
 
-**The plan.** With ``max_overhead`` set (the default), the first five calls of :meth:`Decorrelator.step` measure
-the plain training step (every layer computes its plain function: ``R`` is the identity; the shortest of four
-intervals counts) and the shapes each layer sees; the fifth times each layer's candidate forms
-(:mod:`lightning_decor.probe`) and makes the per-layer plan (:mod:`lightning_decor.plan`) within ``max_overhead`` of
-the measured step, and ``R`` starts moving from the sixth step. Steps 6 to 11 check the plan against the real
-step; a plan whose extra time exceeds 1.2 times its budget is made again with its costs scaled by measured /
-estimated (at most three times). ``max_overhead=None`` skips all this:
-every layer keeps its largest allowed block, fused into the weight, and ``R`` moves from the first step.
+**The plan.** With ``max_overhead`` set (the default) or a pinned ``plan``, a :class:`lightning_decor.planner.Planner`
+runs the first :func:`lightning_decor.planner.plain_steps` steps (17 with ``update_every=1``): five measure the
+plain step (every layer computes its plain function), then the plan gives every layer its form with ``R = I`` and
+is checked against the real step, and ``R`` moves from the next step on, whatever the plan's source (timed now,
+kept in the plan cache from an earlier run, pinned, or the analytic model under deterministic mode).
+``max_overhead=None`` without a pinned plan skips all this: every layer keeps its largest allowed block, fused into
+the weight, and ``R`` moves from the first step.
 
 **The update.** Layers whose blocks have the same size share one stacked tensor (each layer's ``decor_R`` is a view
 into it) and move together in one batched step (:func:`lightning_decor.functional.block_decorrelation_step`): a
@@ -35,7 +34,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
+import os
+import platform
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -47,24 +47,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_decor.attention import restore_containers, route_containers
-from lightning_decor.checks import check_engine_arguments
+from lightning_decor.checks import check_bool, check_engine_arguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import block_decorrelation_step, reset_null_space
 from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
-from lightning_decor.plan import Costs, LayerPlan, LayerShape, Plan, candidate_costs, make_plan, measure_costs
+from lightning_decor.plan import LayerPlan, Plan, measure_costs
+from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
 from lightning_decor.probe import measure_candidates
 
-__all__ = ["Decorrelator"]
+__all__ = ["CALIBRATION_STEPS", "Decorrelator", "plain_steps"]
 
-_TOLERANCE = 1.2  # a plan is remade when its measured extra time exceeds this many times the budget (the parts
-# timed alone run ~1.5-2.5x slower inside a real step). It was 1.5 while the plain step was the shorter of two
-# intervals, a noisy figure (1.3 then remade plans on noise alone); at 1.5, plans ran at 1.17x (ResNet-18 @ 96) and
-# 1.22x (ConvNeXt) a BP step, measured with the steps interleaved, for a budget of 10 %.
-_REPLANS = 2  # at most this many times
-_CHECK_WINDOWS = 5  # steps (of update_every each) timed to check a plan; the fastest one counts
-_MAX_CORRECTION = 3.0  # one check scales the costs by at most this: the candidates are measured, so a larger
-# discrepancy is timing noise (a busy machine) rather than a wrong estimate
-_PROBE_STEPS = 3.0  # the measuring of the candidate forms may take this many plain steps (once per fit)
+STATE_VERSION = 3
+# The arguments that shape a plan: a checkpoint's plan is kept only when they are unchanged.
+PLAN_ARGUMENTS = (
+    "max_overhead", "block_size", "max_features", "include", "exclude", "update_every", "sample_fraction", "max_rows",
+)  # fmt: skip
 
 
 def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
@@ -79,10 +76,23 @@ def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bo
     return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
-CALIBRATION_STEPS = 5
-"""Calls of :meth:`Decorrelator.step` that measure the plain step before the plan is made: four intervals, the
-shortest counts. (With two, a slow spell of a shared machine during them made the plain step, and so the budget,
-half again as large as it was: measured on ResNet-18 at 32x32, a plan made against 168 ms for a 110 ms step.)"""
+def _rank_zero() -> bool:
+    return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _device_name(device: torch.device) -> str:
+    """What the cache key calls the device: the GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 NULL_RESET_EVERY = 20
 """Every this many updates, each block's ``R`` on its input's null space is put back to the identity's
@@ -115,6 +125,11 @@ class Decorrelator:
     ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions get one ``R`` per group) computes with
     ``W @ R``. Call :meth:`step` once per optimizer step, after its backward; :meth:`fold` at the end.
 
+    **Reproducible.** Same seed, arguments and machine give bit-identical runs, and resuming from a
+    :meth:`state_dict` equals the uninterrupted run: nothing draws from the global RNG, ``R`` moves from a fixed
+    step, and the costs a run measures are kept (the plan cache) for every later run with the same key to plan
+    identically without timing. Under ``torch.use_deterministic_algorithms(True)`` nothing timed decides anything.
+
     Args:
         model: The model to decorrelate, patched in place.
         decor_lr: Learning rate of the decorrelation rule (> 0).
@@ -132,10 +147,16 @@ class Decorrelator:
             training step (``None``: no plan, every layer at its largest allowed block, fused).
         update_every: ``R`` moves on every k-th call of :meth:`step` (rows are sampled only for those steps).
         use_cuda_stream: Run the update on a side CUDA stream when the model is on a GPU.
+        plan: ``"auto"`` (made by the planner), or a plan to pin: a :class:`lightning_decor.plan.Plan` or the path of
+            a file written by :meth:`lightning_decor.plan.Plan.save`. A pinned plan must name every patched layer.
+        plan_cache: Keep measured costs on disk for later runs (:class:`lightning_decor.planner.PlanCache`; also
+            off when ``$LIGHTNING_DECOR_CACHE`` is ``off``).
 
     Attributes:
         plan: The per-layer plan (:class:`lightning_decor.plan.Plan`), ``None`` until it is made.
         updates: Number of updates of ``R`` so far.
+        overhead: DBP's share of the training step as last measured (the plan's check), ``None`` before.
+        planner: The :class:`lightning_decor.planner.Planner` (``None`` without a plan to make).
     """
 
     def __init__(
@@ -154,6 +175,8 @@ class Decorrelator:
         max_overhead: float | None = 0.1,
         update_every: int = 1,
         use_cuda_stream: bool = True,
+        plan: str | os.PathLike[str] | Plan = "auto",
+        plan_cache: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
@@ -174,6 +197,8 @@ class Decorrelator:
         self.max_overhead: float | None = checked["max_overhead"]
         self.update_every: int = checked["update_every"]
         self.use_cuda_stream: bool = checked["use_cuda_stream"]
+        pinned = _pinned_plan(plan)
+        self.plan_cache = check_bool("plan_cache", plan_cache)
         self.model = model
         new = decorrelate(model, include=include, exclude=exclude, max_features=max_features, block_size=block_size)
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
@@ -182,18 +207,15 @@ class Decorrelator:
         model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self.layers})  # type: ignore[assignment]
         # Layers patched before this engine (a model handed back patched) keep their R and form: only fresh ones,
         # whose R is still the identity, run plain while the step is measured and are planned.
-        self._fresh = set(new)
+        self._fresh = [name for name in self.layers if name in set(new)]
+        if pinned is not None:
+            self._check_pinned(pinned)
         self.plan: Plan | None = None
         self.updates = 0
+        self.steps = 0  # calls of step()
         self.last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
         self.skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
-        self._calls = 0  # step() calls since the plan was made (or since start without a plan)
-        self._calibration: list[float] = []  # times of the calibration calls
-        self._shapes: dict[str, tuple[int, int, int]] = {}  # per layer: rows, forwards, statistics rows per step
-        self._input_shapes: dict[str, tuple[int, ...] | None] = {}  # per layer: its last measured input's shape
-        self._checking: list[float] | None = None  # times of the calls that check a fresh plan's real cost
-        self._replans = 0
-        self._planning: tuple[list[LayerShape], Costs, dict[str, list[tuple[str, float]]]] | None = None
+        self._pinned = pinned
         self._groups: list[_Group] = []
         self._position = torch.zeros(0, dtype=torch.long)  # each layer's place in the concatenated group results
         self._stream: torch.cuda.Stream | None = None
@@ -203,12 +225,114 @@ class Decorrelator:
         self._counts_group: Any = None
         self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if self.max_overhead is None or not self._fresh:
-            self._set_plan(self._static_plan())
-        else:
+        self.planner: Planner | None = None
+        if self._fresh and (self.max_overhead is not None or pinned is not None):
+            self.planner = self._make_planner()
             for name in self._fresh:
-                self.layers[name].decor_form = "identity"  # R = I: the plain function, at the plain cost
+                layer = self.layers[name]
+                layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
+                layer.decor_observer = self._observer(name)
+        else:
+            self._set_plan(self._static_plan())
         self.start(self._device)
+
+    @property
+    def overhead(self) -> float | None:
+        return None if self.planner is None else self.planner.overhead
+
+    # ------------------------------------------------------------------ the plan's life cycle
+    def _make_planner(self) -> Planner:
+        infos = []
+        for name in self._fresh:
+            layer = self.layers[name]
+            infos.append(LayerInfo(
+                name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.weight.shape[0],
+                groups=layer.decor_groups, input_side=layer.decor_input_side, conv=layer.weight.dim() > 2,
+                max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
+            ))  # fmt: skip
+        device = self._device
+        params = sum(p.numel() for p in self.model.parameters())
+        environment = {
+            "device": _device_name(device), "device_type": device.type, "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(), "normalize": self.normalize,
+            "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}", "parameters": params,
+        }  # fmt: skip
+
+        def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
+            return measure_candidates(self.layers, shapes, inputs, estimates, update_every=self.update_every,
+                                      normalize=self.normalize, **kw)  # fmt: skip
+
+        return Planner(
+            infos,
+            max_overhead=self.max_overhead,
+            update_every=self.update_every,
+            pinned=self._pinned,
+            cache=PlanCache.default() if self.plan_cache else None,
+            environment=environment,
+            device_type=device.type,
+            probe=probe,
+            device_costs=lambda: measure_costs(self._device),
+            sync=self._sync,
+            agree=self._agreed,
+            leader=_rank_zero(),
+        )
+
+    def _observer(self, name: str) -> Any:
+        def observe(layer: DecorrelatedLayer, input: Any) -> None:  # noqa: A002 (torch's name)
+            assert self.planner is not None
+            rows = layer.decor_rows_per_forward(input)
+            single = isinstance(input, Tensor)  # attention passes (query, key, value)
+            self.planner.observe(
+                name, rows=rows, stat_rows=layer.decor_stat_rows(input, rows),
+                input_shape=tuple(input.shape) if single else None, dtype=str(input.dtype) if single else "",
+            )  # fmt: skip
+
+        return observe
+
+    def _check_pinned(self, plan: Plan) -> None:
+        """A pinned plan names every fresh layer with a layout that fits it; raises ``ValueError`` otherwise."""
+        fresh = set(self._fresh)
+        unknown = sorted(set(plan.layers) - fresh)
+        missing = [n for n in self._fresh if n not in plan.layers]
+        if unknown or missing:
+            raise ValueError(
+                f"Expected `plan` to name exactly the decorrelated layers, but it names {unknown} that are not "
+                f"decorrelated and lacks {missing}."
+            )
+        for name, p in plan.layers.items():
+            layer = self.layers[name]
+            if (p.d, p.c_out, p.groups) != (layer.decor_group_features, layer.weight.shape[0], layer.decor_groups):
+                raise ValueError(
+                    f"Expected `plan`'s entry for {name!r} to fit the layer (d, C_out, groups) = "
+                    f"{(layer.decor_group_features, layer.weight.shape[0], layer.decor_groups)}, but got "
+                    f"{(p.d, p.c_out, p.groups)}."
+                )
+            if p.form != "plain":
+                try:
+                    layer.decor_check_layout(p.block, p.form)
+                except ValueError as err:
+                    raise ValueError(f"Expected `plan`'s entry for {name!r} to fit the layer: {err}") from None
+
+    def _plan_arguments(self) -> dict[str, Any]:
+        args = {name: getattr(self, name) for name in PLAN_ARGUMENTS}
+        args["plan"] = "auto" if self._pinned is None else self._pinned.layouts()
+        return args
+
+    def _check_arguments(self, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose plan was made with other arguments that shape it."""
+        for name, now in self._plan_arguments().items():
+            then = saved.get(name)
+            if name == "plan" and isinstance(now, dict):
+                now = {n: list(v) for n, v in now.items()}
+                then = then if then == "auto" else {n: list(v) for n, v in (then or {}).items()}
+            if then != now:
+                shown = "a pinned plan" if name == "plan" and now != "auto" else repr(now)
+                was = "a pinned plan" if name == "plan" and then != "auto" else repr(then)
+                raise ValueError(
+                    f"Expected the arguments that shaped the checkpoint's plan, but `{name}` is {shown} here and was "
+                    f"{was} in the checkpoint. Resume with {name}={was}, or start a new fit from the checkpoint's "
+                    "weights (the module's state_dict holds W @ R) to plan anew."
+                )
 
     # ------------------------------------------------------------------ life cycle
     def start(self, device: torch.device | None = None) -> None:
@@ -239,12 +363,11 @@ class Decorrelator:
             layer.decor_sample_fraction = self.sample_fraction
             layer.decor_max_rows = self.max_rows
             layer.decor_generator = self._generator
-        self._set_collection()
+        self._collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
-        self._calibration = []  # the plain step is measured within one run, never across a pause between two
-        if self._checking is not None:
-            self._checking = []
+        if self.planner is not None:
+            self.planner.restart()  # the plain step is measured within one run, never across a pause between two
 
     def check_direct_weight_reads(self) -> None:
         """Once after :meth:`start` (at the first :meth:`step`, or earlier, right after the first backward): warn
@@ -254,16 +377,17 @@ class Decorrelator:
         marks, self._weight_marks = self._weight_marks, None
         if not marks:
             return
+        planner = self.planner
         bypassed = [
             name
             for name, layer in self.layers.items()
             if name in marks
-            and (layer.decor_collect or layer.decor_record)  # its forwards note themselves in this step
+            and (layer.decor_collect or layer.decor_observer is not None)  # its forwards note themselves this step
             and layer.decor_rows_seen() == 0
-            and layer.decor_seen_forwards == 0
+            and (planner is None or planner.forwards_seen(name) == 0)
             and _got_grad(layer.weight, marks[name])
         ]
-        if bypassed and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0):
+        if bypassed and _rank_zero():
             warnings.warn(
                 f"Decorrelator: the weights of {bypassed} received a gradient in the first training batch, but their "
                 "forward was not called: code that reads `.weight` directly (e.g. `F.linear(x, layer.weight)`) "
@@ -278,7 +402,7 @@ class Decorrelator:
         made for pooling."""
         self.wait()
         for layer in self.layers.values():
-            layer.decor_collect = layer.decor_record = False
+            layer.decor_collect = False
             layer.decor_take_rows()
         destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
         self._counts_group = None
@@ -302,173 +426,80 @@ class Decorrelator:
 
     @property
     def calibrating(self) -> bool:
-        """Whether the plain step is still being measured (``R`` does not move yet)."""
-        return self.plan is None
+        """Whether ``R`` has not started moving yet: the plain step is being measured, or the plan checked."""
+        return self.planner is not None and not self.planner.done
 
     # ------------------------------------------------------------------ the step
     def step(self) -> None:
-        """Once per optimizer step, after its backward: measure and plan (first calls), or move every ``R`` from
-        the rows collected since the last update (every ``update_every``-th call)."""
+        """Once per optimizer step, after its backward: the planning steps (see the module docstring), then every
+        ``update_every``-th call moves every ``R`` from the rows collected since the last update."""
         if not self.layers:
             return
         device = next(iter(self.layers.values())).weight.device
         if device != self._device:  # the model moved after the engine was made (e.g. by Fabric's setup)
             self.start(device)
         self.check_direct_weight_reads()
-        if self.plan is None:
-            self._calibrate()
-            return
-        self._calls += 1
-        if self._checking is not None and self._check_plan():
-            self._calls = 1  # a new plan: its first update is now
-        if (self._calls - 1) % self.update_every == 0:
+        self.steps += 1
+        planner = self.planner
+        if planner is not None and not planner.done:
+            action = planner.step()
+            if not planner.observing:  # the hooks go once the plan is made
+                for layer in self.layers.values():
+                    layer.decor_observer = None
+            if action.plan is not None:
+                self._set_plan(action.plan)
+            if action.dry:
+                self.update_(commit=False)  # the update's work for the check; R stays the identity
+        elif self._due(self.steps):
             self.update_()
-        self._set_collection()
+        self._collect(self._collects_next())
 
-    def _set_collection(self) -> None:
-        """Collect rows in the coming step only when it updates ``R``; record shapes while calibrating."""
-        due = self.plan is not None and self._calls % self.update_every == 0
+    def _due(self, call: int) -> bool:
+        first = 1 if self.planner is None else self.planner.first_moving_call
+        return call >= first and (call - first) % self.update_every == 0
+
+    def _collects_next(self) -> bool:
+        """Whether the coming step samples rows: when the next call updates (or runs a dry update for the check)."""
+        planner = self.planner
+        if planner is not None and not planner.done:
+            return planner.collects_next()
+        return self._due(self.steps + 1)
+
+    def _collect(self, on: bool) -> None:
         for layer in self.layers.values():
-            layer.decor_collect = due
-            layer.decor_record = self.plan is None
+            layer.decor_collect = on
 
     def _sync(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
-    def _calibrate(self) -> None:
-        self._sync()
-        self._calibration.append(time.perf_counter())
-        self._shapes = {}
-        self._input_shapes = {}
-        for name, layer in self.layers.items():
-            self._shapes[name] = (layer.decor_seen_rows, layer.decor_seen_forwards, layer.decor_seen_stat_rows)
-            self._input_shapes[name] = layer.decor_seen_input_shape
-            layer.decor_seen_rows = layer.decor_seen_forwards = layer.decor_seen_stat_rows = 0
-        if len(self._calibration) < CALIBRATION_STEPS:
-            return
-        times = self._calibration
-        step = min(b - a for a, b in zip(times, times[1:]))
-        shapes = self._layer_shapes()
-        costs = measure_costs(self._device)
-        assert self.max_overhead is not None  # calibrating means planning
-        measured = measure_candidates(
-            self.layers,
-            shapes,
-            {n: s for n, s in self._input_shapes.items() if s is not None},
-            {s.name: candidate_costs(s, costs, self.update_every) for s in shapes},
-            budget=self.max_overhead * step,
-            time_limit=_PROBE_STEPS * step,
-            update_every=self.update_every,
-            normalize=self.normalize,
-            costs=costs,
-        )
-        self._planning = (shapes, costs, measured)
-        plan = self._agreed(self._new_plan(step, 1.0))
-        assert plan is not None
-        self._set_plan(plan)
-        self._checking, self._replans = [], 0
-        self._calibration = []
-        self._set_collection()
-        if not self.layers:
-            warnings.warn(
-                f"Decorrelator: the plan leaves every layer plain: decorrelating any of them would cost more than "
-                f"`max_overhead`={self.max_overhead} of the measured {step * 1e3:.1f} ms step. Training continues as "
-                "plain backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.",
-                stacklevel=2,
-            )
-
-    def _new_plan(self, step: float, scale: float) -> Plan:
-        """The plan from the measured candidates, every cost multiplied by ``scale``."""
-        assert self._planning is not None
-        shapes, costs, measured = self._planning
-        plan = make_plan(
-            shapes,
-            costs=Costs(costs.seconds_per_flop * scale, costs.seconds_per_op * scale),
-            step_seconds=step,
-            max_overhead=self.max_overhead,
-            update_every=self.update_every,
-            measured={name: [(f, c * scale) for f, c in entries] for name, entries in measured.items()},
-        )
-        plan.layers = {**self._static_plan().layers, **plan.layers}  # layers patched before keep their form
-        plan.scale = scale
-        return plan
-
-    def _agreed(self, plan: Plan | None) -> Plan | None:
-        """Rank 0's plan (or decision, ``None``) on every rank: all ranks must apply the same plan."""
+    def _agreed(self, decision: Any) -> Any:
+        """Rank 0's decision on every rank: all ranks must apply the same plan."""
         if not self._pool:
-            return plan
-        box = [None if plan is None else plan.state_dict()]
+            return decision
+        box = [decision]
         dist.broadcast_object_list(box, src=0, group=self._counts_group)
-        return None if box[0] is None else Plan.from_state_dict(box[0])
-
-    def _check_plan(self) -> bool:
-        """Check a fresh plan against the real step: after :data:`_CHECK_WINDOWS` steps with it (of
-        ``update_every`` steps each), if the fastest one's extra time over the plain step exceeds the budget by more
-        than the timing noise, make the plan again with every cost scaled by measured / estimated (at most
-        :data:`_MAX_CORRECTION` per check, :data:`_REPLANS` times). Returns whether a new plan was applied."""
-        assert self._checking is not None and self.plan is not None and self.max_overhead is not None
-        self._sync()
-        self._checking.append(time.perf_counter())
-        k = self.update_every
-        if len(self._checking) < _CHECK_WINDOWS * k + 1:
-            return False
-        times, self._checking = self._checking, None
-        windows = [(times[i + k] - times[i]) / k for i in range(0, _CHECK_WINDOWS * k, k)]  # update included
-        plain, estimate = self.plan.step_seconds, self.plan.estimate
-        plan = None
-        if plain and estimate > 0:
-            extra = min(windows) - plain
-            if extra > _TOLERANCE * self.max_overhead * plain:
-                correction = min(max(extra / estimate, 1.0), _MAX_CORRECTION)
-                plan = self._new_plan(plain, self.plan.scale * correction)
-        plan = self._agreed(plan)
-        if plan is None:
-            return False
-        self._set_plan(plan)
-        self._replans += 1
-        self._checking = [] if self._replans < _REPLANS else None
-        return True
-
-    def _layer_shapes(self) -> list[LayerShape]:
-        shapes = []
-        for name, layer in self.layers.items():
-            if name not in self._fresh:
-                continue
-            rows, forwards, stat_rows = self._shapes.get(name, (0, 0, 0))
-            shapes.append(
-                LayerShape(
-                    name=name,
-                    d=layer.decor_group_features,
-                    unit=layer.decor_unit,
-                    c_out=layer.weight.shape[0],
-                    groups=layer.decor_groups,
-                    rows=rows,
-                    forwards=forwards,
-                    stat_rows=stat_rows,
-                    input_side=layer.decor_input_side,
-                    conv=layer.weight.dim() > 2,
-                    max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
-                )
-            )
-        return shapes
+        return box[0]
 
     def _static_plan(self) -> Plan:
         """Without a budget: every layer as it is now (as :func:`decorrelate` made it: largest allowed block,
         fused, unless it was patched and planned before this engine)."""
         layers = {}
         for name, layer in self.layers.items():
-            rows = self._shapes.get(name, (0, 0, 0))[0]
             layers[name] = LayerPlan(
                 name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
-                block=layer.decor_block, d=layer.decor_group_features, rows=rows, c_out=layer.weight.shape[0],
+                block=layer.decor_block, d=layer.decor_group_features, rows=0, c_out=layer.weight.shape[0],
                 groups=layer.decor_groups, cost=0.0,
             )  # fmt: skip
         return Plan(layers)
 
     def _set_plan(self, plan: Plan) -> None:
-        """Give every layer its planned form (``R`` back to the identity in the planned layout); fold the plain ones."""
+        """Give every layer its planned form with ``R`` the identity in the planned layout (the planner applies
+        plans only while ``R`` has not moved, and a restored state writes ``R`` afterwards); fold the plain ones.
+        Warns when the plan leaves every layer plain."""
         self.wait()
+        order = [n for n, _ in self.model.named_modules() if n in self.layers or n in plan.layers]
+        static = self._static_plan().layers  # layers patched before this engine keep their form
         for name, p in plan.layers.items():
             layer = self.layers.get(name)
             if layer is None:
@@ -478,14 +509,26 @@ class Decorrelator:
                 fold_layer(layer)
                 del self.layers[name]
             elif (p.block, p.form) != (layer.decor_block, layer.decor_form):
-                layer.decor_set_layout_(p.block, p.form)  # R = I in the new layout (R has not moved yet)
+                layer.decor_set_layout_(p.block, p.form)
+        plan.layers = {name: plan.layers.get(name) or static[name] for name in order}  # in model order
         for layer in self.layers.values():
             if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
                 layer.decor_form = "fused"
         route_containers(self.model)  # an attention whose in-projection is plain now and out_proj is not
         restore_containers(self.model)  # containers left without a patched layer
+        if plan.layers and not self.layers and _rank_zero():
+            if plan.source == "pinned":
+                why = "(a pinned plan)"
+            else:
+                step = "" if plan.step_seconds is None else f" of the measured {plan.step_seconds * 1e3:.1f} ms step"
+                why = (f"decorrelating any of them would cost more than `max_overhead`={plan.max_overhead}{step} "
+                       f"({plan.source} costs)")  # fmt: skip
+            warnings.warn(
+                f"Decorrelator: the plan leaves every layer plain: {why}. Training continues as plain "
+                "backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.",
+                stacklevel=3,
+            )
         self.plan = plan
-        self._calls = 0
         self.skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         self._build_groups()
 
@@ -526,9 +569,10 @@ class Decorrelator:
         return True
 
     @torch.no_grad()
-    def update_(self) -> None:
+    def update_(self, commit: bool = True) -> None:
         """Move every ``R`` by one step from the rows collected since the last update (a layer without rows keeps
-        its ``R``); no host synchronisation."""
+        its ``R``); no host synchronisation. ``commit=False`` does the same work and leaves ``R``, the losses and
+        the counts as they are (the plan's check times it)."""
         layers = list(self.layers.values())
         if not layers:
             return
@@ -556,9 +600,11 @@ class Decorrelator:
             losses: list[Tensor] = []
             bad: list[Tensor] = []
             for group in self._groups:
-                group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index])
+                group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index], commit)
                 losses.append(group_losses)
                 bad.append(group_bad)
+            if not commit:
+                return
             device = self._position.device
             self.last_losses = torch.cat([v.to(device).float() for v in losses])[self._position]
             skipped = torch.cat([v.to(device) for v in bad])[self._position].long()
@@ -567,7 +613,7 @@ class Decorrelator:
             self.skipped += skipped.to(self.skipped.device)
         self.updates += 1
 
-    def _update_group(self, group: _Group, rows: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    def _update_group(self, group: _Group, rows: list[Tensor | None], commit: bool = True) -> tuple[Tensor, Tensor]:
         """One batched step of a group; returns per layer (loss, skipped) tensors."""
         b, R = group.block, group.R
         counts = tuple(0 if r is None else r.shape[0] for r in rows)
@@ -588,13 +634,14 @@ class Decorrelator:
                 [c for c, g in zip(counts, group.blocks, strict=True) for _ in range(g)], device=R.device
             )
             group.counts = {counts: per_block}  # the counts of the last step: usually the next step's too
-        if self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
+        if commit and self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
             R.copy_(reset_null_space(R, x, per_block))  # bounds R's part on a rank-deficient input's null space
         new, loss, ok = block_decorrelation_step(
             R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
             segment=group.segment, layers=len(rows),
         )  # fmt: skip
-        R.copy_(new)
+        if commit:
+            R.copy_(new)
         layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
         layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(
             0, group.segment, (~ok).to(loss.dtype)
@@ -603,32 +650,34 @@ class Decorrelator:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """``R`` and the raw weight of every layer (checkpoints of the module hold ``W @ R``), the plan, the
-        sampling generator and counters: enough to continue exactly."""
+        """``R`` and the raw weight of every layer (checkpoints of the module hold ``W @ R``), the plan and the
+        planner's state, the arguments that shaped them, the sampling generator and counters: enough to continue
+        exactly, also when the plan left every layer plain."""
         self.wait()
         return {
-            "version": 2,
+            "version": STATE_VERSION,
+            "arguments": self._plan_arguments(),
             "plan": None if self.plan is None else self.plan.state_dict(),
+            "planner": None if self.planner is None else self.planner.state_dict(),
             "R": {name: layer.decor_R.detach().cpu().clone() for name, layer in self.layers.items()},
             "raw_weight": {name: layer.weight.detach().cpu().clone() for name, layer in self.layers.items()},
             "generator": self._generator.get_state() if self._generator is not None else None,
             "updates": self.updates,
-            "calls": self._calls,
+            "steps": self.steps,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved. The saved plan is applied first (its layouts and forms), then
-        every layer whose saved ``R`` fits its layout gets its ``R`` and raw weight; a layer that does not fit (a
-        layer patched now but not then, or another layout) keeps its state and is named in a warning. Nothing is
-        written before everything is checked, so a failed restore leaves the model as it was."""
-        version = state.get("version")
-        if version not in (1, 2):
+        """Restore what :meth:`state_dict` saved. The arguments that shape a plan must be those of the saved state
+        (``ValueError`` naming the first that differs); the saved plan is applied first (its layouts and forms),
+        then every layer whose saved ``R`` fits its layout gets its ``R`` and raw weight; a layer that does not fit
+        (a layer patched now but not then) keeps its state and is named in a warning. Nothing is written before
+        everything is checked, so a failed restore leaves the model as it was."""
+        if state.get("version") != STATE_VERSION:
             warnings.warn("Decorrelator: unknown saved state; training continues with R = I.", stacklevel=2)
             return
+        self._check_arguments(state["arguments"])
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
-        if version == 1:  # before plans: every layer fused, in the layout its saved R has
-            plan = self._plan_from_shapes(state["R"])
         skipped = []
         restorable = {}
         for name, layer in self.layers.items():
@@ -646,18 +695,25 @@ class Decorrelator:
                 "current R and weights (the model's checkpoint already holds their trained function).",
                 stacklevel=2,
             )
+        if self.planner is not None and state.get("planner") is not None:
+            self.planner.load_state_dict(state["planner"])
         if plan is not None:
             for name in skipped:  # keep their current layout out of the saved plan
                 plan.layers.pop(name, None)
             self._set_plan(plan)
+            if self.planner is not None:
+                self.planner.plan = self.plan
+        observing = self.planner is not None and self.planner.observing
+        for layer in self.layers.values():
+            if not observing:
+                layer.decor_observer = None
         for name, (R, raw) in restorable.items():
             layer = self.layers[name]
             layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
             layer.weight.copy_(raw)
         self._pending_generator_state = state.get("generator")
-        self.updates = int(state.get("updates", 0))
-        self._calls = int(state.get("calls", 0))
-        self._checking = None  # a restored plan is kept as it is
+        self.updates = int(state["updates"])
+        self.steps = int(state["steps"])
         self.start(self._device)
 
     @staticmethod
@@ -668,11 +724,15 @@ class Decorrelator:
             return tuple(R.shape) == shape
         return tuple(R.shape) == tuple(layer.decor_R.shape)
 
-    def _plan_from_shapes(self, saved: dict[str, Tensor]) -> Plan:
-        plan = self._static_plan()
-        for name, R in saved.items():
-            if name in plan.layers:
-                p = plan.layers[name]
-                plan.layers[name] = type(p)(**{**p.__dict__, "block": R.shape[-1], "form": "fused"})
-        return plan
 
+def _pinned_plan(plan: Any) -> Plan | None:
+    """``plan`` as a pinned :class:`Plan`, ``None`` for ``"auto"``."""
+    if isinstance(plan, Plan):
+        return Plan.from_state_dict(plan.state_dict())  # a copy: the engine gives it its layers' order
+    if isinstance(plan, (str, os.PathLike)):
+        if str(plan) == "auto":
+            return None
+        return Plan.load(plan)
+    raise TypeError(
+        f"Expected `plan` to be 'auto', a Plan or the path of a plan file, but got {type(plan).__name__}: {plan!r}."
+    )

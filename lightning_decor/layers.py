@@ -110,7 +110,9 @@ class DecorrelatedLayer(nn.Module):
             the input rows, then the plain layer) or ``"identity"`` (the plain layer: only while ``R`` is still the
             identity, e.g. before a plan is made). All three compute ``W (R x)``.
         decor_collect: Whether training forwards keep a sample of their input rows.
-        decor_record: Whether training forwards count their rows and calls (for the cost plan).
+        decor_observer: Called as ``decor_observer(layer, input)`` by every training forward while set (the
+            planner's hook: it records what the layer sees while the plain step is measured, and is removed once
+            the plan is made).
         decor_sample_fraction: Fraction of the batch's samples (images; for Linear, rows over all leading
             dimensions) kept.
         decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
@@ -123,14 +125,10 @@ class DecorrelatedLayer(nn.Module):
     decor_R: Tensor
     decor_form: str
     decor_collect: bool
-    decor_record: bool
+    decor_observer: Callable[[DecorrelatedLayer, Any], None] | None
     decor_sample_fraction: float
     decor_max_rows: int | None
     decor_generator: torch.Generator | None
-    decor_seen_rows: int
-    decor_seen_forwards: int
-    decor_seen_stat_rows: int
-    decor_seen_input_shape: tuple[int, ...] | None
     _decor_rows: list[Tensor]
     _decor_seen: int
     _decor_largest: int
@@ -139,23 +137,18 @@ class DecorrelatedLayer(nn.Module):
         self.register_buffer("decor_R", torch.empty(0), persistent=False)
         self.decor_set_layout_(block, "fused")
         self.decor_collect = False
-        self.decor_record = False
+        self.decor_observer = None
         self.decor_sample_fraction = 1.0
         self.decor_max_rows = None
         self.decor_generator = None
-        self.decor_seen_rows = 0
-        self.decor_seen_forwards = 0
-        self.decor_seen_stat_rows = 0
-        self.decor_seen_input_shape = None
         self._decor_rows = []
         self._decor_seen = 0  # rows captured since the last update (more than are kept once sampling began)
         self._decor_largest = 0  # the largest capture since the last update
 
-    @torch.no_grad()
-    def decor_set_layout_(self, block: int | None, form: str) -> None:
-        """Give the layer an identity ``R`` of blocks of ``block`` features (``None``: one dense block per group)
-        applied in ``form`` (``"fused"``, ``"input"`` or ``"identity"``). Resets ``R``: call it before ``R`` moves."""
-        d, groups = self.decor_group_features, self.decor_groups
+    def decor_check_layout(self, block: int | None, form: str) -> int:
+        """The block size of a valid layout (``block`` features per block, ``None``: one dense block per group, in
+        ``form``); raises ``ValueError`` naming what does not fit this layer."""
+        d = self.decor_group_features
         b = d if block is None else block
         if form not in ("fused", "input", "identity"):
             raise ValueError(f"Expected `form` in ('fused', 'input', 'identity'), but got {form!r}.")
@@ -166,6 +159,14 @@ class DecorrelatedLayer(nn.Module):
                 f"Expected `block` to divide d = {d} into equal blocks of whole input channels "
                 f"({self.decor_unit} features each), but got {block!r}."
             )
+        return b
+
+    @torch.no_grad()
+    def decor_set_layout_(self, block: int | None, form: str) -> None:
+        """Give the layer an identity ``R`` of blocks of ``block`` features (``None``: one dense block per group)
+        applied in ``form`` (``"fused"``, ``"input"`` or ``"identity"``). Resets ``R``: call it before ``R`` moves."""
+        d, groups = self.decor_group_features, self.decor_groups
+        b = self.decor_check_layout(block, form)
         g = groups * (d // b)
         self.decor_R = identity_blocks(g, b, stats_dtype(self.weight.dtype), self.weight.device)
         self.decor_form = form
@@ -206,15 +207,15 @@ class DecorrelatedLayer(nn.Module):
         return 1 if self.decor_R.dim() == 2 else self.decor_R.shape[0]
 
     def _decor_keep(self, x: Tensor) -> bool:
-        wanted = self.decor_collect or self.decor_record
+        wanted = self.decor_collect or self.decor_observer is not None
         return wanted and self.training and torch.is_grad_enabled() and x.shape[0] > 0
 
     def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         """Rows the layer multiplies in this forward (``N * L``: samples times output positions)."""
         raise NotImplementedError
 
-    def _decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
-        """How many rows :meth:`decor_sample_rows` keeps from this forward (without drawing them)."""
+    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
+        """How many rows :meth:`decor_sample_rows` keeps from this forward of ``rows`` rows (without drawing)."""
         samples = input.shape[0] if input.dim() == self.weight.dim() else 1
         if self.weight.dim() == 2:  # Linear: a fraction of all rows
             kept = self._decor_n_samples(rows)
@@ -238,13 +239,8 @@ class DecorrelatedLayer(nn.Module):
         # generator stay out of the graph and its guards, so a compiled model does not recompile as rows accumulate.
         if _checkpoint_recomputation():  # activation checkpointing: these rows were captured in the first forward
             return
-        if self.decor_record:
-            rows = self.decor_rows_per_forward(input)
-            self.decor_seen_rows += rows
-            self.decor_seen_forwards += 1
-            self.decor_seen_stat_rows += self._decor_stat_rows(input, rows)
-            if isinstance(input, Tensor):  # for the plan's measurements (attention passes three tensors)
-                self.decor_seen_input_shape = tuple(input.shape)
+        if self.decor_observer is not None:
+            self.decor_observer(self, input)
         if self.decor_collect:
             self._decor_store(self.decor_sample_rows(input))
 
@@ -665,9 +661,8 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
         layer.weight.copy_(layer.decor_fused_weight())
     del layer.decor_R
     for attr in (
-        "decor_form", "decor_collect", "decor_record", "decor_sample_fraction", "decor_max_rows",
-        "decor_generator", "decor_seen_rows", "decor_seen_forwards", "decor_seen_stat_rows",
-        "decor_seen_input_shape", "_decor_rows", "_decor_index", "_decor_seen", "_decor_largest",
+        "decor_form", "decor_collect", "decor_observer", "decor_sample_fraction", "decor_max_rows",
+        "decor_generator", "_decor_rows", "_decor_index", "_decor_seen", "_decor_largest",
     ):  # fmt: skip
         layer.__dict__.pop(attr, None)
     layer.__class__ = layer._decor_base  # type: ignore[assignment]

@@ -29,10 +29,13 @@ weaker ones between channels at a cost that grows with ``b``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +45,8 @@ __all__ = [
     "LayerPlan",
     "LayerShape",
     "Plan",
+    "analytic_costs",
+    "analytic_step_seconds",
     "block_ladder",
     "candidate_costs",
     "input_side_seconds",
@@ -120,17 +125,36 @@ class LayerPlan:
     note: str = ""
 
 
+SOURCES = ("measured", "cache", "pinned", "analytic", "static")
+"""Where a plan's costs come from: timed in this run, kept from an earlier run (the plan cache), a plan file or
+``Plan`` the user pinned, the flop model with nominal device constants (nothing timed), or no budget at all."""
+
+_SOURCE_TEXT = {
+    "measured": "costs measured in this run",
+    "cache": "costs measured by an earlier run on this machine (plan cache)",
+    "pinned": "pinned by the user",
+    "analytic": "analytic costs (flop model, nothing timed)",
+    "static": "no budget (max_overhead=None): every layer at its largest allowed block",
+}
+
+
 @dataclass
 class Plan:
-    """The forms of all layers, with what they were planned from; ``state_dict`` round-trips through checkpoints."""
+    """The forms of all layers, with what they were planned from; ``state_dict`` round-trips through checkpoints
+    and :meth:`save` / :meth:`load` through a human-readable file (JSON, or YAML when PyYAML is installed)."""
 
     layers: dict[str, LayerPlan]
-    step_seconds: float | None = None  # the measured plain step the budget refers to
+    step_seconds: float | None = None  # the plain step the budget refers to
     max_overhead: float | None = None
     costs: Costs | None = None
     estimate: float = 0.0  # estimated seconds of all DBP parts per step
     scale: float = 1.0  # every cost was multiplied by this (measured / estimated, from a check of the real step)
-    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "static"  # one of SOURCES
+    measured_overhead: float | None = None  # DBP's share of the step, measured with this plan (None: not yet)
+
+    def layouts(self) -> dict[str, tuple[str, int]]:
+        """``{layer: (form, block)}``: what the plan gives each layer."""
+        return {name: (p.form, p.block) for name, p in self.layers.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -140,11 +164,17 @@ class Plan:
             "costs": None if self.costs is None else asdict(self.costs),
             "estimate": self.estimate,
             "scale": self.scale,
+            "source": self.source,
+            "measured_overhead": self.measured_overhead,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Plan:
         costs = state.get("costs")
+        source = state.get("source", "static")
+        if source not in SOURCES:
+            raise ValueError(f"Expected a plan `source` in {SOURCES}, but got {source!r}.")
+        overhead = state.get("measured_overhead")
         return cls(
             layers={name: LayerPlan(**p) for name, p in state["layers"].items()},
             step_seconds=state.get("step_seconds"),
@@ -152,20 +182,50 @@ class Plan:
             costs=None if costs is None else Costs(**costs),
             estimate=float(state.get("estimate", 0.0)),
             scale=float(state.get("scale", 1.0)),
+            source=source,
+            measured_overhead=None if overhead is None else float(overhead),
         )
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan to ``path``: YAML for ``.yaml``/``.yml`` (needs PyYAML), JSON otherwise. Pass the file as
+        ``plan=path`` to pin it: a pinned plan gives every run, on any machine, these layouts."""
+        state = self.state_dict()
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            text = _yaml().safe_dump(state, sort_keys=False)
+        else:
+            text = json.dumps(state, indent=1) + "\n"
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read a plan written by :meth:`save` (or by hand: ``layers`` maps each layer to at least ``form``,
+        ``block``, ``d``, ``rows``, ``c_out``, ``groups`` and ``cost``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected `plan` to be 'auto', a Plan or a plan file, but {str(path)!r} is no file.")
+        text = path.read_text()
+        try:
+            state = _yaml().safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+            return cls.from_state_dict(state)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"Expected a plan file written by Plan.save, but {str(path)!r} is not one: {err}") from err
+
     def table(self) -> str:
-        """The plan as a text table: layer, ``d``, rows per step, ``C_out``, groups, form, block, estimated share."""
+        """The plan as a text table: layer, ``d``, rows per step, ``C_out``, groups, form, block, estimated share;
+        its head names the source of the costs and, once measured, DBP's real share of the step."""
         step = self.step_seconds
         if step is not None and self.max_overhead is not None:
             head = (
-                f"budget {self.max_overhead:.0%} of a measured {step * 1e3:.1f} ms step; estimated DBP cost "
-                f"{self.estimate * 1e3:.1f} ms = {self.estimate / step:.1%}"
+                f"{_SOURCE_TEXT[self.source]}; budget {self.max_overhead:.0%} of a {step * 1e3:.1f} ms step; "
+                f"estimated DBP cost {self.estimate * 1e3:.1f} ms = {self.estimate / step:.1%}"
             )
             if self.scale != 1.0:
                 head += f"; costs x{self.scale:.2f} after checking the real step"
         else:
-            head = "no budget (max_overhead=None): every layer at its largest allowed block"
+            head = _SOURCE_TEXT[self.source]
+        if self.measured_overhead is not None:
+            head += f"; measured DBP cost {self.measured_overhead:.1%} of the plain step"
         width = max([len("layer"), *(len(n) for n in self.layers)])
         lines = [
             f"Decorrelation plan ({head}):",
@@ -178,6 +238,14 @@ class Plan:
                 f"{p.block if p.block else '-':>6} {share:>7}" + (f"  ({p.note})" if p.note else "")
             )
         return "\n".join(lines)
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as err:  # Lightning brings PyYAML; plain-PyTorch users may not have it
+        raise ImportError("A plan file ending in .yaml/.yml needs PyYAML (`pip install pyyaml`); use .json.") from err
+    return yaml
 
 
 def block_ladder(d: int, unit: int, max_block: int | None = None, min_block: int = _MIN_BLOCK) -> list[int]:
@@ -249,6 +317,7 @@ def make_plan(
     max_overhead: float | None,
     update_every: int = 1,
     measured: dict[str, list[tuple[str, float]]] | None = None,
+    source: str = "measured",
 ) -> Plan:
     """The plan for ``shapes`` (see the module docstring).
 
@@ -261,6 +330,7 @@ def make_plan(
         update_every: ``R`` moves every this many steps (divides the update's cost).
         measured: Per layer, measured ``(form, seconds per step)`` of each block of its ladder, in ladder order
             (:func:`lightning_decor.probe.measure_candidates`); they replace the flop estimates of those layers.
+        source: Where ``costs`` and ``step_seconds`` come from (:data:`SOURCES`), for the table.
     """
     ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes}
     table = {s.name: candidate_costs(s, costs, update_every) for s in shapes}
@@ -317,14 +387,16 @@ def make_plan(
             form, cost = table[s.name][k]
             layers[s.name] = LayerPlan(form=form, block=ladder[k], cost=cost, **common)  # type: ignore[arg-type]
     estimate = _total(choice, ladders, table, costs, update_every)
-    return Plan(layers, step_seconds=step_seconds, max_overhead=max_overhead, costs=costs, estimate=estimate)
+    return Plan(layers, step_seconds=step_seconds, max_overhead=max_overhead, costs=costs, estimate=estimate,
+                source=source)  # fmt: skip
 
 
 def measure_costs(device: torch.device) -> Costs:
     """Measure the two device constants in a few milliseconds: a matrix product's time per flop (best of three)
-    and a small elementwise operation's time (launch and dispatch), synchronising CUDA around each."""
+    and a small elementwise operation's time (launch and dispatch), synchronising CUDA around each. The operands
+    come from a private generator: the global RNG (the data order, dropout) is not touched."""
     size = 1024 if device.type == "cuda" else 256
-    a = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
     small = torch.zeros(8, device=device)
 
     def timed(fn: Any, reps: int) -> float:
@@ -341,3 +413,24 @@ def measure_costs(device: torch.device) -> Costs:
     per_flop = min(timed(lambda: a @ a, 3) for _ in range(3)) / (2.0 * size**3)
     per_op = min(timed(lambda: small.add_(1.0), 50) for _ in range(3))
     return Costs(seconds_per_flop=per_flop, seconds_per_op=per_op)
+
+
+# Nominal device constants of the analytic model (nothing timed): a mid-sized matrix product's throughput and one
+# small operation's launch, round figures of what measure_costs gives on a 2-core CPU and on an H100.
+_ANALYTIC_COSTS = {
+    "cpu": Costs(seconds_per_flop=1.0 / 50e9, seconds_per_op=5e-6),
+    "cuda": Costs(seconds_per_flop=1.0 / 50e12, seconds_per_op=1e-5),
+}
+_OPS_PLAIN_LAYER = 6  # the plain layer's forward and backward kernels, per forward
+
+
+def analytic_costs(device_type: str) -> Costs:
+    """The analytic model's nominal constants for a device type (those of ``"cuda"`` for any accelerator)."""
+    return _ANALYTIC_COSTS.get(device_type, _ANALYTIC_COSTS["cuda"])
+
+
+def analytic_step_seconds(shapes: list[LayerShape], costs: Costs) -> float:
+    """The plain training step the analytic model assumes: the forward and backward of the planned layers alone
+    (``6 rows C_out d`` flops each, a few kernels per forward). The rest of the model is not counted, so this
+    understates the step and the plan it gives spends less than its budget."""
+    return sum(costs(6.0 * s.rows * s.c_out * s.d, _OPS_PLAIN_LAYER * s.forwards) for s in shapes)

@@ -91,7 +91,7 @@ def _input_seconds(layer: DecorrelatedLayer, shape: tuple[int, ...], b: int | No
     twin = copy.copy(layer)  # shares the parameters; its own layout, no rows kept
     twin._buffers = dict(layer._buffers)
     twin.__dict__["_decor_rows"] = []
-    twin.decor_collect = twin.decor_record = False
+    twin.decor_collect, twin.decor_observer = False, None
     twin.decor_set_layout_(b if b is not None else layer.decor_unit, "input" if b is not None else "identity")
     x = torch.randn(shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
     params = [p for p in (twin.weight, twin.bias) if p is not None]

@@ -99,3 +99,12 @@ def checkout_env() -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     pl.seed_everything(0, verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty plan cache for every test (and the subprocesses it starts): no test plans from costs another
+    test, or an earlier run of the suite, kept in ~/.cache."""
+    folder = tmp_path_factory.mktemp("plan_cache")
+    monkeypatch.setenv("LIGHTNING_DECOR_CACHE", str(folder))
+    return folder

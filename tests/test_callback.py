@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_loss, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.engine import CALIBRATION_STEPS
+from lightning_decor.planner import plain_steps
 
 
 def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:
@@ -40,8 +40,8 @@ def test_conv_model_trains_and_is_folded_at_fit_end(tmp_path) -> None:
     model = TinyConvModule()
     # A budget everything fits in (the plan of a tiny model otherwise depends on the machine's timing).
     cb = DecorrelationCallback(decor_lr=0.01, sample_fraction=0.5, max_overhead=100.0)
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model)
-    assert cb.updates == 8 - CALIBRATION_STEPS  # the first steps measure the plain step
+    quiet_trainer(tmp_path, max_epochs=6, callbacks=[cb]).fit(model)
+    assert cb.updates == 24 - plain_steps()  # R moves after the planning steps
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # plain model handed back
     assert type(model.net[0]) is nn.Conv2d
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.engine import CALIBRATION_STEPS
+from lightning_decor.planner import plain_steps
 
 
 class InOrderData(pl.LightningDataModule):
@@ -104,10 +104,10 @@ def test_conv_layer_picture_uses_patch_rows(tmp_path) -> None:
 
 def test_pictures_need_a_tensorboard_logger(tmp_path) -> None:
     cb = DecorrelationCallback(log_histograms_every_n_epochs=1, log_correlation_image="net.0", max_overhead=100.0)
-    trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path))
+    trainer = quiet_trainer(tmp_path, callbacks=[cb], logger=CSVLogger(tmp_path), max_epochs=3)
     with pytest.warns(UserWarning, match="log only through a TensorBoardLogger, and the Trainer has none"):
         trainer.fit(TinyModule())
-    assert cb.updates == 8 - CALIBRATION_STEPS  # training went on (the first steps measure the plain step)
+    assert cb.updates == 24 - plain_steps()  # training went on (R moves after the planning steps)
 
 
 def test_unknown_picture_layer_fails_before_training_and_leaves_a_plain_model(tmp_path) -> None:

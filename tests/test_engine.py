@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
-from lightning_decor.engine import CALIBRATION_STEPS
+from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
 from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
@@ -122,23 +122,28 @@ def test_layers_with_equal_blocks_and_different_row_counts_move_independently() 
     assert dec.skipped is not None and dec.skipped.sum() == 0  # no rows is not a skip
 
 
-def test_plan_is_made_after_the_plain_measured_steps() -> None:
+def test_plan_is_made_after_the_plain_measured_steps_and_r_moves_from_a_fixed_step() -> None:
     assert CALIBRATION_STEPS == 5  # four intervals, the shortest counts (docs/TUNING.md)
+    assert plain_steps() == 17 and plain_steps(2) == 27  # calibration, then room for two checks of 5 windows
     model = mlp()
     dec = Decorrelator(model, max_overhead=100.0)  # a budget everything fits in: the plan keeps every layer
-    batches = data(CALIBRATION_STEPS + 2)
+    batches = data(plain_steps() + 2)
     for layer in dec.layers.values():
         assert layer.decor_form == "identity"
     train(model, dec, batches[: CALIBRATION_STEPS - 1])
     assert dec.plan is None and dec.calibrating
     train(model, dec, batches[CALIBRATION_STEPS - 1 : CALIBRATION_STEPS])
-    assert dec.plan is not None and dec.updates == 0 and not dec.calibrating
-    assert all(torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
+    assert dec.plan is not None and dec.updates == 0 and dec.calibrating
     assert {n: (p.form, p.block) for n, p in dec.plan.layers.items()} == {
         n: (layer.decor_form, layer.decor_block) for n, layer in dec.layers.items()
     }
     assert all(p.form in ("fused", "input") and p.block == p.d for p in dec.plan.layers.values())
-    train(model, dec, batches[CALIBRATION_STEPS:])
+    assert all(layer.decor_observer is None for layer in dec.layers.values())  # the planner's hooks are gone
+    train(model, dec, batches[CALIBRATION_STEPS : plain_steps()])  # the check: the plan's forms with R = I
+    assert dec.updates == 0 and not dec.calibrating and dec.overhead is not None
+    assert dec.plan.measured_overhead == dec.overhead
+    assert all(torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
+    train(model, dec, batches[plain_steps() :])
     assert dec.updates == 2
     assert all(not torch.equal(R, torch.eye(R.shape[-1])) for R in decorrelation_matrices(model).values())
 
@@ -168,28 +173,30 @@ def test_the_measured_steps_compute_the_plain_model() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # identical: R = I computed as the plain layer
 
 
-def test_state_dict_round_trip_continues_exactly() -> None:
-    batches = data(9)
+@pytest.mark.parametrize("stop", [3, 8, 14, plain_steps() + 2], ids=["calibration", "check", "after-check", "moving"])
+def test_state_dict_round_trip_continues_exactly(stop: int) -> None:
+    batches = data(plain_steps() + 5)
     settings = dict(decor_lr=LR, kappa=KAPPA, sample_fraction=0.5, max_rows=8, max_overhead=100.0)
     model = mlp()
     dec = Decorrelator(model, **settings)  # type: ignore[arg-type]
-    train(model, dec, batches)  # uninterrupted: 5 measured steps, then 4 updates
+    train(model, dec, batches)  # uninterrupted: it measures, and keeps what it measured in the plan cache
 
     first = mlp()
     dec1 = Decorrelator(first, **settings)  # type: ignore[arg-type]
-    train(first, dec1, batches[:6])
+    train(first, dec1, batches[:stop])
     saved_model, saved_engine = copy.deepcopy(first.state_dict()), copy.deepcopy(dec1.state_dict())
 
     resumed = mlp()  # a fresh process: a new model and engine, then the checkpoint
     dec2 = Decorrelator(resumed, **settings)  # type: ignore[arg-type]
     resumed.load_state_dict(saved_model)  # fused weights W R (patched layers restart from R = I)
     dec2.load_state_dict(saved_engine)  # the plan, R, raw W, the sampling generator
-    assert dec2.plan is not None and dec2.plan.layers == dec1.plan.layers  # type: ignore[union-attr]
-    train(resumed, dec2, batches[6:])  # the optimiser is fresh SGD without momentum: no state lost
+    train(resumed, dec2, batches[stop:])  # the optimiser is fresh SGD without momentum: no state lost
+    assert dec2.plan is not None and dec.plan is not None and dec2.plan.layouts() == dec.plan.layouts()
+    assert dec2.updates == dec.updates == 5
     for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
+        assert torch.equal(q, p), n  # bit for bit
     for n, R in decorrelation_matrices(model).items():
-        torch.testing.assert_close(decorrelation_matrices(resumed)[n], R, rtol=0, atol=1e-6, msg=n)
+        assert torch.equal(decorrelation_matrices(resumed)[n], R), n
 
 
 def test_load_with_another_layout_warns_and_never_half_restores() -> None:
@@ -198,20 +205,48 @@ def test_load_with_another_layout_warns_and_never_half_restores() -> None:
     train(model, dec, data(2))
     state = copy.deepcopy(dec.state_dict())
     state["R"]["2"] = torch.eye(4).expand(4, 4, 4).clone()  # saved with blocks of 4; this run has a dense 16 x 16
+    del state["R"]["4"]  # and "4" was not decorrelated then
     other = mlp()
-    dec2 = Decorrelator(other, decor_lr=LR, max_overhead=None, exclude=["4"])  # and "4" is not decorrelated now
+    dec2 = Decorrelator(other, decor_lr=LR, max_overhead=None)
     other.load_state_dict(model.state_dict())  # the module checkpoint: fused weights, R back to I
     expected = {n: p.detach().clone() for n, p in other.named_parameters()}
-    with pytest.warns(UserWarning, match=r"no R of matching layout for \['2'\]; these layers keep their current R"):
+    with pytest.warns(UserWarning, match=r"no R of matching layout for \['2', '4'\]; these layers keep their current"):
         dec2.load_state_dict(state)
     torch.testing.assert_close(other[0].decor_R, model[0].decor_R)  # restored
     torch.testing.assert_close(other[0].weight, model[0].weight)  # the raw W beside it
-    assert torch.equal(other[2].decor_R, torch.eye(16))  # kept: R = I with the fused weight it loaded
-    torch.testing.assert_close(other[2].weight, expected["2.weight"], rtol=0, atol=0)
-    assert type(other[4]) is nn.Linear  # excluded now: stays plain
+    for name in ("2", "4"):  # kept: R = I with the fused weight it loaded
+        assert torch.equal(other.get_submodule(name).decor_R, torch.eye(other.get_submodule(name).decor_R.shape[0]))
+        torch.testing.assert_close(other.get_submodule(name).weight, expected[f"{name}.weight"], rtol=0, atol=0)
     x = data(1)[0][0]
     with torch.no_grad():  # the function of the checkpoint, whichever layers were restored
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changed, match",
+    [
+        (dict(exclude=["4"]), r"`exclude` is \['4'\] here and was None in the checkpoint\. Resume with exclude=None"),
+        (dict(block_size=4), r"`block_size` is 4 here and was None in the checkpoint"),
+        (dict(max_overhead=0.2), r"`max_overhead` is 0\.2 here and was 100\.0 in the checkpoint"),
+        (dict(update_every=2), r"`update_every` is 2 here and was 1 in the checkpoint"),
+        (dict(sample_fraction=0.5), r"`sample_fraction` is 0\.5 here and was 0\.1 in the checkpoint"),
+    ],
+)
+def test_resume_with_other_arguments_that_shape_the_plan_is_refused(changed: dict, match: str) -> None:
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=100.0)
+    train(model, dec, data(plain_steps() + 1))
+    state = copy.deepcopy(dec.state_dict())
+    other = mlp()
+    dec2 = Decorrelator(other, **{"max_overhead": 100.0, **changed})
+    before = {n: t.clone() for n, t in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Expected the arguments that shaped the checkpoint's plan, but " + match):
+        dec2.load_state_dict(state)
+    assert all(torch.equal(t, before[n]) for n, t in other.state_dict().items())  # nothing written
+    # arguments that do not shape the plan may change
+    dec3 = Decorrelator(mlp(), max_overhead=100.0, decor_lr=1e-3, kappa=0.1)
+    dec3.load_state_dict(state)
+    assert dec3.plan is not None and dec3.plan.layouts() == dec.plan.layouts() and dec3.updates == 1
 
 
 def test_fold_hands_back_a_plain_model_with_the_same_function() -> None:

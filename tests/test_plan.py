@@ -78,7 +78,9 @@ def test_table_and_state_round_trip() -> None:
         costs=COSTS, step_seconds=0.2, max_overhead=0.1,
     )  # fmt: skip
     lines = plan.table().splitlines()
-    assert lines[0].startswith("Decorrelation plan (budget 10% of a measured 200.0 ms step; estimated DBP cost")
+    assert lines[0].startswith(
+        "Decorrelation plan (costs measured in this run; budget 10% of a 200.0 ms step; estimated DBP cost"
+    )
     assert lines[1].split() == ["layer", "d", "rows", "C_out", "groups", "form", "block", "share"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["features.0"][1:7] == ["27", "4096", "16", "1", plan.layers["features.0"].form, "27"]

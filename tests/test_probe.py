@@ -1,23 +1,19 @@
-"""Measured costs for the plan (lightning_decor.probe) and the engine's check of a plan against the real step."""
+"""Measured costs for the plan (lightning_decor.probe); the check of a plan against the real step is in
+test_planner.py."""
 
 from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import lightning_decor.engine as engine_module
-from lightning_decor import Decorrelator, decorrelate
-from lightning_decor.engine import CALIBRATION_STEPS
+import lightning_decor.probe as probe_module
+from lightning_decor import decorrelate
 from lightning_decor.layers import decorrelated_layers
 from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
-import lightning_decor.probe as probe_module
 from lightning_decor.probe import measure_candidates
 
 COSTS = Costs(seconds_per_flop=1e-9, seconds_per_op=1e-5)
@@ -130,69 +126,3 @@ def test_measured_costs_replace_the_estimates_and_a_layer_can_drop_straight_to_p
     assert plain.layers["conv"].form == "plain" and plain.estimate == 0.0
     with pytest.raises(ValueError, match=r"Expected 3 measured candidates for 'conv', got 1\."):
         make_plan([layer], costs=COSTS, step_seconds=1.0, max_overhead=0.1, measured={"conv": [("fused", 0.1)]})
-
-
-def mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
-
-
-def train_with_a_slow_plan(
-    monkeypatch: pytest.MonkeyPatch, real_per_layer: float
-) -> tuple[nn.Module, Decorrelator, list[Any]]:
-    """20 steps of 1 s plain (a clock under the test's control) where every candidate is measured at 30 ms but each
-    decorrelated layer really adds ``real_per_layer`` seconds; returns the model, the engine and its plans in order."""
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    monkeypatch.setattr(engine_module, "measure_candidates",
-                        lambda layers, shapes, inputs, estimates, **kw: {
-                            name: [("fused", 0.03)] * len(entries) for name, entries in estimates.items()})  # fmt: skip
-    model = mlp()
-    dec = Decorrelator(model, max_overhead=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(0)
-    plans: list[Any] = []
-    for _ in range(20):
-        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 2, (16,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        clock.now += 1.0 if dec.plan is None else 1.0 + real_per_layer * len(dec.layers)
-        dec.step()
-        opt.step()
-        if dec.plan is not None and (not plans or plans[-1] is not dec.plan):
-            plans.append(dec.plan)
-    return model, dec, plans
-
-
-def test_a_plan_whose_real_cost_exceeds_the_budget_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A clock under the test's control: plain steps take 1 s. Every candidate is measured at 30 ms, so the first
-    # plan keeps all three layers (90 ms of a 100 ms budget); but each decorrelated layer really adds 80 ms, and
-    # 240 ms is more than the 120 ms the check tolerates (1.2 x the budget): the costs are scaled by 240 / 90 (under
-    # the cap of 3), and the plan is made again. It keeps one layer (80 ms corrected), whose real 80 ms the next
-    # check accepts.
-    model, dec, plans = train_with_a_slow_plan(monkeypatch, real_per_layer=0.08)
-    first, *later = plans
-    assert first.step_seconds == 1.0 and first.scale == 1.0 and 0.09 <= first.estimate <= 0.1
-    assert sum(p.form != "plain" for p in first.layers.values()) == 3
-    assert len(later) == 1  # made once: the second plan is within its budget
-    (second,) = later
-    assert second.scale == pytest.approx(0.24 / first.estimate)  # measured extra / estimated extra (~2.7)
-    assert second.estimate <= 0.1  # within the budget in corrected seconds
-    assert sum(p.form != "plain" for p in second.layers.values()) == 1 == len(dec.layers)
-    assert f"costs x{second.scale:.2f} after checking the real step" in second.table().splitlines()[0]
-    assert dec.plan is second and all(torch.isfinite(p).all() for p in model.parameters())
-    assert dec.updates == 20 - CALIBRATION_STEPS  # R moved on every step after the measured ones, across the new plan
-
-
-def test_one_check_corrects_the_costs_by_at_most_three_and_plans_are_made_at_most_twice(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Each layer really adds 500 ms against 30 ms measured: 1.5 s of extra time, 16 times the estimate. The first
-    # check scales the costs by 3 (the cap: a gap this large is more likely a busy machine than a wrong measurement),
-    # keeping one layer (90 ms corrected); its real 500 ms fail the second check too, which scales by 3 again (270 ms
-    # a layer: none fits the 100 ms budget). Then the checks stop.
-    model, dec, plans = train_with_a_slow_plan(monkeypatch, real_per_layer=0.5)
-    assert [p.scale for p in plans] == [1.0, 3.0, 9.0]
-    assert [sum(lp.form != "plain" for lp in p.layers.values()) for p in plans] == [3, 1, 0]
-    assert dec.plan is plans[-1] and not dec.layers
-    assert all(torch.isfinite(p).all() for p in model.parameters())
