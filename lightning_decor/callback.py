@@ -217,9 +217,12 @@ class DecorrelationCallback(Callback):
         return self._past_updates + (0 if self._engine is None else self._engine.updates)
 
     @property
-    def plan(self) -> Any:
-        """The per-layer plan (:class:`lightning_decor.plan.Plan`), ``None`` until it is made."""
-        return None if self._engine is None else self._engine.plan
+    def plan(self) -> Plan | None:
+        """The per-layer plan (:class:`lightning_decor.plan.Plan`): the pinned one until ``fit`` makes or applies
+        it, ``None`` until it is made otherwise."""
+        if self._engine is not None and self._engine.plan is not None:
+            return self._engine.plan
+        return self._pinned
 
     @property
     def _layers(self) -> dict[str, DecorrelatedLayer]:

@@ -450,6 +450,9 @@ class Decorrelator:
                 self._set_plan(action.plan)
             if action.dry:
                 self.update_(commit=False)  # the update's work for the check; R stays the identity
+            else:
+                for layer in self.layers.values():
+                    layer.decor_take_rows()  # rows sampled while no update is due (see Planner.collects_next)
         elif self._due(self.steps):
             self.update_()
         self._collect(self._collects_next())

@@ -194,7 +194,7 @@ class Planner:
         probe: ``probe(shapes, input_shapes, estimates, budget=, time_limit=, costs=)`` measures each candidate
             (:func:`lightning_decor.probe.measure_candidates` with the layers bound).
         device_costs: Measures the two device constants (:func:`lightning_decor.plan.measure_costs`).
-        clock: Seconds, monotonic (``time.perf_counter``).
+        clock: Seconds, monotonic (default ``time.perf_counter``).
         sync: Waits for the device (CUDA) before the clock is read.
         deterministic: Whether nothing timed may decide (``torch.are_deterministic_algorithms_enabled``).
         agree: Makes every process take the leader's decision (a broadcast; the identity in one process).
@@ -213,7 +213,7 @@ class Planner:
         device_type: str = "cpu",
         probe: Probe | None = None,
         device_costs: Callable[[], Costs] | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] | None = None,
         sync: Callable[[], None] = lambda: None,
         deterministic: Callable[[], bool] = torch.are_deterministic_algorithms_enabled,
         agree: Callable[[Any], Any] = lambda decision: decision,
@@ -230,7 +230,8 @@ class Planner:
         self.device_type = device_type
         self._probe = probe
         self._device_costs = device_costs
-        self._clock, self._sync, self._deterministic = clock, sync, deterministic
+        self._clock = clock if clock is not None else time.perf_counter  # looked up now: a patched clock counts
+        self._sync, self._deterministic = sync, deterministic
         self._agree, self.leader = agree, leader
         self.calls = 0
         self.plan: Plan | None = None
@@ -315,9 +316,12 @@ class Planner:
         return any(p.form != "plain" for p in plan.layers.values())
 
     def collects_next(self) -> bool:
-        """Whether the coming step samples rows (for a dry update at the next call, or the first move of ``R``)."""
+        """Whether the coming step samples rows: for a dry update at the next call or the first move of ``R``, and
+        with ``update_every=1`` on every step once the plan is made (as in the steps after: a compiled model sees
+        the same flags from the plan on and compiles no more; the engine drops rows no update takes)."""
         nxt = self.calls + 1
-        return self.dry(nxt) or nxt == self.first_moving_call
+        planned = self.plan is not None and self.update_every == 1
+        return planned or self.dry(nxt) or nxt == self.first_moving_call
 
     # ------------------------------------------------------------------ the first plan
     def shapes(self) -> list[LayerShape]:

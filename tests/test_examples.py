@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback
-from lightning_decor.engine import CALIBRATION_STEPS
+from lightning_decor.plan import LayerPlan, Plan
+from lightning_decor.planner import plain_steps
 from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,8 @@ CALLBACK_VALUES: dict[str, Any] = {
     "log_histograms_every_n_epochs": 2,
     "log_correlation_image": "net.0",
     "log_image_every_n_epochs": 3,
+    "plan": "pinned_plan.json",  # written by the test that uses it
+    "plan_cache": False,
 }
 
 
@@ -178,7 +181,7 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
         sys.executable, str(EXAMPLES / "train.py"), "fit",
         "--config", str(EXAMPLES / "configs" / "fashion_mnist_dbp.yaml"),
         f"--data.init_args.data_dir={fashion_dir}", "--data.init_args.download=false",
-        "--data.init_args.train_limit=768", "--data.init_args.eval_batch_size=100", "--trainer.max_epochs=1",
+        "--data.init_args.train_limit=3072", "--data.init_args.eval_batch_size=100", "--trainer.max_epochs=1",
         "--trainer.limit_val_batches=0.01", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=600)
@@ -191,8 +194,9 @@ def test_train_py_writes_tensorboard_logs_and_says_where(fashion_dir: Path, tmp_
     acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
     assert {"decor/loss", "train/loss", "val/acc"} <= set(acc.Tags()["scalars"])
-    # 768 images / batch 128 = 6 steps, logged every step; R moves after the steps that measure the plain step
-    assert len(acc.Scalars("decor/loss")) == 6 - CALIBRATION_STEPS
+    # 3072 images / batch 128 = 24 steps, logged every step; R moves after the planning steps
+    assert len(acc.Scalars("decor/loss")) == 24 - plain_steps()
+    assert len(acc.Scalars("decor/overhead")) >= 1  # measured by the plan's check
     plan = done.stderr[done.stderr.index("Decorrelation plan") :].splitlines()[2:8]  # the table printed at the plan
     kept = {line.split()[0] for line in plan if line.split()[5] != "plain"}
     assert {"net.0", "net.19"} <= {line.split()[0] for line in plan}  # every conv and the head: 6 layers
@@ -223,6 +227,8 @@ def test_print_config_shows_every_callback_argument_with_its_help(capsys) -> Non
 
 def test_every_callback_argument_from_yaml_and_from_the_command_line(in_tmp: Path) -> None:
     assert set(CALLBACK_VALUES) == set(inspect.signature(DecorrelationCallback).parameters)
+    pinned = Plan({"net.0": LayerPlan("net.0", "fused", 9, 9, 100, 32, 1, 0.0)}, step_seconds=0.1, max_overhead=0.1)
+    pinned.save(in_tmp / CALLBACK_VALUES["plan"])
     defaults = DecorrelationCallback()
     assert all(getattr(defaults, k) != v for k, v in CALLBACK_VALUES.items())  # each value really is set
     bp = str(EXAMPLES / "configs" / "fashion_mnist_bp.yaml")
@@ -237,7 +243,10 @@ def test_every_callback_argument_from_yaml_and_from_the_command_line(in_tmp: Pat
     from_flags = cli_main(["--config", bp, "--trainer.callbacks+=DecorrelationCallback", *flags], run=False)
     for cli in (from_yaml, from_flags):
         (cb,) = decor_callbacks(cli.trainer)
-        assert {k: getattr(cb, k) for k in CALLBACK_VALUES} == CALLBACK_VALUES
+        assert {k: getattr(cb, k) for k in CALLBACK_VALUES if k != "plan"} == {
+            k: v for k, v in CALLBACK_VALUES.items() if k != "plan"
+        }
+        assert cb.plan.layouts() == pinned.layouts()  # the file, read
 
 
 def test_command_line_overrides_the_callback_of_a_config(in_tmp: Path) -> None:
@@ -269,8 +278,8 @@ def test_readme_python_usage_runs(in_tmp: Path) -> None:
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     trainer, model = namespace["trainer"], namespace["model"]
     (cb,) = decor_callbacks(trainer)
-    # 256 samples / batch 32 per epoch; R moves once per step after the steps that measure the plain step
-    assert cb.updates == trainer.max_epochs * 8 - CALIBRATION_STEPS == trainer.global_step - CALIBRATION_STEPS
+    # 256 samples / batch 32 per epoch; R moves once per step after the planning steps
+    assert cb.updates == trainer.max_epochs * 8 - plain_steps() == trainer.global_step - plain_steps()
     assert cb.plan is not None
     assert not any(isinstance(m, DecorrelatedLayer) for m in model.modules())  # "a plain model again"
 
@@ -282,16 +291,16 @@ def test_readme_plain_pytorch_usage_runs() -> None:
     x, y = correlated_data().tensors
 
     def loader_batches() -> Any:  # a loader as slow as a real one (50 ms a batch), so the plan keeps both layers
-        for i in range(0, 256, 32):
+        for i in range(0, 3 * 256, 32):  # three epochs: 24 steps
             time.sleep(0.05)
-            yield x[i : i + 32], y[i : i + 32]
+            yield x[i % 256 : i % 256 + 32], y[i % 256 : i % 256 + 32]
 
     loader = loader_batches()
     reference = copy.deepcopy(model)
     namespace: dict[str, Any] = {"model": model, "loader": loader}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
     dec = namespace["dec"]
-    assert dec.updates == 8 - CALIBRATION_STEPS and dec.plan is not None  # after the measured steps
+    assert dec.updates == 24 - plain_steps() and dec.plan is not None  # after the planning steps
     assert all(p.form != "plain" for p in dec.plan.layers.values())
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())  # "a plain model again"
     assert not torch.equal(model[0].weight, reference[0].weight)  # it trained
@@ -307,14 +316,14 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
 initial = {k: v.clone() for k, v in model.state_dict().items()}
 g = torch.Generator().manual_seed(1)
-x = torch.randn(512, 8, generator=g) @ (torch.randn(8, 8, generator=g) + 2.0)
+x = torch.randn(1536, 8, generator=g) @ (torch.randn(8, 8, generator=g) + 2.0)
 data = TensorDataset(x, (x[:, 0] > 0).long())
 
 def slow_collate(batch):  # a loader as slow as a real one (50 ms a batch), so the plan keeps both layers
     time.sleep(0.05)
     return torch.utils.data.default_collate(batch)
 
-loader = DataLoader(data, batch_size=32, collate_fn=slow_collate)  # 8 batches of each rank's 256 samples
+loader = DataLoader(data, batch_size=32, collate_fn=slow_collate)  # 24 batches of each rank's 768 samples
 """
 
 FABRIC_EPILOGUE = """
@@ -341,7 +350,7 @@ def test_readme_fabric_usage_runs_on_two_processes_with_identical_r(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rank in ranks:
-        assert rank["updates"] == 8 - CALIBRATION_STEPS and rank["plain"]  # R moved after the measured steps; folded
+        assert rank["updates"] == 24 - plain_steps() and rank["plain"]  # R moved after the planning steps; folded
         assert all(p["form"] != "plain" for p in rank["plan"]["layers"].values())
     assert ranks[0]["plan"] == ranks[1]["plan"]  # rank 0's plan on both ranks
     for name, value in ranks[0]["state"].items():  # the same trained function (W R folded) on both ranks

@@ -80,7 +80,7 @@ def kept(plan: Plan) -> int:
 def test_the_timeline_is_fixed_and_dry_updates_fall_at_the_start_of_each_check_window() -> None:
     p, clock = planner()
     actions = []
-    for call in range(1, plain_steps() + 2):
+    for call in range(1, plain_steps() + 1):  # the planner's calls; the engine takes over after
         if p.observing:
             for info in LAYERS:
                 p.observe(info.name, rows=16, stat_rows=2, input_shape=(16, info.d), dtype="torch.float32")
@@ -91,7 +91,16 @@ def test_the_timeline_is_fixed_and_dry_updates_fall_at_the_start_of_each_check_w
     collect = [call + 1 for call, _, nxt in actions if nxt]  # the steps that sample rows
     assert made == [CALIBRATION_STEPS]  # the check kept it: the plan costs nothing on this clock
     assert dry == list(range(CALIBRATION_STEPS + 1, CALIBRATION_STEPS + 1 + CHECK_WINDOWS))
-    assert collect == [*dry, plain_steps() + 1]  # and the first step that moves R
+    assert collect == list(range(CALIBRATION_STEPS + 1, plain_steps() + 2))  # every step from the plan on
+    p2, clock2 = planner(update_every=2)  # with update_every=2 only the steps of (dry) updates sample rows
+    collect2 = []
+    for call in range(1, plain_steps(2) + 1):
+        clock2["now"] += 1.0
+        p2.step()
+        if p2.collects_next():
+            collect2.append(call + 1)
+    first_dry = CALIBRATION_STEPS + 1
+    assert collect2 == [*range(first_dry, first_dry + 2 * CHECK_WINDOWS, 2), plain_steps(2) + 1]
     assert p.first_moving_call == plain_steps() + 1 == 18 and p.done
     assert p.overhead == 0.0 and p.plan is not None and p.plan.measured_overhead == 0.0
 
