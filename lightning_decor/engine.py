@@ -526,9 +526,16 @@ class Decorrelator:
                 step = "" if plan.step_seconds is None else f" of the measured {plan.step_seconds * 1e3:.1f} ms step"
                 why = (f"decorrelating any of them would cost more than `max_overhead`={plan.max_overhead}{step} "
                        f"({plan.source} costs)")  # fmt: skip
+            hint = (
+                " Under deterministic mode the plan comes from the analytic model, which counts only the planned "
+                "layers' own work in the step: run once without deterministic mode (its measured costs are kept in "
+                "the plan cache for later runs) or pin a plan."
+                if plan.source == "analytic"
+                else ""
+            )
             warnings.warn(
                 f"Decorrelator: the plan leaves every layer plain: {why}. Training continues as plain "
-                "backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.",
+                f"backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.{hint}",
                 stacklevel=3,
             )
         self.plan = plan
