@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import math
 import warnings
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_loss, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.planner import plain_steps
+from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
 
 
 def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:
@@ -399,3 +400,49 @@ def test_a_weight_read_directly_is_named_in_a_warning(tmp_path) -> None:
         model = TinyModule()
         quiet_trainer(tmp_path, callbacks=[cb]).fit(model)
         quiet_trainer(tmp_path, callbacks=[cb]).fit(model)
+
+
+def test_overhead_is_logged_at_the_check_and_shown_in_the_plan_table(tmp_path, caplog) -> None:
+    cb = DecorrelationCallback(max_overhead=100.0)  # a budget everything fits in: one check, the plan kept
+    logger = CSVLogger(tmp_path, name="csv")
+    with caplog.at_level("INFO"):
+        quiet_trainer(tmp_path, max_epochs=3, callbacks=[cb], logger=logger, log_every_n_steps=50).fit(TinyModule())
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))[0])))
+    overhead = [(int(r["step"]), float(r["decor/overhead"])) for r in rows if r.get("decor/overhead")]
+    assert len(overhead) == 1  # measured once (the check kept the plan), at that step, whatever log_every_n_steps
+    step, share = overhead[0]
+    assert step == 11 and share == pytest.approx(cb.engine.overhead) and share == cb.plan.measured_overhead
+    assert f"measured DBP cost {share:.1%} of the plain step" in caplog.text
+    assert caplog.text.count("Decorrelation plan (") == 2  # the table at the plan, its head line after the check
+
+
+def test_a_pinned_plan_file_from_an_earlier_run(tmp_path) -> None:
+    cb = DecorrelationCallback(max_overhead=100.0, fold_on_fit_end=False)
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(TinyModule())
+    path = tmp_path / "plan.yaml"
+    cb.plan.save(path)
+    pinned = DecorrelationCallback(plan=str(path), fold_on_fit_end=False)
+    assert pinned.plan is not None and pinned.plan.layouts() == cb.plan.layouts()  # read at once
+    model = TinyModule()
+    quiet_trainer(tmp_path, max_epochs=3, callbacks=[pinned]).fit(model)
+    assert pinned.plan.source == "pinned" and pinned.plan.layouts() == cb.plan.layouts()
+    assert pinned.updates == 24 - plain_steps()
+    with pytest.raises(FileNotFoundError, match=r"Expected `plan` to be 'auto', a Plan or a plan file"):
+        DecorrelationCallback(plan=str(tmp_path / "missing.yaml"))
+
+
+def test_a_checkpoint_of_an_all_plain_plan_resumes_without_planning_again(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = DecorrelationCallback(max_overhead=1e-9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.warns(UserWarning, match="the plan leaves every layer plain"):
+        quiet_trainer(tmp_path, callbacks=[cb, ckpt], enable_checkpointing=True).fit(TinyModule())
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]["DecorrelationCallback"]
+    assert state["plan"] is not None and state["R"] == {}
+    resumed = DecorrelationCallback(max_overhead=1e-9)
+    with pytest.warns(UserWarning, match="the plan leaves every layer plain"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[resumed]).fit(TinyModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.plan is not None and resumed.plan.layouts() == cb.plan.layouts() and resumed.updates == 0
+    assert resumed.engine is not None and resumed.engine.planner is not None
+    assert resumed.engine.planner.calls == CALIBRATION_STEPS  # restored: it did not measure again

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
+from lightning_decor import plan as plan_module
+from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
 from lightning_decor.layers import DecorrelatedLayer
 
@@ -312,3 +316,100 @@ def test_r_stays_bounded_on_a_rank_deficient_input() -> None:
     # twelve is out of reach on a rank-4 input; the rule alone reaches 0.028 there)
     u = torch.randn(2048, 4, generator=g) @ mixing
     assert functional.decorrelation_loss(torch.cat([u, u, u], 1) @ R.T, 0.5).item() < 0.05
+
+
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W @ R of every layer as the model computes with it (a plain layer's own weight)."""
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+
+
+def test_the_function_never_jumps_when_the_plan_is_made_again() -> None:
+    # A fake clock on which every decorrelated layer costs 80 ms more than the probe says (30 ms): the check remakes
+    # the plan, which drops layers. R is the identity at every plan change, so the effective weights W R move by the
+    # optimizer step alone, no more than at any other step.
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=0.1)
+    planner = dec.planner
+    assert planner is not None
+    clock = {"now": 0.0}
+    planner._clock = lambda: clock["now"]
+    planner._device_costs = lambda: plan_module.Costs(0.0, 0.0)
+    planner._probe = lambda shapes, inputs, estimates, **kw: {n: [("fused", 0.03)] * len(e) for n, e in estimates.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    changes, normal, plans = [], [], []
+    for x, y in data(plain_steps() + 6):
+        before, plan = effective_weights(model), dec.plan
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        clock["now"] += 1.0 + 0.08 * len(dec.layers) * (dec.plan is not None)
+        dec.step()
+        opt.step()
+        after = effective_weights(model)
+        moved = max((after[k] - before[k]).abs().max().item() for k in before)
+        (changes if dec.plan is not plan else normal).append(moved)
+        if dec.plan is not plan:
+            plans.append(dec.plan)
+    assert len(plans) == 2 and len(dec.layers) < 3 and dec.updates == 6  # planned, made again, and R moved
+    assert max(changes) <= max(normal)
+
+
+def test_a_pinned_plan_file_gives_its_layouts_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=100.0)
+    train(model, dec, data(plain_steps() + 1))
+    assert dec.plan is not None
+    layouts = {"0": ("fused", 4), "2": ("input", 16), "4": ("plain", 0)}
+    pinned = Plan({n: replace(p, form=layouts[n][0], block=layouts[n][1]) for n, p in dec.plan.layers.items()})
+    for suffix in (".json", ".yaml"):
+        path = tmp_path / f"plan{suffix}"
+        pinned.save(path)
+        assert Plan.load(path).layouts() == pinned.layouts()
+        other = mlp()
+        dec2 = Decorrelator(other, plan=path, max_overhead=None)  # pinned: no budget needed
+        train(other, dec2, data(plain_steps() + 2))
+        assert dec2.plan is not None and dec2.plan.source == "pinned" and dec2.plan.layouts() == pinned.layouts()
+        assert other[0].decor_R.shape == (2, 4, 4) and other[2].decor_form == "input" and type(other[4]) is nn.Linear
+        assert dec2.updates == 2
+    bad = Plan({n: p for n, p in pinned.layers.items() if n != "4"})
+    with pytest.raises(ValueError, match=r"Expected `plan` to name exactly the decorrelated layers, but it names \[\] "
+                       r"that are not decorrelated and lacks \['4'\]"):  # fmt: skip
+        Decorrelator(mlp(), plan=bad)
+    with pytest.raises(ValueError, match=r"Expected `plan`'s entry for '0' to fit the layer: Expected `block` to divide "
+                       r"d = 8 into equal blocks"):  # fmt: skip
+        Decorrelator(mlp(), plan=Plan({**pinned.layers, "0": replace(pinned.layers["0"], block=3)}))
+    with pytest.raises(ValueError, match=r"Expected `plan`'s entry for '2' to fit the layer \(d, C_out, groups\) = "
+                       r"\(16, 8, 1\), but got \(12, 8, 1\)"):  # fmt: skip
+        Decorrelator(mlp(), plan=Plan({**pinned.layers, "2": replace(pinned.layers["2"], d=12)}))
+    with pytest.raises(TypeError, match=r"Expected `plan` to be 'auto', a Plan or the path of a plan file, but got "
+                       r"int: 3"):  # fmt: skip
+        Decorrelator(mlp(), plan=3)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"Expected `plan` to be 'auto', a Plan or a plan file, but '.*nope"
+                       r"\.json' is no file"):  # fmt: skip
+        Decorrelator(mlp(), plan=tmp_path / "nope.json")
+    (tmp_path / "junk.json").write_text('{"layers": 3}')
+    with pytest.raises(ValueError, match=r"Expected a plan file written by Plan.save, but '.*junk\.json' is not one"):
+        Plan.load(tmp_path / "junk.json")
+    with pytest.raises(ValueError, match=r"Expected the arguments that shaped the checkpoint's plan, but `plan` is a "
+                       r"pinned plan here and was 'auto' in the checkpoint"):  # fmt: skip
+        Decorrelator(mlp(), plan=tmp_path / "plan.json", max_overhead=100.0).load_state_dict(dec.state_dict())
+
+
+def test_a_plan_that_leaves_every_layer_plain_is_saved_and_restored() -> None:
+    model = mlp()
+    dec = Decorrelator(model, max_overhead=1e-9)
+    with pytest.warns(UserWarning, match="the plan leaves every layer plain"):
+        train(model, dec, data(CALIBRATION_STEPS))
+    state = dec.state_dict()
+    assert state["plan"] is not None and state["R"] == {}
+    other = mlp()
+    dec2 = Decorrelator(other, max_overhead=1e-9)
+    with pytest.warns(UserWarning, match="the plan leaves every layer plain"):  # said again at the resume
+        dec2.load_state_dict(state)
+    assert dec2.layers == {} and all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in other.modules())
+    assert dec2.plan is not None and dec2.plan.layouts() == dec.plan.layouts()  # type: ignore[union-attr]
+
+
+def test_measuring_the_device_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    plan_module.measure_costs(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
