@@ -26,13 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchvision
-from common import StepTimer, machine, write_json
+from common import StepTimer, fresh_plan_cache, machine, write_json
 from models import ImageClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
-from lightning_decor.engine import CALIBRATION_STEPS
 from lightning_decor.layers import decorrelated_layers
+from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
 
 SHAPES = {
     "cnn": (1, 28, 28), "mlp": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224),
@@ -76,11 +76,13 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "DBP all plain": {"max_overhead": 1e-9},
 }
 DEFAULT_METHODS = ["BP", "DBP defaults", "DBP paper-like"]
-# Steps a planned run must drop before its timing means anything: the plan's measured steps and two more (the step
-# that applies it); with the steps interleaved also the plan's checks (up to two of six steps each), which time the
-# interval between two of its own steps and so must run alone.
-PLAN_WARMUP = CALIBRATION_STEPS + 2
-INTERLEAVED_WARMUP = CALIBRATION_STEPS + 12
+# Steps a planned run must drop before its timing means anything: the planning steps (R moves from the next one),
+# which also time the interval between two of their own steps and so must run alone when the steps are interleaved.
+
+
+def plan_warmup(methods: list[str]) -> int:
+    """The planning steps of the method that has most (``update_every`` lengthens the plan's check)."""
+    return max((plain_steps((METHODS[m] or {}).get("update_every", 1)) for m in methods if plans(m)), default=0)
 
 
 def plans(method: str) -> bool:
@@ -270,7 +272,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=26, help="steps per fit, the warm-up included")
     parser.add_argument(
-        "--warmup", type=int, default=17, help="steps dropped: the plan measures 5 and checks itself over up to 12"
+        "--warmup", type=int, default=17, help="steps dropped: the plan's 17 (5 measure the plain step, 12 check it)"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help=f"default: {DEFAULT_METHODS}")
@@ -297,17 +299,13 @@ def main() -> None:
         )
     if "BP" not in args.methods:
         args.methods = ["BP", *args.methods]
-    if any(plans(m) for m in args.methods):
-        if args.warmup < PLAN_WARMUP:
-            parser.error(
-                f"--warmup must be >= {PLAN_WARMUP} for the cost plan: {CALIBRATION_STEPS} steps measure, the next "
-                "applies the plan"
-            )
-        if args.interleave_steps and args.warmup < INTERLEAVED_WARMUP:
-            parser.error(
-                f"--interleave-steps needs --warmup >= {INTERLEAVED_WARMUP} for the cost plan: {CALIBRATION_STEPS} "
-                "steps measure, the plan's checks time up to 12 more, and those steps must run alone"
-            )
+    warmup = plan_warmup(args.methods)
+    if args.warmup < warmup:
+        parser.error(
+            f"--warmup must be >= {warmup} for the cost plan: R moves after its planning steps ({CALIBRATION_STEPS} "
+            "measure the plain step, the rest check the plan), which time their own steps and must run alone"
+        )
+    fresh_plan_cache()  # the first fit of each model and method measures; the later repeats replay its plan
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "models": {}}
     for model_name, batch in zip(args.models, batches):
         print(f"\n== {model_name}, batch {batch}, {args.device}, {args.precision} ==", flush=True)

@@ -33,12 +33,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import machine, write_json
-from models import ImageClassifier
-from torch.utils.data import TensorDataset
-from timing import TrainClock, first_time_reaching, record
-
+from common import fresh_plan_cache, machine, write_json
 from data import FashionMNISTDataModule
+from models import ImageClassifier
+from timing import TrainClock, first_time_reaching, record
+from torch.utils.data import TensorDataset
+
 from lightning_decor import DecorrelationCallback
 
 
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", default="examples/benchmarks/results/suite.json")
     parser.add_argument("--plot", default="examples/benchmarks/results/suite.png")
     args = parser.parse_args()
+    fresh_plan_cache()
     tasks = {name: TASKS[name] for name in args.tasks}
     if args.quick:
         args.seeds = args.seeds[:1]

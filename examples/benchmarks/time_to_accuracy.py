@@ -22,11 +22,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import machine, write_json
+from common import fresh_plan_cache, machine, write_json
+from data import FashionMNISTDataModule
 from models import ImageClassifier
 from timing import TrainClock, first_time_reaching, record
 
-from data import FashionMNISTDataModule
 from lightning_decor import DecorrelationCallback
 
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default="examples/benchmarks/results/time_to_accuracy.json")
     parser.add_argument("--plot", default="examples/benchmarks/results/time_to_accuracy.png")
     args = parser.parse_args()
+    fresh_plan_cache()
     if args.quick:
         args.seeds, args.budgets, args.train_limit = args.seeds[:1], [2], 10000
     torch.set_num_threads(torch.get_num_threads())
