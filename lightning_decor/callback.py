@@ -41,10 +41,14 @@ class DecorrelationCallback(Callback):
     **The cost plan** (``max_overhead``, default 0.1): the first five optimizer steps run plain (``R`` is the
     identity) and measure the training step and the shapes each layer sees; then every layer gets the cheapest
     form that fits the budget (``R`` fused into the weight or applied to the input rows; a block-diagonal ``R`` for
-    layers whose dense ``R`` would cost too much; plain for layers not worth their cost), printed once as a table
-    (``callback.plan``), saved in checkpoints, and ``R`` moves from the sixth step on. ``max_overhead=None``
-    skips the plan: every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the
-    first step. See docs/TUNING.md for how the plan decides.
+    layers whose dense ``R`` would cost too much; plain for layers not worth their cost), printed as a table
+    (``callback.plan``) and saved in checkpoints; the next steps check it against the real step (logged as
+    ``decor/overhead``; a plan over budget is made again), and ``R`` moves from step 18 on
+    (:func:`lightning_decor.planner.plain_steps`). What a run measures is kept in the plan cache, so later runs on
+    the same machine plan identically without timing: runs with the same seed are bit-identical, and under
+    deterministic mode nothing timed decides. ``plan=`` pins a plan file. ``max_overhead=None`` skips the plan:
+    every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the first step. See
+    docs/TUNING.md for how the plan decides.
 
     During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (at the end
     of the training batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
@@ -68,6 +72,8 @@ class DecorrelationCallback(Callback):
     - ``decor/loss``: the decorrelation loss, mean over the patched layers and over the steps since the last log;
     - ``decor/<layer name>``: that layer's loss at the logged step, when ``log_per_layer=True``;
     - ``decor/skipped``: total number of layer updates skipped because they would have made ``R`` non-finite.
+    - ``decor/overhead``: DBP's measured share of the step, at the step the plan's check measures it (written
+      straight to the loggers, whatever ``log_every_n_steps``).
 
     Pictures, opt-in, written only through a ``TensorBoardLogger`` (``add_histogram_raw``/``add_image``), on rank zero,
     at the end of every N-th training epoch (the step axis is ``trainer.global_step``):
