@@ -16,8 +16,8 @@ from lightning_decor.checks import check_bool, check_engine_arguments, check_pos
 from lightning_decor.engine import Decorrelator, _pinned_plan
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
-from lightning_decor.plan import Plan
 from lightning_decor.pictures import TensorBoardPictures
+from lightning_decor.plan import Plan
 
 __all__ = ["DecorrelationCallback"]
 

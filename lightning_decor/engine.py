@@ -634,7 +634,7 @@ class Decorrelator:
         x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
         for r, o, g in zip(rows, group.offsets, group.blocks, strict=True):
             k = 0 if r is None else r.shape[0]
-            if k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
+            if r is not None and k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
                 x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
             if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
                 x[o : o + g, k:].zero_()

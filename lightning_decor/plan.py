@@ -203,7 +203,9 @@ class Plan:
         ``block``, ``d``, ``rows``, ``c_out``, ``groups`` and ``cost``)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Expected `plan` to be 'auto', a Plan or a plan file, but {str(path)!r} is no file.")
+            raise FileNotFoundError(
+                f"Expected `plan` to be 'auto', a Plan or a plan file, but {str(path)!r} is no file."
+            )
         text = path.read_text()
         try:
             state = _yaml().safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)

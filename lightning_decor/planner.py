@@ -353,7 +353,8 @@ class Planner:
         intervals = [b - a for a, b in zip(self._times, self._times[1:])]
         self.plain_seconds = min(intervals) if intervals else None
         decision = self._agree(self._decide_first() if self.leader else None)
-        self._planning, self._outcomes, self._complete = decision["planning"], decision["outcomes"], decision["complete"]
+        self._planning, self._outcomes = decision["planning"], decision["outcomes"]
+        self._complete = decision["complete"]
         self._key = decision["key"]
         self.plan = Plan.from_state_dict(decision["plan"])
         return self.plan
@@ -364,8 +365,8 @@ class Planner:
             plan = replace(self.pinned, source="pinned", measured_overhead=None)
             return {"plan": plan.state_dict(), "planning": None, "outcomes": [], "complete": True, "key": None}
         shapes = self.shapes()
-        key = self.key()
-        entry = self.cache.get(key) if self.cache is not None else None
+        key: dict[str, Any] | None = self.key()
+        entry = self.cache.get(self.key()) if self.cache is not None else None  # key: None once it is not kept
         deterministic = self._deterministic()
         if entry is not None and (entry.get("complete") or not deterministic):
             planning, source = entry["planning"], "cache"
@@ -390,7 +391,7 @@ class Planner:
             planning = {"step": step, "costs": asdict(costs), "shapes": [asdict(s) for s in shapes],
                         "measured": {n: [list(e) for e in v] for n, v in measured.items()}}  # fmt: skip
             source, outcomes, complete = "measured", [], False
-            if self.cache is not None:
+            if self.cache is not None and key is not None:
                 self.cache.put(key, {"planning": planning, "outcomes": [], "complete": False})
         plan = self._make(planning, 1.0, source)
         return {"plan": plan.state_dict(), "planning": {**planning, "source": source}, "outcomes": outcomes,
@@ -455,7 +456,8 @@ class Planner:
             outcomes.append(scale)
             assert self._planning is not None
             last = scale is None or len(outcomes) >= REPLANS  # no check follows: the outcomes are all there
-            complete = last or not self._decorrelates(self._make(self._planning, scale, "measured"))
+            remade = None if scale is None else self._make(self._planning, scale, "measured")
+            complete = last or (remade is not None and not self._decorrelates(remade))
             if self.cache is not None and self._key is not None and self._planning is not None:
                 planning = {k: v for k, v in self._planning.items() if k != "source"}
                 self.cache.put(self._key, {"planning": planning, "outcomes": outcomes, "complete": complete})

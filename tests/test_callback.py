@@ -442,7 +442,8 @@ def test_a_checkpoint_of_an_all_plain_plan_resumes_without_planning_again(tmp_pa
     assert state["plan"] is not None and state["R"] == {}
     resumed = DecorrelationCallback(max_overhead=1e-9)
     with pytest.warns(UserWarning, match="the plan leaves every layer plain"):
-        quiet_trainer(tmp_path, max_epochs=2, callbacks=[resumed]).fit(TinyModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[resumed])
+        trainer.fit(TinyModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.plan is not None and resumed.plan.layouts() == cb.plan.layouts() and resumed.updates == 0
     assert resumed.engine is not None and resumed.engine.planner is not None
     assert resumed.engine.planner.calls == CALIBRATION_STEPS  # restored: it did not measure again

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from conftest import checkout_env
 
@@ -81,7 +80,8 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path)
         name = "bp" if method else "dbp"
         full = run(tmp_path / f"{name}_full", cache, "--positional", *method)  # 32 steps
         crashed = tmp_path / f"{name}_ckpt"
-        run(tmp_path / f"{name}_crashed", cache, "--positional", *method, "--ckpt-dir", str(crashed), "--crash-at", "28")
+        crash = ("--ckpt-dir", str(crashed), "--crash-at", "28")
+        run(tmp_path / f"{name}_crashed", cache, "--positional", *method, *crash)
         for step in steps:
             (path,) = crashed.glob(f"*step={step}.ckpt")
             resumed = run(tmp_path / f"{name}_resumed_{step}", cache, "--positional", *method, "--resume", str(path))

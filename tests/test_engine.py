@@ -16,9 +16,9 @@ from torch import nn
 
 from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
 from lightning_decor import plan as plan_module
+from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
-from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
 
@@ -334,7 +334,9 @@ def test_the_function_never_jumps_when_the_plan_is_made_again() -> None:
     clock = {"now": 0.0}
     planner._clock = lambda: clock["now"]
     planner._device_costs = lambda: plan_module.Costs(0.0, 0.0)
-    planner._probe = lambda shapes, inputs, estimates, **kw: {n: [("fused", 0.03)] * len(e) for n, e in estimates.items()}
+    planner._probe = lambda shapes, inputs, estimates, **kw: {
+        n: [("fused", 0.03)] * len(e) for n, e in estimates.items()
+    }
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     changes, normal, plans = [], [], []
     for x, y in data(plain_steps() + 6):
@@ -374,8 +376,8 @@ def test_a_pinned_plan_file_gives_its_layouts_and_bad_ones_are_refused(tmp_path:
     with pytest.raises(ValueError, match=r"Expected `plan` to name exactly the decorrelated layers, but it names \[\] "
                        r"that are not decorrelated and lacks \['4'\]"):  # fmt: skip
         Decorrelator(mlp(), plan=bad)
-    with pytest.raises(ValueError, match=r"Expected `plan`'s entry for '0' to fit the layer: Expected `block` to divide "
-                       r"d = 8 into equal blocks"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"Expected `plan`'s entry for '0' to fit the layer: Expected `block` to "
+                       r"divide d = 8 into equal blocks"):  # fmt: skip
         Decorrelator(mlp(), plan=Plan({**pinned.layers, "0": replace(pinned.layers["0"], block=3)}))
     with pytest.raises(ValueError, match=r"Expected `plan`'s entry for '2' to fit the layer \(d, C_out, groups\) = "
                        r"\(16, 8, 1\), but got \(12, 8, 1\)"):  # fmt: skip

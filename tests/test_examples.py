@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback
+from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import plain_steps
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

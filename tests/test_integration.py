@@ -35,9 +35,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
+from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
-from lightning_decor.layers import DecorrelatedLayer
 
 LR, KAPPA = 0.05, 0.5
 # Float bounds, from the errors measured on CPU (torch 2.14.1; 1, 2 and 4 threads, and MKL's SSE4.2 path with
