@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo data venv clean benchmark gpu-check
+.PHONY: test lint demo data venv clean benchmark gpu-check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ data:
 
 test: venv data
 	$(PY) -m pytest -q
+
+# The linter the project configures (pyproject.toml [tool.ruff]); .ci/run runs it after the tests.
+lint: venv
+	$(PY) -m ruff check lightning_decor tests examples
 
 demo: venv data
 	$(PY) examples/demo.py

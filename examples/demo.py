@@ -18,11 +18,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import ImageClassifier  # noqa: E402
-from timing import TrainClock, first_time_reaching  # noqa: E402
+from lightning_decor import DecorrelationCallback  # noqa: E402
 
 from data import FashionMNISTDataModule  # noqa: E402
-from lightning_decor import DecorrelationCallback  # noqa: E402
+from models import ImageClassifier  # noqa: E402
+from timing import TrainClock, first_time_reaching  # noqa: E402
 
 
 def run(method: str, args: argparse.Namespace, log_dir: Path) -> TrainClock:

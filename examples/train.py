@@ -26,10 +26,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import ImageClassifier  # noqa: E402
+import lightning_decor  # noqa: E402, F401  (`DecorrelationCallback` becomes a valid short name)
 
 import data  # noqa: E402, F401  (its DataModules become valid `data.class_path` short names)
-import lightning_decor  # noqa: E402, F401  (`DecorrelationCallback` becomes a valid short name)
+from models import ImageClassifier  # noqa: E402
 
 
 class TrainCLI(LightningCLI):

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_decor.checks import check_bool, check_engine_arguments, check_positive_int
+from lightning_decor.checks import DEFAULTS, EngineArguments, check_bool, check_positive_int
 from lightning_decor.engine import Decorrelator, _pinned_plan
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
@@ -29,7 +29,7 @@ _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "
 _AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
 
 
-class DecorrelationCallback(Callback):
+class DecorrelationCallback(EngineArguments, Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
     In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions
@@ -146,44 +146,27 @@ class DecorrelationCallback(Callback):
 
     def __init__(
         self,
-        decor_lr: float = 3e-2,
-        kappa: float = 0.5,
-        normalize: str = "spectral",
-        sample_fraction: float = 0.1,
-        max_rows: int | None = 64,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        max_features: int | None = 8192,
-        block_size: int | None = None,
-        max_overhead: float | None = 0.1,
-        update_every: int = 1,
+        decor_lr: float = DEFAULTS["decor_lr"],
+        kappa: float = DEFAULTS["kappa"],
+        normalize: str = DEFAULTS["normalize"],
+        sample_fraction: float = DEFAULTS["sample_fraction"],
+        max_rows: int | None = DEFAULTS["max_rows"],
+        include: list[str] | None = DEFAULTS["include"],
+        exclude: list[str] | None = DEFAULTS["exclude"],
+        max_features: int | None = DEFAULTS["max_features"],
+        block_size: int | None = DEFAULTS["block_size"],
+        max_overhead: float | None = DEFAULTS["max_overhead"],
+        update_every: int = DEFAULTS["update_every"],
         log_per_layer: bool = False,
-        use_cuda_stream: bool = True,
+        use_cuda_stream: bool = DEFAULTS["use_cuda_stream"],
         fold_on_fit_end: bool = True,
         log_histograms_every_n_epochs: int | None = None,
         log_correlation_image: str | None = None,
         log_image_every_n_epochs: int = 1,
         plan: str | Plan = "auto",
-        plan_cache: bool = True,
+        plan_cache: bool = DEFAULTS["plan_cache"],
     ) -> None:
-        # The engine's arguments, checked once here (the engine checks them again with the same messages).
-        self._engine_arguments = check_engine_arguments(
-            decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
-            exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
-            update_every=update_every, use_cuda_stream=use_cuda_stream, normalize=normalize,
-        )  # fmt: skip
-        self.decor_lr: float = self._engine_arguments["decor_lr"]
-        self.kappa: float = self._engine_arguments["kappa"]
-        self.normalize: str = self._engine_arguments["normalize"]
-        self.sample_fraction: float = self._engine_arguments["sample_fraction"]
-        self.max_rows: int | None = self._engine_arguments["max_rows"]
-        self.include: list[str] | None = self._engine_arguments["include"]
-        self.exclude: list[str] | None = self._engine_arguments["exclude"]
-        self.max_features: int | None = self._engine_arguments["max_features"]
-        self.block_size: int | None = self._engine_arguments["block_size"]
-        self.max_overhead: float | None = self._engine_arguments["max_overhead"]
-        self.update_every: int = self._engine_arguments["update_every"]
-        self.use_cuda_stream: bool = self._engine_arguments["use_cuda_stream"]
+        self._set_engine_arguments(locals())  # the engine's arguments, checked as the engine checks them
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
         self.fold_on_fit_end = check_bool("fold_on_fit_end", fold_on_fit_end)
         every = check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
@@ -196,7 +179,6 @@ class DecorrelationCallback(Callback):
         self.log_correlation_image = log_correlation_image
         check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
         self.log_image_every_n_epochs = log_image_every_n_epochs
-        self.plan_cache = check_bool("plan_cache", plan_cache)
         self._pinned = _pinned_plan(plan)  # read and checked now: a bad file fails before the Trainer starts
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._engine: Decorrelator | None = None
@@ -204,7 +186,6 @@ class DecorrelationCallback(Callback):
         # Every rank computes the same losses from the same pooled rows, so the metric needs no sync of its own.
         self._metric = DecorrelationLoss(kappa=self.kappa, sync_on_compute=False)
         self._warned_skips = 0
-        self._logged_updates = 0  # engine updates already in the metric
         self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
         self._fresh = False  # an update happened since the last log
         self._stepped_batch: int | None = None
@@ -269,9 +250,12 @@ class DecorrelationCallback(Callback):
             ):
                 pl_module.configure_model()
         eligible = eligible_layers(pl_module, self.max_features, self.block_size)
-        wide = {name: why for name, why in eligible.items() if why is not None and why.startswith("d = ")}
-        if wide:
-            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {wide}.")
+        plain = {  # every layer a user may expect DBP in (not the frozen ones, not an average's copies)
+            name: why for name, why in eligible.items()
+            if why is not None and not why.startswith(("frozen", "inside the torch.optim.swa_utils.AveragedModel"))
+        }  # fmt: skip
+        if plain:
+            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {plain}.")
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns or []:
                 if not any(_matches(name, [pattern]) for name in eligible):
@@ -282,10 +266,8 @@ class DecorrelationCallback(Callback):
         if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
             self._past_updates += 0 if self._engine is None else self._engine.updates
             # patches in place; layers patched before (a refit without folding) keep their R
-            self._engine = Decorrelator(
-                pl_module, **{k: getattr(self, k) for k in self._engine_arguments},
-                plan=self._pinned if self._pinned is not None else "auto", plan_cache=self.plan_cache,
-            )  # fmt: skip
+            pinned = self._pinned if self._pinned is not None else "auto"
+            self._engine = Decorrelator(pl_module, **self.engine_arguments(), plan=pinned)
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
@@ -309,7 +291,6 @@ class DecorrelationCallback(Callback):
         device = trainer.strategy.root_device
         if self._engine is not None:
             self._engine.start(device)
-            self._logged_updates = self._engine.updates
         self._metric = self._metric.to(device)
 
     def _release(self, fold_layers: bool) -> None:
@@ -399,18 +380,21 @@ class DecorrelationCallback(Callback):
             # forward read R: the main stream waits for the update here (on the device, no host sync).
             self._wait()
         self._warn_waiting_rows()
-        # Log only where Lightning writes, so that the mean covers every update since the last written value.
-        if not self._fresh or not stepped or not self._lightning_writes(trainer):
+        if not self._fresh or not stepped:
             return
-        self._fresh = False
+        # Every batch that updated logs the mean over the updates since the last value Lightning wrote (a tensor:
+        # no host sync), so `decor/loss` is in `callback_metrics` like any metric a module logs (EarlyStopping,
+        # ModelCheckpoint(monitor=...), logger=False); where Lightning writes, the mean starts anew.
         metrics = {"decor/loss": self._metric.compute()}
-        self._metric.reset()
-        engine = self._engine
-        if self.log_per_layer and engine is not None and engine.last_losses is not None:
-            metrics.update({f"decor/{name}": loss for name, loss in zip(engine.layers, engine.last_losses)})
-        skipped = self._check_skipped()
-        if skipped is not None:
-            metrics["decor/skipped"] = skipped
+        if self._lightning_writes(trainer):
+            self._fresh = False
+            self._metric.reset()
+            engine = self._engine
+            if self.log_per_layer and engine is not None and engine.last_losses is not None:
+                metrics.update({f"decor/{name}": loss for name, loss in zip(engine.layers, engine.last_losses)})
+            skipped = self._check_skipped()
+            if skipped is not None:
+                metrics["decor/skipped"] = skipped
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def _warn_waiting_rows(self) -> None:
@@ -447,6 +431,13 @@ class DecorrelationCallback(Callback):
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._wait()
+        if self._engine is not None:
+            self._engine.suspend()  # validation's forwards are not training rows, even with grad enabled
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.resume()
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -46,11 +46,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_decor.attention import restore_containers, route_containers
-from lightning_decor.checks import check_bool, check_engine_arguments
+from lightning_decor.attention import route_containers
+from lightning_decor.checks import DEFAULTS, EngineArguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
 from lightning_decor.functional import block_decorrelation_step, reset_null_space
-from lightning_decor.layers import DecorrelatedLayer, decorrelate, decorrelated_layers, fold_layer
+from lightning_decor.layers import (
+    DecorrelatedLayer,
+    decorrelate,
+    decorrelated_layers,
+    fold_layer,
+    restore_extensions,
+)
 from lightning_decor.plan import LayerPlan, Plan, measure_costs
 from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
 from lightning_decor.probe import measure_candidates
@@ -118,7 +124,7 @@ class _Group:
         return self.R.shape[-1]
 
 
-class Decorrelator:
+class Decorrelator(EngineArguments):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for a plain ``nn.Module``.
 
     Patches ``model`` in place (see :func:`lightning_decor.decorrelate`): every ``nn.Linear`` and
@@ -163,44 +169,28 @@ class Decorrelator:
         self,
         model: nn.Module,
         *,
-        decor_lr: float = 3e-2,
-        kappa: float = 0.5,
-        normalize: str = "spectral",
-        sample_fraction: float = 0.1,
-        max_rows: int | None = 64,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        max_features: int | None = 8192,
-        block_size: int | None = None,
-        max_overhead: float | None = 0.1,
-        update_every: int = 1,
-        use_cuda_stream: bool = True,
+        decor_lr: float = DEFAULTS["decor_lr"],
+        kappa: float = DEFAULTS["kappa"],
+        normalize: str = DEFAULTS["normalize"],
+        sample_fraction: float = DEFAULTS["sample_fraction"],
+        max_rows: int | None = DEFAULTS["max_rows"],
+        include: Sequence[str] | None = DEFAULTS["include"],
+        exclude: Sequence[str] | None = DEFAULTS["exclude"],
+        max_features: int | None = DEFAULTS["max_features"],
+        block_size: int | None = DEFAULTS["block_size"],
+        max_overhead: float | None = DEFAULTS["max_overhead"],
+        update_every: int = DEFAULTS["update_every"],
+        use_cuda_stream: bool = DEFAULTS["use_cuda_stream"],
         plan: str | os.PathLike[str] | Plan = "auto",
-        plan_cache: bool = True,
+        plan_cache: bool = DEFAULTS["plan_cache"],
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-        checked = check_engine_arguments(
-            decor_lr=decor_lr, kappa=kappa, sample_fraction=sample_fraction, max_rows=max_rows, include=include,
-            exclude=exclude, max_features=max_features, block_size=block_size, max_overhead=max_overhead,
-            update_every=update_every, use_cuda_stream=use_cuda_stream, normalize=normalize,
-        )  # fmt: skip
-        self.decor_lr: float = checked["decor_lr"]
-        self.kappa: float = checked["kappa"]
-        self.normalize: str = checked["normalize"]
-        self.sample_fraction: float = checked["sample_fraction"]
-        self.max_rows: int | None = checked["max_rows"]
-        self.include: list[str] | None = checked["include"]
-        self.exclude: list[str] | None = checked["exclude"]
-        self.max_features: int | None = checked["max_features"]
-        self.block_size: int | None = checked["block_size"]
-        self.max_overhead: float | None = checked["max_overhead"]
-        self.update_every: int = checked["update_every"]
-        self.use_cuda_stream: bool = checked["use_cuda_stream"]
+        self._set_engine_arguments(locals())
         pinned = _pinned_plan(plan)
-        self.plan_cache = check_bool("plan_cache", plan_cache)
         self.model = model
-        new = decorrelate(model, include=include, exclude=exclude, max_features=max_features, block_size=block_size)
+        new = decorrelate(model, include=self.include, exclude=self.exclude, max_features=self.max_features,
+                          block_size=self.block_size)  # fmt: skip
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by pooling rows instead.
         ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
@@ -226,6 +216,7 @@ class Decorrelator:
         self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
+        self._suspended = False
         if self._fresh and (self.max_overhead is not None or pinned is not None):
             self.planner = self._make_planner()
             for name in self._fresh:
@@ -415,7 +406,7 @@ class Decorrelator:
             if isinstance(layer, DecorrelatedLayer):  # the user may have folded it already
                 fold_layer(layer)
                 names.append(name)
-        restore_containers(self.model)  # transformer layers around the folded ones get their fast paths back
+        restore_extensions(self.model)  # transformer layers get their fast paths back, averages their plain update
         self.layers, self._groups = {}, []
         return names
 
@@ -470,7 +461,17 @@ class Decorrelator:
 
     def _collect(self, on: bool) -> None:
         for layer in self.layers.values():
-            layer.decor_collect = on
+            layer.decor_collect = on and not self._suspended
+
+    def suspend(self) -> None:
+        """No rows are taken until :meth:`resume` (forwards outside training steps: validation that enables grad)."""
+        self._suspended = True
+        self._collect(False)
+
+    def resume(self) -> None:
+        """Take rows again where the coming step needs them."""
+        self._suspended = False
+        self._collect(self._collects_next())
 
     def _sync(self) -> None:
         if self._device.type == "cuda":
@@ -518,7 +519,7 @@ class Decorrelator:
             if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
                 layer.decor_form = "fused"
         route_containers(self.model)  # an attention whose in-projection is plain now and out_proj is not
-        restore_containers(self.model)  # containers left without a patched layer
+        restore_extensions(self.model)  # containers left without a patched layer
         if plan.layers and not self.layers and _rank_zero():
             if plan.source == "pinned":
                 why = "(a pinned plan)"
@@ -588,7 +589,10 @@ class Decorrelator:
             return
         if not self._groups_intact():
             self._build_groups()
-        taken = [layer.decor_take_rows() for layer in layers]  # on the main stream, where the rows were written
+        # On the main stream, where the rows were written. A layer whose weight does not train now (frozen during
+        # training, e.g. by BaseFinetuning) keeps its R, so that it keeps its function W @ R; unfrozen, it moves again.
+        taken = [(rows if layer.weight.requires_grad else None) for layer in layers
+                 for rows in (layer.decor_take_rows(),)]  # fmt: skip
         stream = self._stream
         context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if stream is not None:

@@ -529,17 +529,25 @@ def fuse_weight(weight: Tensor, R: Tensor, groups: int = 1) -> Tensor:
     ``(C_out, C_in / groups, *kernel)``) ``R`` holds ``groups`` runs of ``G / groups`` blocks, one run per group,
     and the output channels of group ``g`` meet only that group's blocks. Autograd through ``A`` gives
     ``dL/dW = dL/dA @ R.T = delta.T @ z``: backprop on the decorrelated input.
+
+    The product is formed in ``R``'s dtype (at least float32) with autocast off and rounded to the weight's dtype
+    once: ``R`` moves in steps near bfloat16's resolution at 1 (2^-8), and a bfloat16 product of the rounded ``W``
+    and ``R`` missed ``W @ R`` by 1.3-1.8 times the error of one rounding (BENCHMARKS.md, section 6).
     """
     c_out = weight.shape[0]
-    if R.dim() == 2 and groups == 1:
-        fused = (weight.reshape(c_out, -1) @ R.to(weight.dtype)).reshape(weight.shape)  # (C_out, d) @ (d, d)
-    else:
-        blocks = _blocks(R)
-        per_group, b = blocks.shape[0] // groups, blocks.shape[1]
-        # (groups, C_out / groups, blocks per group, b) -> (G, C_out / groups, b): each block meets its group's rows
-        w4 = weight.reshape(groups, c_out // groups, per_group, b).transpose(1, 2).reshape(-1, c_out // groups, b)
-        fused = torch.bmm(w4, blocks.to(weight.dtype))
-        fused = fused.reshape(groups, per_group, c_out // groups, b).transpose(1, 2).reshape(weight.shape)
+    with torch.autocast(weight.device.type, enabled=False):
+        w = weight.to(R.dtype)
+        if R.dim() == 2 and groups == 1:
+            fused = (w.reshape(c_out, -1) @ R).reshape(weight.shape)  # (C_out, d) @ (d, d)
+        else:
+            blocks = _blocks(R)
+            per_group, b = blocks.shape[0] // groups, blocks.shape[1]
+            # (groups, C_out / groups, blocks per group, b) -> (G, C_out / groups, b): each block meets its
+            # group's rows
+            w4 = w.reshape(groups, c_out // groups, per_group, b).transpose(1, 2).reshape(-1, c_out // groups, b)
+            fused = torch.bmm(w4, blocks)
+            fused = fused.reshape(groups, per_group, c_out // groups, b).transpose(1, 2).reshape(weight.shape)
+        fused = fused.to(weight.dtype)
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         fused = fused.contiguous(memory_format=torch.channels_last)
     return fused
@@ -548,13 +556,15 @@ def fuse_weight(weight: Tensor, R: Tensor, groups: int = 1) -> Tensor:
 def decorrelate_rows(x: Tensor, R: Tensor) -> Tensor:
     """``z = x @ R.T`` on the last dimension of ``x`` (``(..., d)``), for a dense ``(d, d)`` or a block-diagonal
     ``(G, b, b)`` ``R``, in ``x``'s dtype and differentiable in ``x``: the input-side form of DBP, cheaper than
-    fusing ``W @ R`` when a layer sees fewer rows per step than it has output features."""
-    R = R.to(x.dtype)
-    if R.dim() == 2:
-        return F.linear(x, R)
-    g, b = R.shape[0], R.shape[1]
-    xg = x.reshape(-1, g, b).transpose(0, 1)  # (G, rows, b)
-    return torch.bmm(xg, R.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+    fusing ``W @ R`` when a layer sees fewer rows per step than it has output features. Formed in ``R``'s dtype
+    with autocast off and rounded to ``x``'s dtype once, as :func:`fuse_weight`."""
+    with torch.autocast(x.device.type, enabled=False):
+        xr = x.to(R.dtype)
+        if R.dim() == 2:
+            return F.linear(xr, R).to(x.dtype)
+        g, b = R.shape[0], R.shape[1]
+        xg = xr.reshape(-1, g, b).transpose(0, 1)  # (G, rows, b)
+        return torch.bmm(xg, R.transpose(1, 2)).transpose(0, 1).reshape(x.shape).to(x.dtype)
 
 
 def _source_index(pos: Tensor, size: int, padding_mode: str) -> tuple[Tensor, Tensor | None]:

@@ -4,7 +4,8 @@ A patched layer keeps its class's parameters (the very same ``Parameter`` object
 valid) and gains a non-persistent buffer ``decor_R`` (``d x d``, identity at start, at least float32). Its forward
 is one ordinary ``linear``/``conv2d`` call with the fused weight ``A = W @ R``, so autograd's weight gradient is
 ``delta.T @ z`` with ``z = R x``: backprop on the decorrelated input. During training it also keeps a small sample
-of its input rows, from which :meth:`DecorrelatedLayer.decor_update_` moves ``R`` once per optimizer step.
+of its input rows, from which the engine (:class:`lightning_decor.Decorrelator`) moves ``R`` once per optimizer
+step.
 
 ``state_dict()`` of a patched layer is the plain layer's: ``weight`` holds the fused ``W @ R`` under its usual key,
 so checkpoints load into the unpatched model and predict the same.
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_decor.checks import check_patterns, check_positive_int
 from lightning_decor.functional import (
@@ -33,7 +36,6 @@ from lightning_decor.functional import (
     conv_patch_rows,
     decorrelate_rows,
     fuse_weight,
-    guarded_decorrelation_update_,
     identity_blocks,
     sample_conv_patch_rows,
     stats_dtype,
@@ -53,6 +55,7 @@ __all__ = [
     "fold",
     "fold_layer",
     "register_extension",
+    "restore_extensions",
 ]
 
 
@@ -207,8 +210,10 @@ class DecorrelatedLayer(nn.Module):
         return 1 if self.decor_R.dim() == 2 else self.decor_R.shape[0]
 
     def _decor_keep(self, x: Tensor) -> bool:
+        # Rows belong to training steps (the engine sets decor_collect for them), not to `self.training`: a
+        # sub-network kept in eval() during training (frozen BatchNorm statistics) still trains its weights.
         wanted = self.decor_collect or self.decor_observer is not None
-        return wanted and self.training and torch.is_grad_enabled() and x.shape[0] > 0
+        return wanted and torch.is_grad_enabled() and x.shape[0] > 0
 
     def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         """Rows the layer multiplies in this forward (``N * L``: samples times output positions)."""
@@ -307,17 +312,6 @@ class DecorrelatedLayer(nn.Module):
         if not rows:
             return None
         return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
-
-    def decor_update_(self, rows: Tensor, *, lr: float, kappa: float) -> tuple[Tensor, Tensor]:
-        """One decorrelation step of ``decor_R`` from raw input ``rows``; a non-finite result is discarded.
-
-        Returns:
-            ``(loss, ok)``: the decorrelation loss before the step and a boolean scalar tensor that is ``False``
-            when the step was skipped (``R`` unchanged; see
-            :func:`lightning_decor.functional.guarded_decorrelation_update_`). Neither is read on the host here,
-            so the update never synchronises the device.
-        """
-        return guarded_decorrelation_update_(self.decor_R, rows, lr=lr, kappa=kappa)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A state dict holds the fused W @ R under "weight" (see _save_to_state_dict): loading it into W means the
@@ -454,6 +448,8 @@ class DecorrelatedConv3d(_DecorrelatedConvNd, nn.Conv3d):
     _decor_base = nn.Conv3d
 
 
+_LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
+
 _PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
     nn.Linear: DecorrelatedLinear,
     nn.Conv1d: DecorrelatedConv1d,
@@ -517,8 +513,27 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
+def _recomputed_weight(module: Any) -> str | None:
+    """Which old-style hook recomputes ``module.weight`` before every forward (``weight_norm``, ``spectral_norm``),
+    or ``None``: ``W @ R`` would be overwritten, and ``W`` is no leaf to train."""
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return "torch.nn.utils.weight_norm"
+        if isinstance(hook, SpectralNorm) and hook.name == "weight":
+            return "torch.nn.utils.spectral_norm"
+    return None
+
+
 def _skip_reason(module: Any, max_features: int | None = None, block_size: int | None = None) -> str | None:
     """Why an eligible-type layer is not patched, or ``None``."""
+    hook = _recomputed_weight(module)
+    if hook is not None:
+        return (
+            f"its weight is recomputed before every forward by {hook} (old-style), which would overwrite W @ R; "
+            "the parametrizations in torch.nn.utils.parametrizations are left plain too"
+        )
+    if isinstance(module, nn.Module) and not isinstance(getattr(module, "weight", None), nn.Parameter):
+        return "its weight is not a Parameter (computed elsewhere)"
     d = module.weight[0].numel()
     if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
         mib = d * d * 4 / 2**20
@@ -548,16 +563,26 @@ def eligible_layers(
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     reasons = {}
+    averaged = [name for name, m in model.named_modules() if isinstance(m, torch.optim.swa_utils.AveragedModel)]
     for name, m in model.named_modules():
         if type(m) in _PATCHED:  # the kinds of this module; extensions name their own layers below
-            tied = owners.get(id(m.weight), 0) > 1
+            tied = owners.get(id(getattr(m, "weight", None)), 0) > 1
             reasons[name] = (
                 "weight shared with another module (tied weights)"
                 if tied
                 else _skip_reason(m, max_features, block_size)
             )
+        elif isinstance(m, _LAZY) and m.has_uninitialized_params():
+            reasons[name] = (
+                f"an uninitialised {type(m).__name__}: its shape is known after its first forward; call the model "
+                "once on an example batch before fit"
+            )
     for extension in _EXTENSIONS:
         reasons.update(extension.reasons(model, owners, max_features, block_size))
+    for name in reasons:
+        owner = next((a for a in averaged if _matches(name, [a])), None)
+        if owner is not None:  # the average of the trained model: lightning_decor.averaging averages W @ R into it
+            reasons[name] = f"inside the torch.optim.swa_utils.AveragedModel {owner!r} (an average, not trained)"
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))  # in module order
 
@@ -648,9 +673,14 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         fold_layer(m)
         folded.append(name)
+    restore_extensions(model)
+    return folded
+
+
+def restore_extensions(model: nn.Module) -> None:
+    """What the registered layer kinds routed around their layers, back where no patched layer needs it."""
     for extension in _EXTENSIONS:
         extension.restore(model)
-    return folded
 
 
 @torch.no_grad()

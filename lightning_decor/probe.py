@@ -156,9 +156,9 @@ def measure_candidates(
     gen: dict[torch.device, torch.Generator] = {}
     cache: dict[tuple[Any, ...], float] = {}
 
-    def cached(key: tuple[Any, ...], fn: Callable[[], float]) -> float:
+    def cached(key: tuple[Any, ...], fn: Callable[..., float], *args: Any) -> float:  # fn(*args), once per key
         if key not in cache:
-            cache[key] = fn()
+            cache[key] = fn(*args)
         return cache[key]
 
     by_name = {s.name: s for s in shapes}
@@ -181,20 +181,19 @@ def measure_candidates(
         sample = 0.0
         if probeable:
             sample = cached(("sample", sig, shape, layer.decor_sample_fraction, layer.decor_max_rows),
-                            lambda: _sample_seconds(layer, shape, g))  # fmt: skip
+                            _sample_seconds, layer, shape, g)  # fmt: skip
         b = ladders[name][k]
-        fuse = cached(("fuse", sig, b), lambda: _fuse_seconds(layer, b, g)) * s.forwards
+        fuse = cached(("fuse", sig, b), _fuse_seconds, layer, b, g) * s.forwards
         form, cost = "fused", fuse
         if s.input_side and probeable and (costs is None or input_side_seconds(s, b, costs) < cost):
-            plain = cached(("plain", sig, shape), lambda: _input_seconds(layer, shape, None, g))
-            inp = max(cached(("input", sig, shape, b), lambda: _input_seconds(layer, shape, b, g)) - plain, 0.0)
+            plain = cached(("plain", sig, shape), _input_seconds, layer, shape, None, g)
+            inp = max(cached(("input", sig, shape, b), _input_seconds, layer, shape, b, g) - plain, 0.0)
             if inp * s.forwards < cost:
                 form, cost = "input", inp * s.forwards
         rows = max(1, s.stat_rows)
         dtype = stats_dtype(w.dtype)
-        per_block = cached(
-            ("update", b, rows, dtype, w.device), lambda: _update_seconds(b, rows, dtype, w.device, g, normalize)
-        )
+        key = ("update", b, rows, dtype, w.device)
+        per_block = cached(key, _update_seconds, b, rows, dtype, w.device, g, normalize)
         update = per_block * (s.groups * s.d // b) + sample * s.forwards
         out[name][k] = (form, cost + update / update_every)
         if estimate > 0:

@@ -6,13 +6,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
-from conftest import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices, fold
 from lightning_decor.layers import eligible_layers
 from lightning_decor.planner import plain_steps
+
+from conftest import quiet_trainer
 
 
 class Classifier(pl.LightningModule):

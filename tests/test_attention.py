@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -23,7 +22,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelate, decorrelation_matrices, fold
 from lightning_decor.attention import AttentionWithDecorrelatedOutProj, SlowPathTransformerEncoderLayer
+from lightning_decor.functional import guarded_decorrelation_update_
 from lightning_decor.layers import DecorrelatedLayer, eligible_layers
+
+from conftest import quiet_trainer
 
 GRAD_MODES: dict[str, Callable[[], object]] = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -271,7 +273,7 @@ def test_attention_samples_the_rows_of_each_input_and_updates_each_r_from_its_ow
     if batch_first:
         attended = attended.transpose(0, 1)  # out_proj works on the (L, N, E) layout of PyTorch's attention
     torch.testing.assert_close(out_rows, attended.reshape(-1, E), rtol=0, atol=1e-5)  # as above
-    mha.decor_update_(rows, lr=0.05, kappa=0.5)
+    guarded_decorrelation_update_(mha.decor_R, rows, lr=0.05, kappa=0.5)
     new = per_input(mha)
     for p, part in enumerate((rows[:, :E], rows[:, E : 2 * E], rows[:, 2 * E :])):
         # float32 update against the float64 formula, entries O(1)

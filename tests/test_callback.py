@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -17,6 +16,8 @@ from torch.utils.data import DataLoader
 from lightning_decor import DecorrelationCallback, decorrelation_loss, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
+
+from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
 
 
 def first_layer_loss(model: TinyModule, R: torch.Tensor | None = None) -> float:

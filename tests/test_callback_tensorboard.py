@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,6 +17,8 @@ from torch.utils.data import DataLoader
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.planner import plain_steps
+
+from conftest import TinyConvModule, TinyModule, correlated_data, quiet_trainer
 
 
 class InOrderData(pl.LightningDataModule):

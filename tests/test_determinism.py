@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from conftest import checkout_env
 
 SCRIPT = Path(__file__).with_name("determinism_run.py")

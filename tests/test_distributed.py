@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import TinyModule
 
 from lightning_decor import DecorrelationCallback
 from lightning_decor.distributed import count_group
+
+from conftest import TinyModule
 
 
 @pytest.fixture()

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TinyModule, checkout_env, correlated_data
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -31,6 +30,8 @@ from lightning_decor import DecorrelationCallback
 from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import plain_steps
+
+from conftest import TinyModule, checkout_env, correlated_data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -320,8 +321,8 @@ g = torch.Generator().manual_seed(1)
 x = torch.randn(1536, 8, generator=g) @ (torch.randn(8, 8, generator=g) + 2.0)
 data = TensorDataset(x, (x[:, 0] > 0).long())
 
-def slow_collate(batch):  # a loader as slow as a real one (50 ms a batch), so the plan keeps both layers
-    time.sleep(0.05)
+def slow_collate(batch):  # a loader as slow as a real one (100 ms a batch), so the plan keeps both layers (two
+    time.sleep(0.1)  # processes on two cores: their plan's check runs on a busy machine)
     return torch.utils.data.default_collate(batch)
 
 loader = DataLoader(data, batch_size=32, collate_fn=slow_collate)  # 24 batches of each rank's 768 samples

@@ -22,7 +22,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyModule, checkout_env, correlated_data, quiet_trainer
 from lightning.pytorch.callbacks import (
     EMAWeightAveraging,
     GradientAccumulationScheduler,
@@ -38,6 +37,8 @@ from lightning_decor import DecorrelationCallback, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
+
+from conftest import TinyModule, checkout_env, correlated_data, quiet_trainer
 
 LR, KAPPA = 0.05, 0.5
 # Float bounds, from the errors measured on CPU (torch 2.14.1; 1, 2 and 4 threads, and MKL's SSE4.2 path with

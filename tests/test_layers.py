@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import decorrelate, decorrelation_matrices, decorrelation_update_, fold
+from lightning_decor.functional import guarded_decorrelation_update_
 from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear, eligible_layers
 
 
@@ -146,7 +147,7 @@ def test_eligibility_and_patterns() -> None:
     assert type(patched.head) is DecorrelatedLinear and type(patched.attn) is nn.MultiheadAttention
 
 
-def test_rows_collected_only_when_asked_and_training() -> None:
+def test_rows_collected_only_when_asked_and_with_grad() -> None:
     lin = nn.Linear(4, 2)
     decorrelate(lin)
     x = torch.randn(10, 4)
@@ -156,10 +157,14 @@ def test_rows_collected_only_when_asked_and_training() -> None:
     lin.decor_sample_fraction = 0.3
     lin(x)
     with torch.no_grad():
-        lin(x)
+        lin(x)  # validation, inference: no rows
+    assert lin.decor_pending_rows() == 3  # ceil(0.3 * 10), from the one forward with grad
     lin.eval()
+    lin(x)  # a sub-network kept in eval() during training (frozen statistics) still trains: its rows count
+    assert lin.decor_pending_rows() == 6
+    lin.decor_take_rows()
+    lin.train()
     lin(x)
-    assert lin.decor_pending_rows() == 3  # ceil(0.3 * 10), from the one training forward with grad
     rows = lin.decor_take_rows()
     assert rows is not None and all((x == row).all(dim=1).any() for row in rows)  # drawn from the batch's rows
     assert lin.decor_take_rows() is None
@@ -170,13 +175,13 @@ def test_update_skips_non_finite() -> None:
     decorrelate(lin)
     rows = torch.randn(8, 3)
     rows[0, 0] = float("nan")
-    loss, ok = lin.decor_update_(rows, lr=0.1, kappa=0.5)
+    loss, ok = guarded_decorrelation_update_(lin.decor_R, rows, lr=0.1, kappa=0.5)
     assert not ok and torch.equal(lin.decor_R, torch.eye(3))
-    loss, ok = lin.decor_update_(torch.randn(8, 3) * 1e30, lr=1.0, kappa=0.5)
+    loss, ok = guarded_decorrelation_update_(lin.decor_R, torch.randn(8, 3) * 1e30, lr=1.0, kappa=0.5)
     assert not ok and torch.equal(lin.decor_R, torch.eye(3))  # non-finite statistics
-    loss, ok = lin.decor_update_(torch.randn(8, 3) * 10, lr=1e38, kappa=0.5)
+    loss, ok = guarded_decorrelation_update_(lin.decor_R, torch.randn(8, 3) * 10, lr=1e38, kappa=0.5)
     assert torch.isfinite(loss) and not ok and torch.equal(lin.decor_R, torch.eye(3))  # finite stats, R overflows
-    loss, ok = lin.decor_update_(torch.randn(8, 3), lr=0.1, kappa=0.5)
+    loss, ok = guarded_decorrelation_update_(lin.decor_R, torch.randn(8, 3), lr=0.1, kappa=0.5)
     assert ok and not torch.equal(lin.decor_R, torch.eye(3)) and torch.isfinite(loss)
 
 
@@ -299,7 +304,7 @@ def test_block_diagonal_r_for_wide_layers() -> None:
     torch.testing.assert_close(conv.weight.grad.reshape(5, -1), delta_rows.T @ (rows @ dense.T))  # float64: 2e-14
     # the update moves each block by the rule on its own features
     before = conv.decor_R.clone()
-    conv.decor_update_(rows, lr=0.01, kappa=0.5)
+    guarded_decorrelation_update_(conv.decor_R, rows, lr=0.01, kappa=0.5)
     for g in range(4):
         R_g = before[g].clone()
         decorrelation_update_(R_g, rows[:, g * 18 : (g + 1) * 18], lr=0.01, kappa=0.5)
@@ -552,7 +557,7 @@ def test_grouped_conv_update_moves_each_group_by_its_own_rows() -> None:
     explicit, _, _ = explicit_conv_rows(x, conv)
     torch.testing.assert_close(rows, explicit)  # all patches of all channels, groups side by side
     R0 = conv.decor_R.clone()
-    conv.decor_update_(rows, lr=0.01, kappa=0.5)
+    guarded_decorrelation_update_(conv.decor_R, rows, lr=0.01, kappa=0.5)
     for g in range(2):  # reference: the rule in float64 on group g's 18 features alone
         r, x_g = R0[g], rows[:, g * 18 : (g + 1) * 18]
         z = x_g @ r.T

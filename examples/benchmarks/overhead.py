@@ -26,13 +26,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchvision
-from common import StepTimer, fresh_plan_cache, machine, write_json
-from models import ImageClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
+from lightning_decor.functional import block_decorrelation_step
 from lightning_decor.layers import decorrelated_layers
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
+
+from common import StepTimer, fresh_plan_cache, machine, write_json
+from models import ImageClassifier
 
 SHAPES = {
     "cnn": (1, 28, 28), "mlp": (1, 28, 28), "cifar_resnet18": (3, 32, 32), "resnet18": (3, 224, 224),
@@ -188,11 +190,13 @@ def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwarg
             (layer.decor_fused_weight() * 1.0).sum().backward()
 
         rows = layer.decor_sample_rows(x)
-        r0 = layer.decor_R.clone()
+        b = layer.decor_block
+        stacked = layer.decor_R.reshape(-1, b, b)
+        blocks = rows.reshape(rows.shape[0], -1, b).transpose(0, 1).to(stacked.dtype)  # (G, n, b), as the engine
+        counts = torch.full((stacked.shape[0],), rows.shape[0], device=dev)
 
-        def update() -> None:
-            layer.decor_update_(rows, lr=cb.decor_lr, kappa=cb.kappa)
-            layer.decor_R.copy_(r0)
+        def update() -> None:  # the engine's batched step on this layer's blocks (out of place: R is kept)
+            block_decorrelation_step(stacked, blocks, counts, lr=cb.decor_lr, kappa=cb.kappa, normalize=cb.normalize)
 
         rows_out.append(
             {

@@ -11,12 +11,13 @@ import math
 
 import lightning.pytorch as pl
 import torch
-from common import machine, write_json
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
+
+from common import machine, write_json
 
 
 class Soak(pl.LightningModule):

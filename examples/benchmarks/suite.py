@@ -33,13 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import TensorDataset
+
+from lightning_decor import DecorrelationCallback
+
 from common import fresh_plan_cache, machine, write_json
 from data import FashionMNISTDataModule
 from models import ImageClassifier
 from timing import TrainClock, first_time_reaching, record
-from torch.utils.data import TensorDataset
-
-from lightning_decor import DecorrelationCallback
 
 
 @dataclass(frozen=True)

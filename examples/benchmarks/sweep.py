@@ -14,8 +14,9 @@ import argparse
 import json
 from typing import Any
 
-from common import machine, write_json
 from time_to_accuracy import run
+
+from common import machine, write_json
 
 
 def main() -> None:

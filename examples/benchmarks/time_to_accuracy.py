@@ -22,12 +22,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_decor import DecorrelationCallback
+
 from common import fresh_plan_cache, machine, write_json
 from data import FashionMNISTDataModule
 from models import ImageClassifier
 from timing import TrainClock, first_time_reaching, record
-
-from lightning_decor import DecorrelationCallback
 
 
 def run(
