@@ -237,7 +237,7 @@ class Decorrelator(EngineArguments):
         for name in self._fresh:
             layer = self.layers[name]
             infos.append(LayerInfo(
-                name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.weight.shape[0],
+                name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.decor_out_features,
                 groups=layer.decor_groups, input_side=layer.decor_input_side, conv=layer.weight.dim() > 2,
                 max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
             ))  # fmt: skip
@@ -292,10 +292,10 @@ class Decorrelator(EngineArguments):
             )
         for name, p in plan.layers.items():
             layer = self.layers[name]
-            if (p.d, p.c_out, p.groups) != (layer.decor_group_features, layer.weight.shape[0], layer.decor_groups):
+            if (p.d, p.c_out, p.groups) != (layer.decor_group_features, layer.decor_out_features, layer.decor_groups):
                 raise ValueError(
                     f"Expected `plan`'s entry for {name!r} to fit the layer (d, C_out, groups) = "
-                    f"{(layer.decor_group_features, layer.weight.shape[0], layer.decor_groups)}, but got "
+                    f"{(layer.decor_group_features, layer.decor_out_features, layer.decor_groups)}, but got "
                     f"{(p.d, p.c_out, p.groups)}."
                 )
             if p.form != "plain":
@@ -492,7 +492,7 @@ class Decorrelator(EngineArguments):
         for name, layer in self.layers.items():
             layers[name] = LayerPlan(
                 name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
-                block=layer.decor_block, d=layer.decor_group_features, rows=0, c_out=layer.weight.shape[0],
+                block=layer.decor_block, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
                 groups=layer.decor_groups, cost=0.0,
             )  # fmt: skip
         return Plan(layers)

@@ -48,6 +48,8 @@ __all__ = [
     "DecorrelatedConv3d",
     "DecorrelatedLayer",
     "DecorrelatedLinear",
+    "LastDimRows",
+    "LayerExtension",
     "decorrelate",
     "decorrelated_layers",
     "decorrelation_matrices",
@@ -180,6 +182,11 @@ class DecorrelatedLayer(nn.Module):
         return self.weight[0].numel() * self.decor_groups
 
     @property
+    def decor_out_features(self) -> int:
+        """``C_out``, the layer's output features."""
+        return self.weight.shape[0]
+
+    @property
     def decor_group_features(self) -> int:
         """``d``, the input features of one group (``in_features``, or ``C_in / groups * prod(kernel_size)``)."""
         return self.weight[0].numel()
@@ -288,9 +295,14 @@ class DecorrelatedLayer(nn.Module):
             self._buffers["decor_R"] = R.to(device=moved.device, dtype=stats_dtype(moved.dtype))
         return self
 
+    def decor_fuse(self, weight: Tensor, R: Tensor) -> Tensor:
+        """``W @ R`` for a weight of this layer's layout (a layer kind whose weight is stored otherwise, such as
+        ``(in, out)``, says so here)."""
+        return fuse_weight(weight, R, self.decor_groups)
+
     def decor_fused_weight(self) -> Tensor:
         """``A = W @ R`` in the weight's shape and dtype (differentiable in ``W``)."""
-        return fuse_weight(self.weight, self.decor_R, self.decor_groups)
+        return self.decor_fuse(self.weight, self.decor_R)
 
     def _decor_weight(self) -> Tensor:
         """The weight of the layer call: ``W @ R`` in the fused form, ``W`` itself otherwise."""
@@ -337,17 +349,9 @@ class DecorrelatedLayer(nn.Module):
             destination[prefix + "weight"] = self.decor_fused_weight().detach()
 
 
-class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
-    """``nn.Linear`` computing with the fused weight ``W @ R``; rows are the last-dimension vectors."""
-
-    _decor_base = nn.Linear
-
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        if self._decor_keep(input):
-            self._decor_capture(input)
-        if self.decor_form == "input":
-            input = decorrelate_rows(input, self.decor_R)  # noqa: A001 (z = x R^T, then the plain layer)
-        return F.linear(input, self._decor_weight(), self.bias)
+class LastDimRows(DecorrelatedLayer):
+    """Rows of a layer that multiplies the last dimension of its input (``nn.Linear``, Hugging Face's ``Conv1D``):
+    one row per entry of the leading dimensions (samples and sequence positions alike)."""
 
     def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         return input.numel() // input.shape[-1]
@@ -368,6 +372,19 @@ class DecorrelatedLinear(DecorrelatedLayer, nn.Linear):
         drawn = torch.randint(total, (keep,), device=x.device, generator=self.decor_generator)
         # (keep, in_features), gathered row by row: O(keep * in_features), no copy of the whole activation
         return x[torch.unravel_index(drawn, lead)]
+
+
+class DecorrelatedLinear(LastDimRows, nn.Linear):
+    """``nn.Linear`` computing with the fused weight ``W @ R``; rows are the last-dimension vectors."""
+
+    _decor_base = nn.Linear
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        if self._decor_keep(input):
+            self._decor_capture(input)
+        if self.decor_form == "input":
+            input = decorrelate_rows(input, self.decor_R)  # noqa: A001 (z = x R^T, then the plain layer)
+        return F.linear(input, self._decor_weight(), self.bias)
 
 
 class _DecorrelatedConvNd(DecorrelatedLayer):
@@ -468,12 +485,17 @@ class LayerExtension:
         reasons: ``(model, owners, max_features, block_size) -> {name: why not, or None}`` for their layers.
         route: Called on the model after patching (containers whose fast paths would bypass ``W @ R``).
         restore: Called on the model after folding (containers that no longer hold a patched layer).
+        kind: ``module -> patched class or None``, for kinds known by name rather than by class (a package this
+            one does not import, such as ``transformers``).
+        view: ``module -> object whose .weight is (C_out, d)`` for the block-size rules, or ``None`` (the module).
     """
 
     patched: dict[type[nn.Module], type[DecorrelatedLayer]]
     reasons: Callable[[nn.Module, dict[int, int], int | None, int | None], dict[str, str | None]]
     route: Callable[[nn.Module], None]
     restore: Callable[[nn.Module], None]
+    kind: Callable[[nn.Module], type[DecorrelatedLayer] | None] | None = None
+    view: Callable[[nn.Module], Any] | None = None
 
 
 _EXTENSIONS: list[LayerExtension] = []
@@ -524,8 +546,11 @@ def _recomputed_weight(module: Any) -> str | None:
     return None
 
 
-def _skip_reason(module: Any, max_features: int | None = None, block_size: int | None = None) -> str | None:
-    """Why an eligible-type layer is not patched, or ``None``."""
+def _skip_reason(
+    module: Any, max_features: int | None = None, block_size: int | None = None, view: Any = None
+) -> str | None:
+    """Why an eligible-type layer is not patched, or ``None`` (``view``: its weight as ``(C_out, d)``, if the
+    module stores it otherwise)."""
     hook = _recomputed_weight(module)
     if hook is not None:
         return (
@@ -534,6 +559,7 @@ def _skip_reason(module: Any, max_features: int | None = None, block_size: int |
         )
     if isinstance(module, nn.Module) and not isinstance(getattr(module, "weight", None), nn.Parameter):
         return "its weight is not a Parameter (computed elsewhere)"
+    module = module if view is None else view
     d = module.weight[0].numel()
     if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
         mib = d * d * 4 / 2**20
@@ -639,9 +665,8 @@ def decorrelate(
             continue
         module = model.get_submodule(name)
         block = largest_block(_weight_of(module), max_features, block_size)
-        patched_class = _PATCHED.get(type(module)) or next(
-            e.patched[type(module)] for e in _EXTENSIONS if type(module) in e.patched
-        )
+        patched_class = _patched_class(module)
+        assert patched_class is not None  # eligible_layers names only kinds that have one
         module.__class__ = patched_class  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block)  # type: ignore[operator]
         patched.append(name)
@@ -698,8 +723,24 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
     layer.__class__ = layer._decor_base  # type: ignore[assignment]
 
 
+def _patched_class(module: nn.Module) -> type[DecorrelatedLayer] | None:
+    """The patched class of a layer's kind (``None`` for a kind nobody registered)."""
+    if type(module) in _PATCHED:
+        return _PATCHED[type(module)]
+    for extension in _EXTENSIONS:
+        if type(module) in extension.patched:
+            return extension.patched[type(module)]
+        if extension.kind is not None and (found := extension.kind(module)) is not None:
+            return found
+    return None
+
+
 def _weight_of(module: nn.Module) -> Any:
-    """What the block-size rules read of a layer: its weight, or an attention's packed in-projection."""
+    """What the block-size rules read of a layer: its weight as ``(C_out, d)``, or an attention's packed
+    in-projection, or what its kind's view says."""
     if isinstance(module, nn.MultiheadAttention) and not isinstance(module, DecorrelatedLayer):
         return types.SimpleNamespace(weight=module.in_proj_weight)
+    for extension in _EXTENSIONS:
+        if extension.view is not None and (seen := extension.view(module)) is not None:
+            return seen
     return module

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lightning_decor.functional import block_decorrelation_step, fuse_weight, identity_blocks, stats_dtype
+from lightning_decor.functional import block_decorrelation_step, identity_blocks, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _DecorrelatedConvNd
 from lightning_decor.plan import Costs, LayerShape, block_ladder, input_side_seconds
 
@@ -73,11 +73,10 @@ def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> flo
     weight = torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
     blocks = layer.decor_features // b
     R = identity_blocks(blocks, b, stats_dtype(w.dtype), w.device)
-    groups = layer.decor_groups
 
     @torch.enable_grad()  # the engine steps under no_grad
     def run() -> None:
-        fused = fuse_weight(weight, R, groups)
+        fused = layer.decor_fuse(weight, R)
         fused.backward(torch.ones_like(fused))
         weight.grad = None
 
