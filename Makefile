@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[test,examples,hf]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test,examples,hf,timm]' $(TORCH_PINS)
 	touch $@
 
 venv: $(VENV)/.installed

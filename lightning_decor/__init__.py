@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_decor import attention as _attention  # noqa: F401 (registers nn.MultiheadAttention with the verbs)
 from lightning_decor import averaging as _averaging  # noqa: F401 (routes AveragedModel through the fused weights)
 from lightning_decor import huggingface as _huggingface  # noqa: F401 (transformers' Conv1D, without importing it)
+from lightning_decor import timm_layers as _timm_layers  # noqa: F401 (timm's Conv2dSame, without importing it)
 from lightning_decor.engine import Decorrelator
 from lightning_decor.functional import decorrelation_loss, decorrelation_update_
 from lightning_decor.layers import decorrelate, decorrelation_matrices, fold

@@ -603,6 +603,12 @@ def eligible_layers(
                 f"an uninitialised {type(m).__name__}: its shape is known after its first forward; call the model "
                 "once on an example batch before fit"
             )
+        elif isinstance(m, tuple(_PATCHED)) and not isinstance(m, DecorrelatedLayer):
+            base = next(b for b in _PATCHED if isinstance(m, b))
+            kind = f"{type(m).__module__}.{type(m).__qualname__}"
+            reasons[name] = (
+                f"a subclass of nn.{base.__name__} ({kind}): its forward may compute otherwise than the plain layer"
+            )  # extensions below name the subclasses they handle
     for extension in _EXTENSIONS:
         reasons.update(extension.reasons(model, owners, max_features, block_size))
     for name in reasons:

@@ -18,6 +18,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "attention": ({"layers", "functional"}, False),
     "averaging": ({"layers"}, False),
     "huggingface": ({"functional", "layers"}, False),
+    "timm_layers": ({"layers"}, False),
     "probe": ({"functional", "layers", "plan"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "engine": ({"attention", "checks", "distributed", "functional", "layers", "plan", "planner", "probe"}, False),
