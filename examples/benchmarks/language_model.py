@@ -27,13 +27,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import fresh_plan_cache, machine, write_json
-from timing import TrainClock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator
 from lightning_decor.planner import plain_steps
+
+from common import fresh_plan_cache, machine, write_json
+from timing import TrainClock
 
 
 def corpus(megabytes: float) -> torch.Tensor:
@@ -158,7 +159,8 @@ def interleaved_ratio(args: argparse.Namespace) -> float:
     for name in ("BP", "DBP"):
         torch.manual_seed(0)
         model = ByteLM(1e-3, 100, context=args.context)
-        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), Decorrelator(model) if name == "DBP" else None)
+        engine = Decorrelator(model) if name == "DBP" else None
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), engine)
 
     def step(name: str, i: int) -> float:
         model, opt, engine = runs[name]
