@@ -10,7 +10,7 @@ rate is chosen from ``--lrs`` on the validation loss (seed 0) and used for both;
 excluded), and time to BP's final loss; then the step ratio with the steps of BP and DBP interleaved in one loop
 (the engine, ``Decorrelator``), the low-noise figure.
 
-    python examples/benchmarks/language_model.py                      # 3 seeds, ~15 min on 2 cores
+    python examples/benchmarks/language_model.py                      # 3 seeds, ~11 min on 2 cores
     python examples/benchmarks/language_model.py --seeds 0 --steps 100   # a smoke test
 """
 
