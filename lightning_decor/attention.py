@@ -32,7 +32,7 @@ tensor conversion of the ``nn.TransformerEncoder`` around it (the slow path take
 
 from __future__ import annotations
 
-import types
+import math
 import warnings
 from typing import Any
 
@@ -44,9 +44,11 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from lightning_decor.layers import (
     DecorrelatedLayer,
     DecorrelatedLinear,
-    LayerExtension,
-    _skip_reason,
-    register_extension,
+    LayerKind,
+    Routing,
+    _exactly,
+    register_kind,
+    register_routing,
 )
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "DecorrelatedMultiheadAttention",
     "DecorrelatedOutProj",
     "SlowPathTransformerEncoderLayer",
-    "attention_reasons",
     "restore_containers",
     "route_containers",
 ]
@@ -163,23 +164,24 @@ class DecorrelatedMultiheadAttention(DecorrelatedLayer, nn.MultiheadAttention):
         n = min(self._decor_n_samples(t.numel() // t.shape[-1]) for t in input)  # as decor_sample_rows draws
         return n if self.decor_max_rows is None else min(n, self.decor_max_rows)
 
-    def decor_sample_rows(self, input: Any) -> Tensor:  # noqa: A002 (the base's name)
+    def decor_rows(
+        self, input: Any, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
+    ) -> Tensor:
         """``(n, 3 E)``: ``n`` rows drawn uniformly from each of ``input = (query, key, value)`` (one draw per
-        distinct tensor, so self-attention gives three equal parts), ``n`` the smaller of
-        ``ceil(decor_sample_fraction * rows)`` over the inputs, at most ``decor_max_rows``. All rows, in order,
-        when that is every row of each input."""
+        distinct tensor, so self-attention gives three equal parts), ``n`` the smaller of ``ceil(fraction * rows)``
+        over the inputs, at most ``cap``. All rows, in order, when that is every row of each input."""
         tensors = [t.detach() for t in input]
         rows = [t.reshape(-1, t.shape[-1]) for t in tensors]  # (L * N, E) in either layout
-        n = min(self._decor_n_samples(r.shape[0]) for r in rows)
-        if self.decor_max_rows is not None:
-            n = min(n, self.decor_max_rows)
+        n = min(max(1, math.ceil(fraction * r.shape[0])) for r in rows)
+        if cap is not None:
+            n = min(n, cap)
         drawn: dict[int, Tensor] = {}
         for t, r in zip(input, rows):
             if id(t) not in drawn:
                 if n == r.shape[0]:
                     drawn[id(t)] = r
                 else:
-                    idx = torch.randint(r.shape[0], (n,), device=r.device, generator=self.decor_generator)
+                    idx = torch.randint(r.shape[0], (n,), device=r.device, generator=generator)
                     drawn[id(t)] = r.index_select(0, idx)
         return torch.cat([drawn[id(t)] for t in input], dim=1)  # a copy: the activations are not kept alive
 
@@ -252,31 +254,11 @@ class AttentionWithDecorrelatedOutProj(nn.MultiheadAttention):
 
 
 
-def attention_reasons(
-    model: nn.Module, owners: dict[int, int], max_features: int | None = None, block_size: int | None = None
-) -> dict[str, str | None]:
-    """Every attention module's in-projection (by the module's name) and ``out_proj`` mapped to why it would not
-    be patched (``None``: it would be). ``owners`` counts the modules holding each parameter (tied weights)."""
-    reasons: dict[str, str | None] = {}
-    for name, m in model.named_modules():
-        if type(m) not in (nn.MultiheadAttention, AttentionWithDecorrelatedOutProj):
-            continue
-        assert isinstance(m, nn.MultiheadAttention)
-        if not m._qkv_same_embed_dim:
-            reasons[name] = "separate q/k/v projection weights (kdim or vdim != embed_dim) are not decorrelated"
-        elif owners.get(id(m.in_proj_weight), 0) > 1:
-            reasons[name] = "weight shared with another module (tied weights)"
-        else:  # the checks of a Linear with in_features = E on the packed weight
-            reasons[name] = _skip_reason(types.SimpleNamespace(weight=m.in_proj_weight), max_features, block_size)  # type: ignore[arg-type]
-        out = m.out_proj
-        if type(out) is NonDynamicallyQuantizableLinear:
-            tied = owners.get(id(out.weight), 0) > 1
-            reasons[f"{name}.out_proj" if name else "out_proj"] = (
-                "weight shared with another module (tied weights)"
-                if tied
-                else _skip_reason(out, max_features, block_size)
-            )
-    return reasons
+def _separate_projections(module: nn.Module) -> str | None:
+    assert isinstance(module, nn.MultiheadAttention)
+    if not module._qkv_same_embed_dim:
+        return "separate q/k/v projection weights (kdim or vdim != embed_dim) are not decorrelated"
+    return None
 
 
 def _holds_patched(module: nn.Module) -> bool:
@@ -356,10 +338,15 @@ def restore_containers(model: nn.Module) -> None:
                 m.use_nested_tensor = m.__dict__.pop("_decor_use_nested_tensor")
 
 
-# Attention classes decorrelate() patches, by the class it finds.
-PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
-    nn.MultiheadAttention: DecorrelatedMultiheadAttention,
-    AttentionWithDecorrelatedOutProj: DecorrelatedMultiheadAttention,
-    NonDynamicallyQuantizableLinear: DecorrelatedOutProj,
-}
-register_extension(LayerExtension(PATCHED, attention_reasons, route_containers, restore_containers))
+# The packed in-projection (named by the attention module; the checks of a Linear with in_features = E on the
+# packed weight), and out_proj (a Linear subclass that only marks it as not dynamically quantizable).
+for _cls in (nn.MultiheadAttention, AttentionWithDecorrelatedOutProj):
+    register_kind(LayerKind(
+        "torch.nn.MultiheadAttention (packed in-projection)", _exactly(_cls),
+        lambda module: DecorrelatedMultiheadAttention, weight="in_proj_weight", reason=_separate_projections,
+    ))  # fmt: skip
+register_kind(LayerKind(
+    "torch.nn.MultiheadAttention's out_proj", _exactly(NonDynamicallyQuantizableLinear),
+    lambda module: DecorrelatedOutProj,
+))  # fmt: skip
+register_routing(Routing(route_containers, restore_containers))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_decor.layers import DecorrelatedLayer, LayerExtension, register_extension
+from lightning_decor.layers import DecorrelatedLayer, Routing, register_routing
 
 __all__ = ["FusedView", "update_fused"]
 
@@ -74,4 +74,4 @@ def _restore(model: nn.Module) -> None:
             del averaged.update_parameters
 
 
-register_extension(LayerExtension(patched={}, reasons=lambda *args: {}, route=_route, restore=_restore))
+register_routing(Routing(_route, _restore))

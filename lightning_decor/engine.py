@@ -55,7 +55,7 @@ from lightning_decor.layers import (
     decorrelate,
     decorrelated_layers,
     fold_layer,
-    restore_extensions,
+    restore_routing,
 )
 from lightning_decor.plan import LayerPlan, Plan, measure_costs
 from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
@@ -406,7 +406,7 @@ class Decorrelator(EngineArguments):
             if isinstance(layer, DecorrelatedLayer):  # the user may have folded it already
                 fold_layer(layer)
                 names.append(name)
-        restore_extensions(self.model)  # transformer layers get their fast paths back, averages their plain update
+        restore_routing(self.model)  # transformer layers get their fast paths back, averages their plain update
         self.layers, self._groups = {}, []
         return names
 
@@ -519,7 +519,7 @@ class Decorrelator(EngineArguments):
             if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
                 layer.decor_form = "fused"
         route_containers(self.model)  # an attention whose in-projection is plain now and out_proj is not
-        restore_extensions(self.model)  # containers left without a patched layer
+        restore_routing(self.model)  # containers left without a patched layer
         if plan.layers and not self.layers and _rank_zero():
             if plan.source == "pinned":
                 why = "(a pinned plan)"

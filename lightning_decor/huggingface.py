@@ -12,14 +12,11 @@ and an optional extra): the patched class is made on first use as a subclass of 
 
 from __future__ import annotations
 
-import types
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from lightning_decor.functional import decorrelate_rows, fuse_weight
-from lightning_decor.layers import LastDimRows, LayerExtension, _skip_reason, register_extension
+from lightning_decor.layers import LastDimRows, LayerKind, patched_subclass, register_kind
 
 __all__ = ["DecorrelatedHFConv1D", "is_hf_conv1d"]
 
@@ -71,42 +68,7 @@ class DecorrelatedHFConv1D(LastDimRows):
         return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), weight).view(size_out)  # as Conv1D computes
 
 
-_CLASSES: dict[type[nn.Module], type[DecorrelatedHFConv1D]] = {}
-
-
-def _kind(module: nn.Module) -> type[DecorrelatedHFConv1D] | None:
-    if not is_hf_conv1d(module):
-        return None
-    base = type(module)
-    if base not in _CLASSES:
-        _CLASSES[base] = types.new_class(
-            "DecorrelatedConv1D", (DecorrelatedHFConv1D, base), {},
-            lambda ns: ns.update({"_decor_base": base, "__module__": __name__}),
-        )  # fmt: skip
-    return _CLASSES[base]
-
-
-def _view(module: nn.Module) -> Any:
-    """The ``(out, in)`` weight the block-size rules read."""
-    return types.SimpleNamespace(weight=module.weight.t()) if is_hf_conv1d(module) else None
-
-
-def _reasons(
-    model: nn.Module, owners: dict[int, int], max_features: int | None, block_size: int | None
-) -> dict[str, str | None]:
-    reasons: dict[str, str | None] = {}
-    for name, m in model.named_modules():
-        if is_hf_conv1d(m):
-            tied = owners.get(id(m.weight), 0) > 1
-            reasons[name] = (
-                "weight shared with another module (tied weights)"
-                if tied
-                else _skip_reason(m, max_features, block_size, view=_view(m))
-            )
-    return reasons
-
-
-register_extension(
-    LayerExtension(patched={}, reasons=_reasons, route=lambda model: None, restore=lambda model: None,
-                   kind=_kind, view=_view)  # fmt: skip
-)
+register_kind(LayerKind(
+    f"{_MODULE}.{_NAME}", is_hf_conv1d,
+    lambda module: patched_subclass(DecorrelatedHFConv1D, type(module), "DecorrelatedConv1D"), transposed=True,
+))  # fmt: skip

@@ -49,15 +49,19 @@ __all__ = [
     "DecorrelatedLayer",
     "DecorrelatedLinear",
     "LastDimRows",
-    "LayerExtension",
+    "LayerKind",
+    "Routing",
     "decorrelate",
     "decorrelated_layers",
     "decorrelation_matrices",
     "eligible_layers",
     "fold",
     "fold_layer",
-    "register_extension",
-    "restore_extensions",
+    "layer_kind",
+    "patched_subclass",
+    "register_kind",
+    "register_routing",
+    "restore_routing",
 ]
 
 
@@ -228,22 +232,10 @@ class DecorrelatedLayer(nn.Module):
 
     def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
         """How many rows :meth:`decor_sample_rows` keeps from this forward of ``rows`` rows (without drawing)."""
-        samples = input.shape[0] if input.dim() == self.weight.dim() else 1
-        if self.weight.dim() == 2:  # Linear: a fraction of all rows
-            kept = self._decor_n_samples(rows)
-        else:  # convolution: a fraction of the samples, with all their patches
-            kept = self._decor_n_samples(samples) * (rows // max(samples, 1))
-        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
+        raise NotImplementedError
 
     def _decor_n_samples(self, n: int) -> int:
         return max(1, math.ceil(self.decor_sample_fraction * n))
-
-    def _decor_cap(self, rows: Tensor) -> Tensor:
-        cap = self.decor_max_rows
-        if cap is not None and rows.shape[0] > cap:
-            idx = torch.randint(rows.shape[0], (cap,), device=rows.device, generator=self.decor_generator)
-            rows = rows.index_select(0, idx)
-        return rows
 
     @torch.compiler.disable
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
@@ -280,9 +272,17 @@ class DecorrelatedLayer(nn.Module):
         self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        """The raw input rows this layer keeps from one training forward (detached): those of the first
-        ``ceil(decor_sample_fraction * N)`` samples (for Linear: rows over all leading dimensions), at most
-        ``decor_max_rows`` of them drawn at random."""
+        """The raw input rows this layer keeps from one training forward (detached): :meth:`decor_rows` with the
+        layer's ``decor_sample_fraction``, ``decor_max_rows`` and ``decor_generator``."""
+        return self.decor_rows(input, self.decor_sample_fraction, self.decor_max_rows, self.decor_generator)
+
+    def decor_rows(
+        self, input: Any, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
+    ) -> Tensor:
+        """The rows ``R`` acts on in one forward of ``input`` (the module's input, as a forward hook sees it),
+        detached, ``(n, decor_features)``: those of the first ``ceil(fraction * N)`` samples (for the last-dimension
+        kinds: ``ceil(fraction * rows)`` rows over all leading dimensions), at most ``cap`` of them drawn with
+        ``generator``. Each layer kind says how its rows are taken (patches for a convolution)."""
         raise NotImplementedError
 
     def _apply(self, fn: Any, recurse: bool = True) -> DecorrelatedLayer:
@@ -356,20 +356,25 @@ class LastDimRows(DecorrelatedLayer):
     def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         return input.numel() // input.shape[-1]
 
-    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        """The input rows this layer keeps from one training forward (detached): every row when
-        ``ceil(decor_sample_fraction * rows)`` (at most ``decor_max_rows``) covers them all, otherwise that many
-        rows drawn uniformly, with replacement, over all leading dimensions (samples and sequence positions alike:
-        the first rows in memory order would all come from the first sequences)."""
+    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
+        kept = self._decor_n_samples(rows)  # a fraction of all rows
+        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
+
+    def decor_rows(
+        self, input: Tensor, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
+    ) -> Tensor:
+        """Every row when ``ceil(fraction * rows)`` (at most ``cap``) covers them all, otherwise that many rows
+        drawn uniformly, with replacement, over all leading dimensions (samples and sequence positions alike: the
+        first rows in memory order would all come from the first sequences)."""
         x = input.detach()
         lead = x.shape[:-1]  # (N, T, ...): one row per entry
         total = math.prod(lead)
-        keep = self._decor_n_samples(total)
-        if self.decor_max_rows is not None:
-            keep = min(keep, self.decor_max_rows)
+        keep = max(1, math.ceil(fraction * total))
+        if cap is not None:
+            keep = min(keep, cap)
         if keep >= total:
             return x.reshape(-1, x.shape[-1])  # (N * T, in_features)
-        drawn = torch.randint(total, (keep,), device=x.device, generator=self.decor_generator)
+        drawn = torch.randint(total, (keep,), device=x.device, generator=generator)
         # (keep, in_features), gathered row by row: O(keep * in_features), no copy of the whole activation
         return x[torch.unravel_index(drawn, lead)]
 
@@ -401,9 +406,19 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         if self._decor_keep(input):
             self._decor_capture(input)
+        x = self._decor_conv_input(input)
         if self.decor_form == "input":
-            return self._decor_input_forward(input)
-        return self._conv_forward(input, self._decor_weight(), self.bias)  # type: ignore[attr-defined,operator]
+            return self._decor_input_forward(x)
+        return self._conv_forward(x, self._decor_layer_weight(self._decor_weight()), self.bias)  # type: ignore[attr-defined,operator]
+
+    def _decor_conv_input(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        """What the convolution itself sees of the module's input (a kind that pads in its forward pads here)."""
+        return input
+
+    def _decor_layer_weight(self, weight: Tensor) -> Tensor:
+        """The convolution's weight made from ``W @ R`` (``W`` before ``R`` moves), as the plain layer makes its
+        weight from ``W`` (a kind that standardises its weight does it here)."""
+        return weight
 
     def _decor_geometry(self) -> dict[str, Any]:
         return dict(
@@ -413,26 +428,39 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
             padding_mode=self.padding_mode,
         )
 
-    def _decor_input_forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+    def _decor_input_forward(self, x: Tensor) -> Tensor:
         # im2col, z = rows R^T, y = z W^T: cheaper than forming W @ R when the layer sees few rows (N * L < C_out).
-        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
+        batched = x.dim() == self.weight.dim()
+        x = x if batched else x.unsqueeze(0)  # unbatched input
         geometry = self._decor_geometry()
         rows = decorrelate_rows(conv_patch_rows(x, self.kernel_size, **geometry), self.decor_R)  # (N * L, d)
         y = F.linear(rows, self.weight.reshape(self.weight.shape[0], -1), self.bias)  # (N * L, C_out)
         pads = _pads(self.kernel_size, self.dilation, geometry["padding"])
         sizes = _out_sizes(x, self.kernel_size, self.stride, self.dilation, pads)
         y = y.reshape(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *sizes)
-        return y if input.dim() == self.weight.dim() else y.squeeze(0)
+        return y if batched else y.squeeze(0)
+
+    def _decor_batched(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
+        return input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input: one sample
 
     def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
-        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)
-        return x.shape[0] * conv_output_positions(x, self.kernel_size, **self._decor_geometry())
+        x = self._decor_batched(input)
+        positions = conv_output_positions(self._decor_conv_input(x[:1]), self.kernel_size, **self._decor_geometry())
+        return x.shape[0] * positions
 
-    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        x = input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input
-        x = x[: self._decor_n_samples(x.shape[0])].detach()  # samples, before any unfold
+    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
+        samples = self._decor_batched(input).shape[0]
+        kept = self._decor_n_samples(samples) * (rows // max(samples, 1))  # a fraction of the samples, all patches
+        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
+
+    def decor_rows(
+        self, input: Tensor, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
+    ) -> Tensor:
+        """The im2col patches (``d = C_in / groups * prod(kernel_size)``, the groups side by side) of the first
+        ``ceil(fraction * N)`` samples, at most ``cap`` of them drawn uniformly with replacement."""
+        x = self._decor_batched(input)
+        x = self._decor_conv_input(x[: max(1, math.ceil(fraction * x.shape[0]))].detach())  # samples, then pad
         geometry = self._decor_geometry()
-        cap = self.decor_max_rows
         if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
             # (cap, d), gathered without unfolding, with index tables kept for this input shape
             key = (tuple(x.shape), x.device)
@@ -441,10 +469,8 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
                 index = conv_patch_index(tuple(x.shape), self.kernel_size, device=x.device, **{
                     k: v for k, v in geometry.items() if k != "padding_mode"})  # fmt: skip
                 cached = self.__dict__["_decor_index"] = (key, index)
-            return sample_conv_patch_rows(
-                x, cap, self.kernel_size, generator=self.decor_generator, index=cached[1], **geometry
-            )
-        return self._decor_cap(conv_patch_rows(x, self.kernel_size, **geometry))  # (k * L_out, d)
+            return sample_conv_patch_rows(x, cap, self.kernel_size, generator=generator, index=cached[1], **geometry)
+        return conv_patch_rows(x, self.kernel_size, **geometry)  # (k * L_out, d)
 
 
 class DecorrelatedConv1d(_DecorrelatedConvNd, nn.Conv1d):
@@ -466,45 +492,101 @@ class DecorrelatedConv3d(_DecorrelatedConvNd, nn.Conv3d):
 
 
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
-
-_PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
-    nn.Linear: DecorrelatedLinear,
-    nn.Conv1d: DecorrelatedConv1d,
-    nn.Conv2d: DecorrelatedConv2d,
-    nn.Conv3d: DecorrelatedConv3d,
-}
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their subclasses are plain unless a kind names them
 
 
 @dataclass(frozen=True)
-class LayerExtension:
-    """More layer kinds for the verbs, registered by a module built on this one (so that this module imports none
-    of them): :mod:`lightning_decor.attention` registers ``nn.MultiheadAttention``'s projections.
+class LayerKind:
+    """The adapter of one kind of layer: how the verbs recognise it, patch it and read its weight. Its patched class
+    holds the rest: how its input rows are taken (:meth:`DecorrelatedLayer.decor_rows`), how ``W @ R`` is formed
+    (:meth:`DecorrelatedLayer.decor_fuse`) and what it folds back to (``_decor_base``, with the fused weight).
+
+    :func:`layer_kind` is the one place that chooses a module's kind: :func:`eligible_layers`, :func:`decorrelate`
+    and everything after them ask it (or the patched layer) rather than testing classes.
 
     Attributes:
-        patched: Plain class -> patched class, for :func:`decorrelate`.
-        reasons: ``(model, owners, max_features, block_size) -> {name: why not, or None}`` for their layers.
-        route: Called on the model after patching (containers whose fast paths would bypass ``W @ R``).
-        restore: Called on the model after folding (containers that no longer hold a patched layer).
-        kind: ``module -> patched class or None``, for kinds known by name rather than by class (a package this
-            one does not import, such as ``transformers``).
-        view: ``module -> object whose .weight is (C_out, d)`` for the block-size rules, or ``None`` (the module).
+        name: The kind, as users know it (``"torch.nn.Linear"``).
+        matches: ``module -> bool``: whether ``module`` is of this kind. Exact classes, not subclasses (a
+            subclass's forward may compute otherwise); a kind from a package this one does not import (``timm``,
+            ``transformers``) is told by its class's module and name.
+        patched: ``module -> patched class`` (the class swapped in; made on first use for kinds known by name).
+        weight: The name of the parameter ``R`` multiplies (``"in_proj_weight"`` for attention).
+        transposed: The weight is stored ``(d, C_out)`` (Hugging Face's ``Conv1D``) rather than ``(C_out, d)``.
+        reason: ``module -> why it stays plain, or None``, for reasons of the kind itself (checked before the common
+            ones: tied, recomputed, not a Parameter, too wide, frozen).
     """
 
-    patched: dict[type[nn.Module], type[DecorrelatedLayer]]
-    reasons: Callable[[nn.Module, dict[int, int], int | None, int | None], dict[str, str | None]]
+    name: str
+    matches: Callable[[nn.Module], bool]
+    patched: Callable[[nn.Module], type[DecorrelatedLayer]]
+    weight: str = "weight"
+    transposed: bool = False
+    reason: Callable[[nn.Module], str | None] | None = None
+
+    def matrix(self, module: nn.Module) -> Tensor:
+        """The weight ``R`` multiplies, as ``(C_out, d)`` (for grouped convolutions ``(C_out, d / groups, k...)``)."""
+        w = getattr(module, self.weight)
+        return w.t() if self.transposed else w
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a module built on this one routes around patched layers (so that this module imports none of them):
+    containers whose fast paths would bypass ``W @ R`` (:mod:`lightning_decor.attention`), averages that must see
+    the fused weights (:mod:`lightning_decor.averaging`).
+
+    Attributes:
+        route: Called on the model after patching (idempotent).
+        restore: Called on the model after folding (gives back what no longer holds a patched layer).
+    """
+
     route: Callable[[nn.Module], None]
     restore: Callable[[nn.Module], None]
-    kind: Callable[[nn.Module], type[DecorrelatedLayer] | None] | None = None
-    view: Callable[[nn.Module], Any] | None = None
 
 
-_EXTENSIONS: list[LayerExtension] = []
+def _exactly(cls: type[nn.Module]) -> Callable[[nn.Module], bool]:
+    return lambda module: type(module) is cls
 
 
-def register_extension(extension: LayerExtension) -> None:
-    """Teach :func:`decorrelate`, :func:`eligible_layers` and :func:`fold` more layer kinds (idempotent)."""
-    if extension not in _EXTENSIONS:
-        _EXTENSIONS.append(extension)
+_KINDS: list[LayerKind] = [
+    LayerKind(f"torch.nn.{cls.__name__}", _exactly(cls), lambda module, patched=patched: patched)
+    for cls, patched in ((nn.Linear, DecorrelatedLinear), (nn.Conv1d, DecorrelatedConv1d),
+                         (nn.Conv2d, DecorrelatedConv2d), (nn.Conv3d, DecorrelatedConv3d))
+]  # fmt: skip
+_ROUTINGS: list[Routing] = []
+
+
+def register_kind(kind: LayerKind) -> None:
+    """Teach :func:`decorrelate`, :func:`eligible_layers` and :func:`fold` another layer kind (idempotent)."""
+    if kind not in _KINDS:
+        _KINDS.append(kind)
+
+
+def register_routing(routing: Routing) -> None:
+    """Route containers or averages around patched layers after every :func:`decorrelate` (idempotent)."""
+    if routing not in _ROUTINGS:
+        _ROUTINGS.append(routing)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a plain ``module`` (``None``: not a kind that is decorrelated, or patched already)."""
+    if isinstance(module, DecorrelatedLayer):
+        return None
+    return next((kind for kind in _KINDS if kind.matches(module)), None)
+
+
+_SUBCLASSES: dict[tuple[type, type], type[DecorrelatedLayer]] = {}
+
+
+def patched_subclass(mixin: type[DecorrelatedLayer], base: type[nn.Module], name: str) -> type[DecorrelatedLayer]:
+    """The patched class of ``base`` (a class of a package this one does not import): ``mixin`` before ``base``,
+    made once per pair and folding back to ``base``."""
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = types.new_class(
+            name, (mixin, base), {}, lambda ns: ns.update({"_decor_base": base, "__module__": mixin.__module__})
+        )
+    return _SUBCLASSES[key]
 
 
 def largest_block(module: Any, max_features: int | None = None, block_size: int | None = None) -> int | None:
@@ -546,29 +628,30 @@ def _recomputed_weight(module: Any) -> str | None:
     return None
 
 
-def _skip_reason(
-    module: Any, max_features: int | None = None, block_size: int | None = None, view: Any = None
-) -> str | None:
-    """Why an eligible-type layer is not patched, or ``None`` (``view``: its weight as ``(C_out, d)``, if the
-    module stores it otherwise)."""
+def _skip_reason(module: nn.Module, kind: LayerKind, max_features: int | None, block_size: int | None) -> str | None:
+    """Why a layer of ``kind`` is not patched, or ``None``: the kind's own reason, then the common checks on the
+    weight ``R`` would multiply."""
+    reason = kind.reason(module) if kind.reason is not None else None
+    if reason is not None:
+        return reason
     hook = _recomputed_weight(module)
     if hook is not None:
         return (
             f"its weight is recomputed before every forward by {hook} (old-style), which would overwrite W @ R; "
             "the parametrizations in torch.nn.utils.parametrizations are left plain too"
         )
-    if isinstance(module, nn.Module) and not isinstance(getattr(module, "weight", None), nn.Parameter):
+    if not isinstance(getattr(module, kind.weight, None), nn.Parameter):
         return "its weight is not a Parameter (computed elsewhere)"
-    module = module if view is None else view
-    d = module.weight[0].numel()
+    weight = kind.matrix(module)
+    d = weight[0].numel()
     if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
         mib = d * d * 4 / 2**20
         return (
             f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
         )
-    if not module.weight.requires_grad:
+    if not weight.requires_grad:
         return "frozen (weight.requires_grad is False)"
-    if largest_block(module, max_features, block_size) is None:
+    if largest_block(types.SimpleNamespace(weight=weight), max_features, block_size) is None:
         return f"d = {d} > max_features = {max_features}, and no equal split into blocks of at most {block_size} fits"
     return None
 
@@ -576,11 +659,12 @@ def _skip_reason(
 def eligible_layers(
     model: nn.Module, max_features: int | None = None, block_size: int | None = None
 ) -> dict[str, str | None]:
-    """Qualified names of every ``nn.Linear``/``nn.Conv1d/2d/3d`` (exact type) and of every attention projection
-    (an ``nn.MultiheadAttention``'s name for its packed in-projection, and its ``out_proj``) mapped to why it would
-    be skipped.
+    """Qualified names of every layer of a known kind (:func:`layer_kind`: exact ``nn.Linear``/``nn.Conv1d/2d/3d``,
+    attention's packed in-projection by the attention module's name and its ``out_proj``, and the kinds of
+    ``transformers`` and ``timm``), and of every other subclass of those layers and every uninitialised lazy layer,
+    mapped to why it would be skipped.
 
-    ``None`` means the layer would be patched. Other subclasses of these layers are not eligible.
+    ``None`` means the layer would be patched.
     """
     # A weight read by another module too (weight tying) would see the raw W there but W @ R here, and fold
     # would change the other module: such layers stay plain.
@@ -588,35 +672,33 @@ def eligible_layers(
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
-    reasons = {}
+    reasons: dict[str, str | None] = {}
     averaged = [name for name, m in model.named_modules() if isinstance(m, torch.optim.swa_utils.AveragedModel)]
     for name, m in model.named_modules():
-        if type(m) in _PATCHED:  # the kinds of this module; extensions name their own layers below
-            tied = owners.get(id(getattr(m, "weight", None)), 0) > 1
+        kind = layer_kind(m)
+        if kind is not None:
+            tied = owners.get(id(getattr(m, kind.weight, None)), 0) > 1
+            own = kind.reason(m) if kind.reason is not None else None
             reasons[name] = (
                 "weight shared with another module (tied weights)"
-                if tied
-                else _skip_reason(m, max_features, block_size)
+                if tied and own is None
+                else _skip_reason(m, kind, max_features, block_size)
             )
         elif isinstance(m, _LAZY) and m.has_uninitialized_params():
             reasons[name] = (
                 f"an uninitialised {type(m).__name__}: its shape is known after its first forward; call the model "
                 "once on an example batch before fit"
             )
-        elif isinstance(m, tuple(_PATCHED)) and not isinstance(m, DecorrelatedLayer):
-            base = next(b for b in _PATCHED if isinstance(m, b))
-            kind = f"{type(m).__module__}.{type(m).__qualname__}"
+        elif isinstance(m, _BASES) and not isinstance(m, DecorrelatedLayer):
+            base = next(b for b in _BASES if isinstance(m, b))
             reasons[name] = (
-                f"a subclass of nn.{base.__name__} ({kind}): its forward may compute otherwise than the plain layer"
-            )  # extensions below name the subclasses they handle
-    for extension in _EXTENSIONS:
-        reasons.update(extension.reasons(model, owners, max_features, block_size))
-    for name in reasons:
+                f"a subclass of nn.{base.__name__} ({type(m).__module__}.{type(m).__qualname__}): its forward may "
+                "compute otherwise than the plain layer"
+            )
         owner = next((a for a in averaged if _matches(name, [a])), None)
-        if owner is not None:  # the average of the trained model: lightning_decor.averaging averages W @ R into it
+        if name in reasons and owner is not None:  # lightning_decor.averaging averages W @ R into it
             reasons[name] = f"inside the torch.optim.swa_utils.AveragedModel {owner!r} (an average, not trained)"
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return dict(sorted(reasons.items(), key=lambda item: order[item[0]]))  # in module order
+    return reasons
 
 
 def decorrelate(
@@ -670,14 +752,14 @@ def decorrelate(
         if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
             continue
         module = model.get_submodule(name)
-        block = largest_block(_weight_of(module), max_features, block_size)
-        patched_class = _patched_class(module)
-        assert patched_class is not None  # eligible_layers names only kinds that have one
-        module.__class__ = patched_class  # the class swap torch.nn.utils.parametrize also uses
+        kind = layer_kind(module)
+        assert kind is not None  # eligible_layers passes only layers of a kind
+        block = largest_block(types.SimpleNamespace(weight=kind.matrix(module)), max_features, block_size)
+        module.__class__ = kind.patched(module)  # the class swap torch.nn.utils.parametrize also uses
         module._decor_init(block)  # type: ignore[operator]
         patched.append(name)
-    for extension in _EXTENSIONS:
-        extension.route(model)  # e.g. transformer fast paths that would bypass W @ R
+    for routing in _ROUTINGS:
+        routing.route(model)  # e.g. transformer fast paths that would bypass W @ R
     return patched
 
 
@@ -704,14 +786,14 @@ def fold(model: nn.Module) -> list[str]:
     for name, m in decorrelated_layers(model).items():
         fold_layer(m)
         folded.append(name)
-    restore_extensions(model)
+    restore_routing(model)
     return folded
 
 
-def restore_extensions(model: nn.Module) -> None:
+def restore_routing(model: nn.Module) -> None:
     """What the registered layer kinds routed around their layers, back where no patched layer needs it."""
-    for extension in _EXTENSIONS:
-        extension.restore(model)
+    for routing in _ROUTINGS:
+        routing.restore(model)
 
 
 @torch.no_grad()
@@ -727,26 +809,3 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
     ):  # fmt: skip
         layer.__dict__.pop(attr, None)
     layer.__class__ = layer._decor_base  # type: ignore[assignment]
-
-
-def _patched_class(module: nn.Module) -> type[DecorrelatedLayer] | None:
-    """The patched class of a layer's kind (``None`` for a kind nobody registered)."""
-    if type(module) in _PATCHED:
-        return _PATCHED[type(module)]
-    for extension in _EXTENSIONS:
-        if type(module) in extension.patched:
-            return extension.patched[type(module)]
-        if extension.kind is not None and (found := extension.kind(module)) is not None:
-            return found
-    return None
-
-
-def _weight_of(module: nn.Module) -> Any:
-    """What the block-size rules read of a layer: its weight as ``(C_out, d)``, or an attention's packed
-    in-projection, or what its kind's view says."""
-    if isinstance(module, nn.MultiheadAttention) and not isinstance(module, DecorrelatedLayer):
-        return types.SimpleNamespace(weight=module.in_proj_weight)
-    for extension in _EXTENSIONS:
-        if extension.view is not None and (seen := extension.view(module)) is not None:
-            return seen
-    return module

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_decor.functional import conv_patch_rows, correlation_picture, off_diagonal, sample_conv_patch_rows
+from lightning_decor.functional import correlation_picture, off_diagonal
 from lightning_decor.layers import DecorrelatedLayer
 
 __all__ = ["TensorBoardPictures", "histogram", "picture_rows"]
@@ -42,26 +42,11 @@ def histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:
 
 
 def picture_rows(layer: DecorrelatedLayer, x: Tensor) -> Tensor:
-    """The raw input rows behind the correlation picture: at most 8192 rows of the layer's input ``x`` (im2col
-    patches for a convolution, all groups side by side), drawn with a fixed seed so that pictures do not move the
-    training RNG."""
+    """The raw input rows behind the correlation picture: at most 8192 of the rows ``R`` acts on in a forward of
+    ``x`` (the layer kind's own rows: im2col patches for a convolution, all groups side by side), drawn with a fixed
+    seed so that pictures do not move the training RNG."""
     generator = torch.Generator(device=x.device).manual_seed(0)
-    if isinstance(layer, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])  # (N * T, in_features)
-        if rows.shape[0] > _PICTURE_ROWS:
-            rows = rows[torch.randperm(rows.shape[0], device=rows.device, generator=generator)[:_PICTURE_ROWS]]
-        return rows
-    conv: Any = layer  # a Conv1d/2d/3d
-    x = x if x.dim() == conv.weight.dim() else x.unsqueeze(0)  # unbatched input
-    geometry: dict[str, Any] = dict(
-        stride=conv.stride,
-        padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-        dilation=conv.dilation,
-        padding_mode=conv.padding_mode,
-    )
-    if x[:, 0].numel() > _PICTURE_ROWS:  # more patches (for stride 1) than needed
-        return sample_conv_patch_rows(x, _PICTURE_ROWS, conv.kernel_size, generator=generator, **geometry)
-    return conv_patch_rows(x, conv.kernel_size, **geometry)  # (N * positions, d)
+    return layer.decor_rows(x, 1.0, _PICTURE_ROWS, generator)
 
 
 class TensorBoardPictures:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lightning_decor.functional import block_decorrelation_step, identity_blocks, stats_dtype
-from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear, _DecorrelatedConvNd
+from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Costs, LayerShape, block_ladder, input_side_seconds
 
 __all__ = ["measure_candidates"]
@@ -176,7 +176,7 @@ def measure_candidates(
         g = gen.setdefault(w.device, torch.Generator(device=w.device).manual_seed(0))
         sig = (type(layer), tuple(w.shape), w.dtype, w.device, s.groups)
         shape = input_shapes.get(name)
-        probeable = isinstance(layer, (DecorrelatedLinear, _DecorrelatedConvNd)) and shape is not None
+        probeable = shape is not None  # a layer of one input tensor (not attention's query, key, value)
         sample = 0.0
         if probeable:
             sample = cached(("sample", sig, shape, layer.decor_sample_fraction, layer.decor_max_rows),

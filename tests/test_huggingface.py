@@ -105,3 +105,12 @@ def test_every_linear_projection_of_bert_llama_and_vit_is_decorrelated(name: str
     dec.step()
     assert dec.updates == 1 and all(layer.decor_rows_seen() == 0 for layer in dec.layers.values())  # all taken
     assert torch.isfinite(dec.last_losses).all()  # every layer saw rows: each one's forward is called
+
+
+def test_correlation_picture_rows_of_conv1d_are_its_input_vectors() -> None:
+    from lightning_decor.pictures import picture_rows
+
+    layer = Conv1D(6, 4)  # in 4, out 6
+    decorrelate(layer)
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(picture_rows(layer, x), x.reshape(-1, 4), rtol=0, atol=0)  # every row, in order
