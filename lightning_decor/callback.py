@@ -358,7 +358,7 @@ class DecorrelationCallback(EngineArguments, Callback):
         engine.step()
         if engine.plan is not None and self._plan_shown is not engine.plan:  # after every (re)plan
             self._plan_shown = engine.plan
-            rank_zero_info(engine.plan.table())
+            rank_zero_info(engine.plan.table(engine.left_plain))
         elif engine.overhead is not overhead and engine.plan is not None:  # a check kept the plan
             rank_zero_info(engine.plan.table().splitlines()[0])
         if engine.overhead is not overhead and engine.overhead is not None:

@@ -54,6 +54,7 @@ from lightning_decor.layers import (
     DecorrelatedLayer,
     decorrelate,
     decorrelated_layers,
+    eligible_layers,
     fold_layer,
     restore_routing,
 )
@@ -189,9 +190,16 @@ class Decorrelator(EngineArguments):
         self._set_engine_arguments(locals())
         pinned = _pinned_plan(plan)
         self.model = model
+        eligible = eligible_layers(model, self.max_features, self.block_size)
         new = decorrelate(model, include=self.include, exclude=self.exclude, max_features=self.max_features,
                           block_size=self.block_size)  # fmt: skip
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
+        # Every layer of a known kind (or a subclass of one) left plain, with why: the plan table lists them.
+        self.left_plain: dict[str, str] = {
+            name: why or "left out by `include` / `exclude`"
+            for name, why in eligible.items()
+            if name not in self.layers
+        }
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by pooling rows instead.
         ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self.layers})  # type: ignore[assignment]

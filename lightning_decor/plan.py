@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,9 +214,10 @@ class Plan:
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"Expected a plan file written by Plan.save, but {str(path)!r} is not one: {err}") from err
 
-    def table(self) -> str:
+    def table(self, left_plain: Mapping[str, str] | None = None) -> str:
         """The plan as a text table: layer, ``d``, rows per step, ``C_out``, groups, form, block, estimated share;
-        its head names the source of the costs and, once measured, DBP's real share of the step."""
+        its head names the source of the costs and, once measured, DBP's real share of the step. ``left_plain``
+        (``Decorrelator.left_plain``): layers never decorrelated, listed after the plan with why."""
         step = self.step_seconds
         if step is not None and self.max_overhead is not None:
             head = (
@@ -228,7 +230,8 @@ class Plan:
             head = _SOURCE_TEXT[self.source]
         if self.measured_overhead is not None:
             head += f"; measured DBP cost {self.measured_overhead:.1%} of the plain step"
-        width = max([len("layer"), *(len(n) for n in self.layers)])
+        left_plain = dict(left_plain or {})
+        width = max([len("layer"), *(len(n) for n in (*self.layers, *left_plain))])
         lines = [
             f"Decorrelation plan ({head}):",
             f"{'layer':<{width}} {'d':>6} {'rows':>8} {'C_out':>6} {'groups':>6} {'form':>6} {'block':>6} {'share':>7}",
@@ -239,6 +242,8 @@ class Plan:
                 f"{name:<{width}} {p.d:>6} {p.rows:>8} {p.c_out:>6} {p.groups:>6} {p.form:>6} "
                 f"{p.block if p.block else '-':>6} {share:>7}" + (f"  ({p.note})" if p.note else "")
             )
+        for name, why in left_plain.items():
+            lines.append(f"{name:<{width}} {'-':>6} {'-':>8} {'-':>6} {'-':>6} {'plain':>6} {'-':>6} {'-':>7}  ({why})")
         return "\n".join(lines)
 
 

@@ -417,6 +417,34 @@ def test_overhead_is_logged_at_the_check_and_shown_in_the_plan_table(tmp_path, c
     assert caplog.text.count("Decorrelation plan (") == 2  # the table at the plan, its head line after the check
 
 
+class ScaledLinear(nn.Linear):
+    """A subclass with a forward of its own: left plain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+class MixedModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), ScaledLinear(16, 16), nn.Tanh(), nn.Linear(16, 16),
+                                 nn.Tanh(), nn.Linear(16, 2))  # fmt: skip
+        self.net[4].requires_grad_(False)
+
+
+def test_the_plan_table_lists_the_layers_left_plain_with_why(tmp_path, caplog) -> None:
+    cb = DecorrelationCallback(max_overhead=100.0, exclude=["net.6"])
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match="leaves these layers plain"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(MixedModule())
+    table = caplog.text[caplog.text.index("Decorrelation plan ("):]
+    rows = {line.split()[0]: line for line in table.splitlines()[2:6]}
+    assert set(rows) == {"net.0", "net.2", "net.4", "net.6"}
+    assert "(a subclass of nn.Linear (test_callback.ScaledLinear): its forward may compute otherwise" in rows["net.2"]
+    assert "plain" in rows["net.4"] and "(frozen (weight.requires_grad is False))" in rows["net.4"]
+    assert rows["net.6"].endswith("(left out by `include` / `exclude`)")
+    assert cb.engine is not None and set(cb.engine.left_plain) == {"net.2", "net.4", "net.6"}
+
+
 def test_a_pinned_plan_file_from_an_earlier_run(tmp_path) -> None:
     cb = DecorrelationCallback(max_overhead=100.0, fold_on_fit_end=False)
     quiet_trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(TinyModule())
