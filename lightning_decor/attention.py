@@ -32,7 +32,6 @@ tensor conversion of the ``nn.TransformerEncoder`` around it (the slow path take
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -46,7 +45,7 @@ from lightning_decor.layers import (
     DecorrelatedLinear,
     LayerKind,
     Routing,
-    _exactly,
+    kept_count,
     register_kind,
     register_routing,
 )
@@ -172,7 +171,7 @@ class DecorrelatedMultiheadAttention(DecorrelatedLayer, nn.MultiheadAttention):
         over the inputs, at most ``cap``. All rows, in order, when that is every row of each input."""
         tensors = [t.detach() for t in input]
         rows = [t.reshape(-1, t.shape[-1]) for t in tensors]  # (L * N, E) in either layout
-        n = min(max(1, math.ceil(fraction * r.shape[0])) for r in rows)
+        n = min(kept_count(fraction, r.shape[0]) for r in rows)
         if cap is not None:
             n = min(n, cap)
         drawn: dict[int, Tensor] = {}
@@ -340,13 +339,11 @@ def restore_containers(model: nn.Module) -> None:
 
 # The packed in-projection (named by the attention module; the checks of a Linear with in_features = E on the
 # packed weight), and out_proj (a Linear subclass that only marks it as not dynamically quantizable).
-for _cls in (nn.MultiheadAttention, AttentionWithDecorrelatedOutProj):
-    register_kind(LayerKind(
-        "torch.nn.MultiheadAttention (packed in-projection)", _exactly(_cls),
-        lambda module: DecorrelatedMultiheadAttention, weight="in_proj_weight", reason=_separate_projections,
-    ))  # fmt: skip
 register_kind(LayerKind(
-    "torch.nn.MultiheadAttention's out_proj", _exactly(NonDynamicallyQuantizableLinear),
-    lambda module: DecorrelatedOutProj,
+    lambda module: type(module) in (nn.MultiheadAttention, AttentionWithDecorrelatedOutProj),
+    lambda module: DecorrelatedMultiheadAttention, weight="in_proj_weight", reason=_separate_projections,
+))  # fmt: skip
+register_kind(LayerKind(
+    lambda module: type(module) is NonDynamicallyQuantizableLinear, lambda module: DecorrelatedOutProj
 ))  # fmt: skip
 register_routing(Routing(route_containers, restore_containers))

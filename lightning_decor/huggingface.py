@@ -69,6 +69,6 @@ class DecorrelatedHFConv1D(LastDimRows):
 
 
 register_kind(LayerKind(
-    f"{_MODULE}.{_NAME}", is_hf_conv1d,
+    is_hf_conv1d,
     lambda module: patched_subclass(DecorrelatedHFConv1D, type(module), "DecorrelatedConv1D"), transposed=True,
 ))  # fmt: skip

@@ -57,6 +57,7 @@ __all__ = [
     "eligible_layers",
     "fold",
     "fold_layer",
+    "kept_count",
     "layer_kind",
     "patched_subclass",
     "register_kind",
@@ -68,6 +69,11 @@ __all__ = [
 # Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
 # of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
 PENDING_FORWARDS = 64
+
+
+def kept_count(fraction: float, n: int) -> int:
+    """How many of ``n`` rows or samples a fraction keeps: ``ceil(fraction * n)``, at least one."""
+    return max(1, math.ceil(fraction * n))
 
 
 def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -235,7 +241,7 @@ class DecorrelatedLayer(nn.Module):
         raise NotImplementedError
 
     def _decor_n_samples(self, n: int) -> int:
-        return max(1, math.ceil(self.decor_sample_fraction * n))
+        return kept_count(self.decor_sample_fraction, n)
 
     @torch.compiler.disable
     def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
@@ -369,7 +375,7 @@ class LastDimRows(DecorrelatedLayer):
         x = input.detach()
         lead = x.shape[:-1]  # (N, T, ...): one row per entry
         total = math.prod(lead)
-        keep = max(1, math.ceil(fraction * total))
+        keep = kept_count(fraction, total)
         if cap is not None:
             keep = min(keep, cap)
         if keep >= total:
@@ -459,7 +465,7 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
         """The im2col patches (``d = C_in / groups * prod(kernel_size)``, the groups side by side) of the first
         ``ceil(fraction * N)`` samples, at most ``cap`` of them drawn uniformly with replacement."""
         x = self._decor_batched(input)
-        x = self._decor_conv_input(x[: max(1, math.ceil(fraction * x.shape[0]))].detach())  # samples, then pad
+        x = self._decor_conv_input(x[: kept_count(fraction, x.shape[0])].detach())  # samples, then pad
         geometry = self._decor_geometry()
         if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
             # (cap, d), gathered without unfolding, with index tables kept for this input shape
@@ -505,7 +511,6 @@ class LayerKind:
     and everything after them ask it (or the patched layer) rather than testing classes.
 
     Attributes:
-        name: The kind, as users know it (``"torch.nn.Linear"``).
         matches: ``module -> bool``: whether ``module`` is of this kind. Exact classes, not subclasses (a
             subclass's forward may compute otherwise); a kind from a package this one does not import (``timm``,
             ``transformers``) is told by its class's module and name.
@@ -516,7 +521,6 @@ class LayerKind:
             ones: tied, recomputed, not a Parameter, too wide, frozen).
     """
 
-    name: str
     matches: Callable[[nn.Module], bool]
     patched: Callable[[nn.Module], type[DecorrelatedLayer]]
     weight: str = "weight"
@@ -544,15 +548,11 @@ class Routing:
     restore: Callable[[nn.Module], None]
 
 
-def _exactly(cls: type[nn.Module]) -> Callable[[nn.Module], bool]:
-    return lambda module: type(module) is cls
-
-
-_KINDS: list[LayerKind] = [
-    LayerKind(f"torch.nn.{cls.__name__}", _exactly(cls), lambda module, patched=patched: patched)
-    for cls, patched in ((nn.Linear, DecorrelatedLinear), (nn.Conv1d, DecorrelatedConv1d),
-                         (nn.Conv2d, DecorrelatedConv2d), (nn.Conv3d, DecorrelatedConv3d))
-]  # fmt: skip
+_PATCHED: dict[type[nn.Module], type[DecorrelatedLayer]] = {
+    nn.Linear: DecorrelatedLinear, nn.Conv1d: DecorrelatedConv1d, nn.Conv2d: DecorrelatedConv2d,
+    nn.Conv3d: DecorrelatedConv3d,
+}  # fmt: skip
+_KINDS: list[LayerKind] = [LayerKind(lambda module: type(module) in _PATCHED, lambda module: _PATCHED[type(module)])]
 _ROUTINGS: list[Routing] = []
 
 
@@ -628,12 +628,16 @@ def _recomputed_weight(module: Any) -> str | None:
     return None
 
 
-def _skip_reason(module: nn.Module, kind: LayerKind, max_features: int | None, block_size: int | None) -> str | None:
+def _skip_reason(
+    module: nn.Module, kind: LayerKind, tied: bool, max_features: int | None, block_size: int | None
+) -> str | None:
     """Why a layer of ``kind`` is not patched, or ``None``: the kind's own reason, then the common checks on the
-    weight ``R`` would multiply."""
+    weight ``R`` would multiply (``tied``: another module holds it too)."""
     reason = kind.reason(module) if kind.reason is not None else None
     if reason is not None:
         return reason
+    if tied:
+        return "weight shared with another module (tied weights)"
     hook = _recomputed_weight(module)
     if hook is not None:
         return (
@@ -678,12 +682,7 @@ def eligible_layers(
         kind = layer_kind(m)
         if kind is not None:
             tied = owners.get(id(getattr(m, kind.weight, None)), 0) > 1
-            own = kind.reason(m) if kind.reason is not None else None
-            reasons[name] = (
-                "weight shared with another module (tied weights)"
-                if tied and own is None
-                else _skip_reason(m, kind, max_features, block_size)
-            )
+            reasons[name] = _skip_reason(m, kind, tied, max_features, block_size)
         elif isinstance(m, _LAZY) and m.has_uninitialized_params():
             reasons[name] = (
                 f"an uninitialised {type(m).__name__}: its shape is known after its first forward; call the model "

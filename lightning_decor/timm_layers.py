@@ -74,11 +74,6 @@ class _TimmConv(_DecorrelatedConvNd):
 
 
 register_kind(LayerKind(
-    "timm.layers.Conv2dSame", lambda module: is_timm_layer(module, _SAME),
-    lambda module: patched_subclass(_TimmConv, type(module), f"Decorrelated{type(module).__name__}"),
-))  # fmt: skip
-register_kind(LayerKind(
-    "timm.layers StdConv2d / StdConv2dSame / ScaledStdConv2d / ScaledStdConv2dSame",
-    lambda module: is_timm_layer(module, _STANDARDISED),
+    lambda module: is_timm_layer(module, _SAME + _STANDARDISED),
     lambda module: patched_subclass(_TimmConv, type(module), f"Decorrelated{type(module).__name__}"),
 ))  # fmt: skip
