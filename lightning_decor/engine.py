@@ -38,7 +38,7 @@ import os
 import platform
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,10 @@ from torch import Tensor, nn
 from lightning_decor.attention import route_containers
 from lightning_decor.checks import DEFAULTS, EngineArguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
-from lightning_decor.functional import block_decorrelation_step, reset_null_space
+from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space
 from lightning_decor.layers import (
     DecorrelatedLayer,
+    Generators,
     decorrelate,
     decorrelated_layers,
     eligible_layers,
@@ -118,11 +119,59 @@ class _Group:
     R: Tensor  # (G, b, b): every layer's decor_R is a view into it
     segment: Tensor  # (G,) layer of each block, 0..len(names) - 1
     sizes: Tensor  # (layers,) blocks of each layer, in R's dtype
+    position: Tensor  # (layers,) each layer's place in the engine's layer order
     counts: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # per-block row counts, cached by rows
 
     @property
     def block(self) -> int:
         return self.R.shape[-1]
+
+    def per_block(self, counts: tuple[int, ...]) -> Tensor:
+        """``(G,)`` the row count of each block, for layers with ``counts`` rows: made on the device by one fill per
+        layer (host ints as kernel arguments: no copy from the host, no sync) and kept while the counts stay."""
+        cached = self.counts.get(counts)
+        if cached is None:
+            cached = _runs(counts, self.offsets, self.blocks, torch.long, self.R.device)
+            self.counts = {counts: cached}  # the counts of the last step: usually the next step's too
+        return cached
+
+
+def _runs(values: Sequence[float], offsets: Sequence[int], lengths: Sequence[int], dtype: torch.dtype,
+          device: torch.device) -> Tensor:  # fmt: skip
+    """A tensor on ``device`` holding ``values[i]`` at ``offsets[i] : offsets[i] + lengths[i]``, made by fills: a
+    tensor from a host list would be a blocking copy to a GPU."""
+    out = torch.empty(sum(lengths), dtype=dtype, device=device)
+    for value, o, n in zip(values, offsets, lengths, strict=True):
+        out[o : o + n].fill_(value)
+    return out
+
+
+class _Fence:
+    """The event of the last work queued on the engine's side CUDA stream, and the wait for it: the current stream
+    waits on the device (no host sync). Also a forward pre-hook and a ``state_dict`` pre-hook of the model, so that a
+    plain loop's next forward, and its ``model.state_dict()``, read ``R`` only once the update has written it.
+
+    Copies and pickles of the model (``copy.deepcopy``, ``torch.save(model)``) carry an empty fence."""
+
+    def __init__(self) -> None:
+        self.event: torch.cuda.Event | None = None
+        self.device: torch.device | None = None
+
+    def record(self, stream: torch.cuda.Stream) -> None:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self.event, self.device = event, stream.device
+
+    def wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+
+    @torch.compiler.disable  # eager in a compiled model: streams and events stay out of the graph
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        self.wait()
+
+    def __reduce__(self) -> tuple[type[_Fence], tuple[()]]:
+        return _Fence, ()
 
 
 class Decorrelator(EngineArguments):
@@ -211,14 +260,17 @@ class Decorrelator(EngineArguments):
         self.plan: Plan | None = None
         self.updates = 0
         self.steps = 0  # calls of step()
-        self.last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
-        self.skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
+        self._last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
+        self._skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
         self._pinned = pinned
         self._groups: list[_Group] = []
-        self._position = torch.zeros(0, dtype=torch.long)  # each layer's place in the concatenated group results
         self._stream: torch.cuda.Stream | None = None
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None
+        self._fence = _Fence()
+        self._hooks: list[Any] = []  # the fence as the model's hooks, while a side stream runs
+        self._staged: list[Tensor] | None = None  # per group, the new R of an update launched and not yet committed
+        self._pending: tuple[Tensor, Tensor] | None = None  # its per-layer losses and skips
+        # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
+        self._generators = Generators(torch.initial_seed() % 2**63)
         self._pool = False
         self._counts_group: Any = None
         self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
@@ -239,6 +291,20 @@ class Decorrelator(EngineArguments):
     def overhead(self) -> float | None:
         return None if self.planner is None else self.planner.overhead
 
+    @property
+    def last_losses(self) -> Tensor | None:
+        """Each layer's decorrelation loss at the last update, before its step (NaN: no rows), on the model's device.
+        Reading it makes the current CUDA stream wait for the update (on the device)."""
+        self.wait()
+        return self._last_losses
+
+    @property
+    def skipped(self) -> Tensor | None:
+        """Per layer, the updates skipped because they would have made ``R`` non-finite (waits as
+        :attr:`last_losses`)."""
+        self.wait()
+        return self._skipped
+
     # ------------------------------------------------------------------ the plan's life cycle
     def _make_planner(self) -> Planner:
         infos = []
@@ -250,12 +316,6 @@ class Decorrelator(EngineArguments):
                 max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
             ))  # fmt: skip
         device = self._device
-        params = sum(p.numel() for p in self.model.parameters())
-        environment = {
-            "device": _device_name(device), "device_type": device.type, "torch": str(torch.__version__),
-            "threads": torch.get_num_threads(), "normalize": self.normalize,
-            "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}", "parameters": params,
-        }  # fmt: skip
 
         def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
             return measure_candidates(self.layers, shapes, inputs, estimates, update_every=self.update_every,
@@ -267,7 +327,7 @@ class Decorrelator(EngineArguments):
             update_every=self.update_every,
             pinned=self._pinned,
             cache=PlanCache.default() if self.plan_cache else None,
-            environment=environment,
+            environment=self._environment(device),
             device_type=device.type,
             probe=probe,
             device_costs=lambda: measure_costs(self._device),
@@ -275,6 +335,16 @@ class Decorrelator(EngineArguments):
             agree=self._agreed,
             leader=_rank_zero(),
         )
+
+    def _environment(self, device: torch.device) -> dict[str, Any]:
+        """What besides the layers' shapes the measured costs depend on: part of the plan cache's key."""
+        return {
+            "device": _device_name(device), "device_type": device.type, "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(), "normalize": self.normalize,
+            "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "float32_matmul": torch.get_float32_matmul_precision(),
+        }  # fmt: skip
 
     def _observer(self, name: str) -> Any:
         def observe(layer: DecorrelatedLayer, input: Any) -> None:  # noqa: A002 (torch's name)
@@ -335,33 +405,37 @@ class Decorrelator(EngineArguments):
 
     # ------------------------------------------------------------------ life cycle
     def start(self, device: torch.device | None = None) -> None:
-        """(Re)start on ``device`` (default: the model's): side stream, row-sampling generator, process group for
-        pooling rows when ``torch.distributed`` is initialised with several processes, and row collection."""
+        """(Re)start on ``device`` (default: the model's): side stream, process group for pooling rows when
+        ``torch.distributed`` is initialised with several processes, and row collection. Until the first plan is
+        made, the planner's environment (the plan cache's key, the analytic model's constants) follows the device:
+        under Lightning the engine is made while the model is still on the CPU."""
+        self.wait()
         self._device = device if device is not None else next(
             (p.device for p in self.model.parameters()), torch.device("cpu")
         )
         self._stream = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if self.use_cuda_stream and self._device.type == "cuda":
             self._stream = torch.cuda.Stream(device=self._device)
-        if self._generator is None or self._generator.device != self._device:
-            # A private generator: sampling rows must not shift the global RNG (and so the data order).
-            self._generator = torch.Generator(device=self._device)
-            self._generator.manual_seed(torch.initial_seed() % 2**63)
-        if self._pending_generator_state is not None:
-            try:
-                self._generator.set_state(self._pending_generator_state)
-            except RuntimeError:  # a state from another device type: rows are sampled afresh
-                warnings.warn("Decorrelator: the saved row-sampling state does not fit this device.", stacklevel=2)
-            self._pending_generator_state = None
+            # A plain loop's next forward (and its model.state_dict()) waits for the update on the device.
+            self._hooks = [
+                self.model.register_forward_pre_hook(self._fence),
+                self.model.register_state_dict_pre_hook(self._fence),
+            ]
+        if self.planner is not None and self.planner.plan is None:
+            self.planner.environment = self._environment(self._device)
+            self.planner.device_type = self._device.type
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._pool = world > 1
         if self._pool and self.layers and self._counts_group is None:
             self._counts_group = count_group()  # collective: every rank has the same layers
-        self.skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
+        self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         for layer in self.layers.values():
             layer.decor_sample_fraction = self.sample_fraction
             layer.decor_max_rows = self.max_rows
-            layer.decor_generator = self._generator
+            layer.decor_generator = self._generators  # draws on the input's device, whatever moved since
         self._collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
@@ -398,8 +472,11 @@ class Decorrelator(EngineArguments):
 
     def stop(self) -> None:
         """Stop collecting rows and drop the pending ones (the model stays patched), and release the process group
-        made for pooling."""
+        made for pooling and the model's hooks."""
         self.wait()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for layer in self.layers.values():
             layer.decor_collect = False
             layer.decor_take_rows()
@@ -419,9 +496,10 @@ class Decorrelator(EngineArguments):
         return names
 
     def wait(self) -> None:
-        """Make the current CUDA stream wait for the update (device-side, no host sync); a no-op on CPU."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        """Make the current CUDA stream wait for the update queued on the side stream (on the device, no host sync);
+        a no-op on CPU. Every reader of ``R`` or of the update's outputs calls it: :attr:`last_losses`,
+        :attr:`skipped`, :meth:`state_dict`, :meth:`fold`, and (as hooks) the model's forward and ``state_dict``."""
+        self._fence.wait()
 
     @property
     def calibrating(self) -> bool:
@@ -429,18 +507,27 @@ class Decorrelator(EngineArguments):
         return self.planner is not None and not self.planner.done
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> None:
+    def step(self, *, skip: Tensor | None = None) -> None:
         """Once per optimizer step, after its backward: the planning steps (see the module docstring), then every
-        ``update_every``-th call moves every ``R`` from the rows collected since the last update."""
+        ``update_every``-th call moves every ``R`` from the rows collected since the last update.
+
+        On a GPU with ``use_cuda_stream`` the update is queued on a side stream and runs beside what the main
+        stream does next (the optimizer step: it reads only ``W`` and its gradient, the update only ``R`` and the
+        rows); every reader of ``R`` waits for it on the device (:meth:`wait`). Nothing is read back to the host.
+
+        Args:
+            skip: A boolean tensor (one element, any device, never read on the host): where true, this step's update
+                leaves every ``R`` as it is, e.g. when a ``GradScaler`` skipped the optimizer step.
+        """
         if not self.layers:
             return
-        device = next(iter(self.layers.values())).weight.device
-        if device != self._device:  # the model moved after the engine was made (e.g. by Fabric's setup)
-            self.start(device)
+        self._follow_device()
         self.check_direct_weight_reads()
         self.steps += 1
         planner = self.planner
-        if planner is not None and not planner.done:
+        if self._staged is not None:  # launched early by launch(): write it now
+            self._commit(skip)
+        elif planner is not None and not planner.done:
             action = planner.step()
             if not planner.observing:  # the hooks go once the plan is made
                 for layer in self.layers.values():
@@ -453,8 +540,31 @@ class Decorrelator(EngineArguments):
                 for layer in self.layers.values():
                     layer.decor_take_rows()  # rows sampled while no update is due (see Planner.collects_next)
         elif self._due(self.steps):
-            self.update_()
+            self.update_(skip=skip)
         self._collect(self._collects_next())
+
+    def launch(self) -> bool:
+        """Queue the coming :meth:`step`'s update now, from the rows collected so far: on a side CUDA stream it runs
+        beside whatever the main stream does until then (the optimizer step). ``R`` keeps its value until that
+        :meth:`step` writes the new one, so a graph built before still backpropagates; rows of later forwards wait
+        for the next update. Only when the coming step moves ``R`` (not during the planning steps).
+
+        Returns:
+            Whether an update was launched.
+        """
+        planner = self.planner
+        if not self.layers or self._staged is not None or (planner is not None and not planner.done):
+            return False
+        if not self._due(self.steps + 1):
+            return False
+        self._follow_device()
+        self._launch()
+        return self._staged is not None
+
+    def _follow_device(self) -> None:
+        device = next(iter(self.layers.values())).weight.device
+        if device != self._device:  # the model moved after the engine was made (e.g. by Fabric's setup)
+            self.start(device)
 
     def _due(self, call: int) -> bool:
         first = 1 if self.planner is None else self.planner.first_moving_call
@@ -548,7 +658,7 @@ class Decorrelator(EngineArguments):
                 stacklevel=3,
             )
         self.plan = plan
-        self.skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
+        self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         self._build_groups()
 
     def _build_groups(self) -> None:
@@ -566,32 +676,54 @@ class Decorrelator(EngineArguments):
             offsets = [sum(blocks[:k]) for k in range(len(blocks))]
             for layer, o, g in zip(layers, offsets, blocks, strict=True):
                 layer.decor_R = stack[o] if layer.decor_R.dim() == 2 else stack[o : o + g]
-            segment = torch.repeat_interleave(torch.arange(len(layers), device=stack.device), torch.tensor(blocks))
-            sizes = torch.tensor(blocks, dtype=stack.dtype, device=stack.device)
+            # Small index tensors made on R's device by fills (a tensor from a host list would be a blocking copy).
+            device, ones = stack.device, [1] * len(layers)
+            index = [i for i, _ in members]
+            segment = _runs(range(len(layers)), offsets, blocks, torch.long, device)  # (G,) each block's layer
+            sizes = _runs(blocks, range(len(layers)), ones, stack.dtype, device)  # (layers,) blocks per layer
+            position = _runs(index, range(len(layers)), ones, torch.long, device)  # (layers,) place in layer order
             groups.append(
-                _Group([n for _, n in members], [i for i, _ in members], offsets, blocks, stack, segment, sizes)
+                _Group([n for _, n in members], index, offsets, blocks, stack, segment, sizes, position)
             )
         self._groups = groups
-        order = [i for group in groups for i in group.index]  # layer order from group order
-        position = torch.empty(len(order), dtype=torch.long)
-        position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        self._position = position.to(groups[0].R.device) if groups else position
+        self._staged = None  # an update launched for the old stacks is dropped
 
     def _groups_intact(self) -> bool:
         """Whether every layer's ``R`` is still a view into its group's stack (a device move or a new layout
         replaces the buffer)."""
         for group in self._groups:
-            for name, o in zip(group.names, group.offsets, strict=True):
-                R = self.layers[name].decor_R
-                if R.device != group.R.device or R.data_ptr() != group.R[o].data_ptr():
+            for name in group.names:
+                if self.layers[name].decor_R._base is not group.R:  # views are made once, in _build_groups
                     return False
         return True
 
     @torch.no_grad()
-    def update_(self, commit: bool = True) -> None:
+    def update_(self, commit: bool = True, *, skip: Tensor | None = None) -> None:
         """Move every ``R`` by one step from the rows collected since the last update (a layer without rows keeps
-        its ``R``); no host synchronisation. ``commit=False`` does the same work and leaves ``R``, the losses and
-        the counts as they are (the plan's check times it)."""
+        its ``R``); no host synchronisation. ``commit=False`` does the same work and leaves ``R`` and the counters as
+        they are (the plan's check times it). ``skip``: as in :meth:`step`."""
+        self._launch()
+        if commit:
+            self._commit(skip)
+        else:
+            self._staged = None
+
+    @contextlib.contextmanager
+    def _update_stream(self) -> Iterator[torch.cuda.Stream | None]:
+        """Where the update's work is queued: the side stream (after the main stream's work so far: the rows, the
+        backward, every read of ``R``), recorded in the fence on exit; autocast off and float32 products in full
+        float32 (not TF32: the statistics' steps are near its resolution)."""
+        stream = self._stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with context, torch.autocast(self._device.type, enabled=False), float32_matmul():
+            yield stream
+        if stream is not None:
+            self._fence.record(stream)
+
+    def _launch(self) -> None:
+        """Queue the update: the new ``R`` of every group (kept in ``_staged``), each layer's loss and skip count."""
         layers = list(self.layers.values())
         if not layers:
             return
@@ -601,12 +733,7 @@ class Decorrelator(EngineArguments):
         # training, e.g. by BaseFinetuning) keeps its R, so that it keeps its function W @ R; unfrozen, it moves again.
         taken = [(rows if layer.weight.requires_grad else None) for layer in layers
                  for rows in (layer.decor_take_rows(),)]  # fmt: skip
-        stream = self._stream
-        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))  # rows written on the main stream
-            context = torch.cuda.stream(stream)
-        with context, torch.autocast(self._device.type, enabled=False):
+        with self._update_stream() as stream:
             if stream is not None:
                 for rows in taken:
                     if rows is not None:
@@ -619,30 +746,52 @@ class Decorrelator(EngineArguments):
                     device=layers[0].decor_R.device,
                     counts_group=self._counts_group,
                 )
-            losses: list[Tensor] = []
-            bad: list[Tensor] = []
+            staged, losses, bad = [], [], []
             for group in self._groups:
-                group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index], commit)
+                new, group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index])
+                staged.append(new)
                 losses.append(group_losses)
                 bad.append(group_bad)
-            if not commit:
-                return
-            device = self._position.device
-            self.last_losses = torch.cat([v.to(device).float() for v in losses])[self._position]
-            skipped = torch.cat([v.to(device) for v in bad])[self._position].long()
-            if self.skipped is None or self.skipped.shape != skipped.shape:
-                self.skipped = torch.zeros_like(skipped)
-            self.skipped += skipped.to(self.skipped.device)
+            device = self._device
+            last = torch.empty(len(layers), dtype=torch.float32, device=device)
+            skipped = torch.zeros(len(layers), dtype=torch.long, device=device)
+            for group, group_losses, group_bad in zip(self._groups, losses, bad, strict=True):
+                last.index_copy_(0, group.position, group_losses.to(device).float())
+                skipped.index_copy_(0, group.position, group_bad.to(device).long())
+        self._staged = staged
+        self._pending = (last, skipped)
+
+    def _commit(self, skip: Tensor | None) -> None:
+        """Write the launched update into every ``R`` (on the side stream, after the main stream's work so far:
+        every read of the old ``R`` is done), unless ``skip``; publish the losses and skip counts."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        assert self._pending is not None
+        last, skipped = self._pending
+        with self._update_stream() as stream:
+            keep = None
+            if skip is not None:
+                keep = skip.to(device=self._device, dtype=torch.bool, non_blocking=True).reshape(())
+                if stream is not None:
+                    keep.record_stream(stream)
+            for group, new in zip(self._groups, staged, strict=True):
+                if new is not group.R:  # a group without rows keeps its R
+                    group.R.copy_(new if keep is None else torch.where(keep, group.R, new))
+            self._last_losses = last
+            if self._skipped is None or self._skipped.shape != skipped.shape:
+                self._skipped = torch.zeros_like(skipped)
+            self._skipped += skipped
         self.updates += 1
 
-    def _update_group(self, group: _Group, rows: list[Tensor | None], commit: bool = True) -> tuple[Tensor, Tensor]:
-        """One batched step of a group; returns per layer (loss, skipped) tensors."""
+    def _update_group(self, group: _Group, rows: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+        """One batched step of a group; returns the new blocks and per layer (loss, skipped) tensors."""
         b, R = group.block, group.R
         counts = tuple(0 if r is None else r.shape[0] for r in rows)
         n = max(counts)
         if n == 0:
             nan = torch.full((len(rows),), math.nan, device=R.device)
-            return nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
+            return R, nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
         x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
         for r, o, g in zip(rows, group.offsets, group.blocks, strict=True):
             k = 0 if r is None else r.shape[0]
@@ -650,25 +799,19 @@ class Decorrelator(EngineArguments):
                 x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
             if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
                 x[o : o + g, k:].zero_()
-        per_block = group.counts.get(counts)
-        if per_block is None:
-            per_block = torch.tensor(
-                [c for c, g in zip(counts, group.blocks, strict=True) for _ in range(g)], device=R.device
-            )
-            group.counts = {counts: per_block}  # the counts of the last step: usually the next step's too
-        if commit and self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
-            R.copy_(reset_null_space(R, x, per_block))  # bounds R's part on a rank-deficient input's null space
+        per_block = group.per_block(counts)
+        start = R
+        if self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
+            start = reset_null_space(R, x, per_block)  # bounds R's part on a rank-deficient input's null space
         new, loss, ok = block_decorrelation_step(
-            R, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
+            start, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
             segment=group.segment, layers=len(rows),
         )  # fmt: skip
-        if commit:
-            R.copy_(new)
         layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
         layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(
             0, group.segment, (~ok).to(loss.dtype)
         )
-        return layer_loss / group.sizes, layer_bad > 0
+        return new, layer_loss / group.sizes, layer_bad > 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -683,7 +826,7 @@ class Decorrelator(EngineArguments):
             "planner": None if self.planner is None else self.planner.state_dict(),
             "R": {name: layer.decor_R.detach().cpu().clone() for name, layer in self.layers.items()},
             "raw_weight": {name: layer.weight.detach().cpu().clone() for name, layer in self.layers.items()},
-            "generator": self._generator.get_state() if self._generator is not None else None,
+            "generator": self._generators.state_dict(),
             "updates": self.updates,
             "steps": self.steps,
         }
@@ -733,7 +876,11 @@ class Decorrelator(EngineArguments):
             layer = self.layers[name]
             layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
             layer.weight.copy_(raw)
-        self._pending_generator_state = state.get("generator")
+        generator = state.get("generator")
+        if isinstance(generator, Tensor):  # saved before generators were kept per device: a CPU run's (no GPU ran)
+            generator = {"seed": self._generators.seed, "states": {"cpu": generator}}
+        if generator is not None:
+            self._generators.load_state_dict(generator)
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])
         self.start(self._device)

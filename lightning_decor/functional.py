@@ -15,7 +15,9 @@ removal, as the authors) and ``c = diag(C)``. The update moves ``R`` towards mak
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ __all__ = [
     "decorrelate_rows",
     "decorrelation_loss",
     "decorrelation_update_",
+    "float32_matmul",
     "fuse_weight",
     "guarded_decorrelation_update_",
     "identity_blocks",
@@ -40,6 +43,20 @@ __all__ = [
     "sample_conv_patch_rows",
     "stats_dtype",
 ]
+
+
+@contextlib.contextmanager
+def float32_matmul() -> Iterator[None]:
+    """Float32 matrix products in full float32 within the block, whatever ``torch.set_float32_matmul_precision``
+    says (Lightning recommends ``"high"``, TF32 on NVIDIA GPUs since Ampere: a 10-bit mantissa, about 1e-3 relative,
+    the size of one step of the rule). The update's statistics and steps run in it; the fused weight ``W @ R``
+    takes the user's setting, like the layer's own product."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -340,7 +357,10 @@ def reset_null_space(R: Tensor, x: Tensor, counts: Tensor | None, *, eps: float 
     e = eps * torch.diagonal(C, dim1=1, dim2=2).sum(1) / b  # (G,)
     eye = torch.eye(b, dtype=torch.float64, device=x.device)
     L, info = torch.linalg.cholesky_ex(C + torch.where(e > 0, e, 1.0)[:, None, None] * eye)
-    inv = torch.cholesky_solve(e[:, None, None] * eye.expand_as(C), L)  # e (C_x + e I)^-1
+    # e (C_x + e I)^-1 = e L^-T L^-1 by two triangular solves: no error check, so no host sync (a batched
+    # cholesky_solve reads its status back to the host); a failed factorisation is caught by `info` below.
+    half = torch.linalg.solve_triangular(L, e[:, None, None] * eye.expand_as(C), upper=False)
+    inv = torch.linalg.solve_triangular(L.transpose(1, 2), half, upper=True)
     Rd = R.double()
     new = Rd - torch.bmm(Rd - eye, inv)
     ok = (info == 0) & (rows >= b) & (e > 0) & torch.isfinite(new.sum((1, 2)))

@@ -48,6 +48,7 @@ __all__ = [
     "DecorrelatedConv3d",
     "DecorrelatedLayer",
     "DecorrelatedLinear",
+    "Generators",
     "LastDimRows",
     "LayerKind",
     "Routing",
@@ -59,6 +60,7 @@ __all__ = [
     "fold_layer",
     "kept_count",
     "layer_kind",
+    "new_generator",
     "patched_subclass",
     "register_kind",
     "register_routing",
@@ -88,6 +90,63 @@ def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torc
     owner.scatter_reduce_(0, slot, torch.arange(q, device=dev), reduce="amax")
     owner = owner[:k]
     return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
+
+
+def new_generator(device: torch.device) -> torch.Generator:
+    """A new random generator on ``device`` (the one place generators for row sampling are made)."""
+    return torch.Generator(device=device)
+
+
+class Generators:
+    """The private random generators of row sampling, one per device, each made on first use and seeded with the same
+    ``seed``: a model moved after its engine was made samples on its new device with a generator of that device (a
+    CUDA draw refuses a CPU generator). Sampling rows never touches the global RNG (and so the data order).
+
+    A saved state (:meth:`state_dict`) waits for the first generator of its device type: a checkpoint of a GPU run,
+    restored while the model is still on the CPU (as Lightning restores callbacks), reaches the CUDA generator made
+    when the model samples on the GPU.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._made: dict[torch.device, torch.Generator] = {}
+        self._pending: dict[str, Tensor] = {}  # saved states by device type, for the first generator of that type
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        """The generator of ``device``."""
+        generator = self._made.get(device)
+        if generator is None:
+            generator = self._made[device] = new_generator(device)
+            generator.manual_seed(self.seed)
+            state = self._pending.pop(device.type, None)
+            if state is not None:
+                try:
+                    generator.set_state(state)
+                except RuntimeError:  # a state of another generator kind: rows are sampled afresh
+                    warnings.warn(
+                        f"Decorrelator: the saved row-sampling state does not fit the {device.type} generator; rows "
+                        "are sampled afresh.",
+                        stacklevel=2,
+                    )
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and the state of each device type's generator (states still waiting to be applied included)."""
+        states = dict(self._pending)
+        states.update({device.type: generator.get_state() for device, generator in self._made.items()})
+        return {"seed": self.seed, "states": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: each state waits for the first generator of its device type (generators made
+        before are dropped)."""
+        self.seed = int(state["seed"])
+        self._made = {}
+        self._pending = dict(state["states"])
+
+
+def _generator(generator: torch.Generator | Generators | None, device: torch.device) -> torch.Generator | None:
+    """The generator to draw with on ``device``."""
+    return generator(device) if isinstance(generator, Generators) else generator
 
 
 def _checkpoint_recomputation() -> bool:
@@ -131,7 +190,8 @@ class DecorrelatedLayer(nn.Module):
         decor_sample_fraction: Fraction of the batch's samples (images; for Linear, rows over all leading
             dimensions) kept.
         decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
-        decor_generator: Random generator for the row subset (``None``: torch's global one).
+        decor_generator: Random generator for the row subset: a :class:`Generators` (one per device, the engine's),
+            a ``torch.Generator`` on the input's device, or ``None`` (torch's global one).
     """
 
     _decor_base: type[nn.Module]
@@ -143,7 +203,7 @@ class DecorrelatedLayer(nn.Module):
     decor_observer: Callable[[DecorrelatedLayer, Any], None] | None
     decor_sample_fraction: float
     decor_max_rows: int | None
-    decor_generator: torch.Generator | None
+    decor_generator: torch.Generator | Generators | None
     _decor_rows: list[Tensor]
     _decor_seen: int
     _decor_largest: int
@@ -268,19 +328,27 @@ class DecorrelatedLayer(nn.Module):
             self._decor_rows.append(rows)  # the usual case: every row waits for the update
         elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
             every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
-            drawn = torch.randperm(every.shape[0], device=every.device, generator=self.decor_generator)[:limit]
+            generator = _generator(self.decor_generator, every.device)
+            drawn = torch.randperm(every.shape[0], device=every.device, generator=generator)[:limit]
             self._decor_rows = [every[drawn]]
         else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
             kept, *later = self._decor_rows  # rows appended by other code since then arrive with these
             new = torch.cat([*(r.to(rows.dtype) for r in later), rows]) if later else rows
-            self._decor_rows = [_uniform_sample_update(kept, seen, new, self.decor_generator)]
+            self._decor_rows = [_uniform_sample_update(kept, seen, new, _generator(self.decor_generator, new.device))]
             n = new.shape[0]
         self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         """The raw input rows this layer keeps from one training forward (detached): :meth:`decor_rows` with the
         layer's ``decor_sample_fraction``, ``decor_max_rows`` and ``decor_generator``."""
-        return self.decor_rows(input, self.decor_sample_fraction, self.decor_max_rows, self.decor_generator)
+        device = (input if isinstance(input, Tensor) else input[0]).device  # attention: (query, key, value)
+        rows = self.decor_rows(
+            input, self.decor_sample_fraction, self.decor_max_rows, _generator(self.decor_generator, device)
+        )
+        # Rows that are a view of the input (every row of a Linear's input) are copied: the input may be an output of
+        # a CUDA graph (`torch.compile(mode="reduce-overhead")`), overwritten by the graph's next replay before the
+        # update reads it.
+        return rows.clone() if rows._base is not None else rows
 
     def decor_rows(
         self, input: Any, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
@@ -381,8 +449,14 @@ class LastDimRows(DecorrelatedLayer):
         if keep >= total:
             return x.reshape(-1, x.shape[-1])  # (N * T, in_features)
         drawn = torch.randint(total, (keep,), device=x.device, generator=generator)
-        # (keep, in_features), gathered row by row: O(keep * in_features), no copy of the whole activation
-        return x[torch.unravel_index(drawn, lead)]
+        # The multi-index of each drawn row by integer division with host ints (torch.unravel_index would copy the
+        # shape to the device: two blocking copies per forward on a GPU); then (keep, in_features) gathered row by
+        # row: O(keep * in_features), no copy of the whole activation.
+        index = []
+        for size in reversed(lead):
+            index.append(drawn % size)
+            drawn = drawn // size
+        return x[tuple(reversed(index))]
 
 
 class DecorrelatedLinear(LastDimRows, nn.Linear):
