@@ -53,7 +53,8 @@ def run(method: str, args: argparse.Namespace, log_dir: Path) -> TrainClock:
     return clock
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``): a usage error exits with status 2."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,7 +62,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=78, help="evaluate on the test set every N steps")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--log-dir", default="runs/demo")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     log_dir = Path(args.log_dir)
     clocks = {method: run(method, args, log_dir) for method in ("BP", "DBP")}

@@ -53,9 +53,12 @@ class DecorrelationCallback(EngineArguments, Callback):
     During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (at the end
     of the training batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
     decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block sizes in
-    one batched step. On CUDA the update runs on a side stream; the main stream waits for it (on the device) before
-    any later hook, validation, checkpoint or forward reads ``R``. No host synchronisation happens per layer or per
-    step, except when metrics are logged.
+    one batched step. On CUDA the update runs on a side stream: under automatic optimisation it is queued in
+    ``on_before_optimizer_step``, beside the optimizer step (which reads only ``W`` and its gradient, the update only
+    ``R`` and the rows), and written into ``R`` at the end of the batch; the main stream waits for it (on the device)
+    before any later hook, validation, checkpoint or forward reads ``R``. Under ``16-mixed`` an optimizer step the
+    ``GradScaler`` skips leaves ``R`` as it is too. No host synchronisation happens per layer or per step, except when
+    metrics are logged.
 
     With the rest of the Trainer (each behaviour is tested; the README's "Works with" table names the tests):
     ``R`` moves in ``on_train_batch_end`` of a batch whose optimizer stepped (``on_before_optimizer_step`` only
@@ -191,6 +194,7 @@ class DecorrelationCallback(EngineArguments, Callback):
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
         self._update_due = False  # the stepping batch updates R at its end
+        self._scale: Tensor | None = None  # the GradScaler's scale before the batch's first optimizer step
         self._pictures = TensorBoardPictures(every, log_correlation_image, log_image_every_n_epochs)
 
     @property
@@ -344,18 +348,42 @@ class DecorrelationCallback(EngineArguments, Callback):
             return
         self._stepped_batch = batch
         self._update_due = True
+        self._scale = self._scaler_scale(trainer)
+        if self._engine is not None and pl_module.automatic_optimization and not isinstance(
+            optimizer, torch.optim.LBFGS
+        ):
+            # One optimizer step and nothing after it that reads R (no later forward of this batch, no closure
+            # evaluated again): the update is queued now, on the side stream beside the optimizer step (which reads
+            # only W and its gradient), and written into R at the end of the batch.
+            self._engine.launch()
+
+    @staticmethod
+    def _scaler_scale(trainer: Trainer) -> Tensor | None:
+        """A copy of the ``GradScaler``'s scale on the device (``16-mixed``), or ``None``. It falls exactly when the
+        scaler skips an optimizer step (found inf/NaN gradients); read on the device, never on the host."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None)  # torch.amp.GradScaler's scale tensor (get_scale() syncs)
+        return scale.clone() if isinstance(scale, Tensor) else None
+
+    def _scaler_skipped(self, trainer: Trainer) -> Tensor | None:
+        """Whether the ``GradScaler`` skipped an optimizer step of this batch (a device tensor), or ``None``."""
+        before, self._scale = self._scale, None
+        after = self._scaler_scale(trainer)
+        if before is None or after is None:
+            return None
+        return after < before  # update() multiplies the scale by backoff_factor < 1 exactly on a skipped step
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
         """One step of the engine (:meth:`lightning_decor.Decorrelator.step`): measure and plan during the first
         steps, then move every patched layer's ``R`` from the rows collected since the last update (every
-        ``update_every``-th call). Override to customise; called once per stepping training batch, in
-        ``on_train_batch_end``."""
+        ``update_every``-th call), unless a ``GradScaler`` skipped the optimizer step. Override to customise; called
+        once per stepping training batch, in ``on_train_batch_end``."""
         engine = self._engine
         if engine is None:
             return
         before, overhead = engine.updates, engine.overhead
-        engine.step()
+        engine.step(skip=self._scaler_skipped(pl_module.trainer))
         if engine.plan is not None and self._plan_shown is not engine.plan:  # after every (re)plan
             self._plan_shown = engine.plan
             rank_zero_info(engine.plan.table(engine.left_plain))

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from lightning_decor.attention import route_containers
 from lightning_decor.checks import DEFAULTS, EngineArguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
-from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space
+from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
 from lightning_decor.layers import (
     DecorrelatedLayer,
     Generators,
@@ -558,6 +558,7 @@ class Decorrelator(EngineArguments):
         if not self._due(self.steps + 1):
             return False
         self._follow_device()
+        self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
         self._launch()
         return self._staged is not None
 
@@ -711,13 +712,13 @@ class Decorrelator(EngineArguments):
     @contextlib.contextmanager
     def _update_stream(self) -> Iterator[torch.cuda.Stream | None]:
         """Where the update's work is queued: the side stream (after the main stream's work so far: the rows, the
-        backward, every read of ``R``), recorded in the fence on exit; autocast off and float32 products in full
-        float32 (not TF32: the statistics' steps are near its resolution)."""
+        backward, every read of ``R``), recorded in the fence on exit; autocast off (the statistics are in float32,
+        in full float32 products: :func:`lightning_decor.functional.float32_matmul`)."""
         stream = self._stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))
         context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with context, torch.autocast(self._device.type, enabled=False), float32_matmul():
+        with context, torch.autocast(self._device.type, enabled=False):
             yield stream
         if stream is not None:
             self._fence.record(stream)
@@ -807,11 +808,10 @@ class Decorrelator(EngineArguments):
             start, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
             segment=group.segment, layers=len(rows),
         )  # fmt: skip
-        layer_loss = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(0, group.segment, loss)
-        layer_bad = torch.zeros(len(rows), dtype=loss.dtype, device=R.device).index_add_(
-            0, group.segment, (~ok).to(loss.dtype)
-        )
-        return new, layer_loss / group.sizes, layer_bad > 0
+        # Per layer, summed over its blocks in a fixed order (index_add_ adds with atomics on a GPU); full float32.
+        with float32_matmul():
+            per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), group.segment, len(rows))
+        return new, per_layer[:, 0] / group.sizes, per_layer[:, 1] > 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

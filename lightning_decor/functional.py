@@ -37,6 +37,7 @@ __all__ = [
     "decorrelation_update_",
     "float32_matmul",
     "fuse_weight",
+    "segment_sum",
     "guarded_decorrelation_update_",
     "identity_blocks",
     "off_diagonal",
@@ -136,6 +137,19 @@ def _step_sizes(
     return lr / torch.where(trace > 0, norm, 1.0).clamp_min(MIN_DIVISOR)
 
 
+def segment_sum(values: Tensor, segment: Tensor, segments: int) -> Tensor:
+    """``out[s] = sum of values[g] over g with segment[g] == s``, ``(segments, ...)`` for ``values`` ``(G, ...)``;
+    NaN where a summed value is not finite (in that segment only). One product with a 0/1 matrix, summed in a fixed
+    order (``index_add_`` on a GPU adds with atomics, in an order that changes from run to run); call it in full
+    float32 (:func:`float32_matmul`)."""
+    onehot = (segment[None, :] == torch.arange(segments, device=segment.device)[:, None]).to(values.dtype)
+    flat = values.reshape(values.shape[0], -1)
+    finite = torch.isfinite(flat)
+    sums = onehot @ torch.where(finite, flat, 0.0)  # 0 * NaN would be NaN in every segment
+    poisoned = onehot @ (~finite).to(values.dtype)
+    return torch.where(poisoned > 0, math.nan, sums).reshape(segments, *values.shape[1:])
+
+
 def _layer_divisors(
     z: Tensor, inv: float | Tensor, counts: Tensor | None, segment: Tensor | None, layers: int
 ) -> Tensor:
@@ -148,7 +162,7 @@ def _layer_divisors(
     zm = z[:, :m] / inv  # back to the rows' own scale (inv is equal for all blocks of a layer)
     gram = torch.bmm(zm, zm.transpose(1, 2))  # (G, m, m)
     seg = torch.zeros(g, dtype=torch.long, device=z.device) if segment is None else segment
-    full = torch.zeros(layers, m, m, dtype=gram.dtype, device=z.device).index_add_(0, seg, gram)
+    full = segment_sum(gram, seg, layers)  # (L, m, m)
     k = torch.full((g,), m, device=z.device) if counts is None else counts.clamp_max(m)
     k = torch.zeros(layers, dtype=k.dtype, device=z.device).scatter_(0, seg, k)  # a layer's blocks share counts
     real = torch.arange(m, device=z.device)[None, :] < k[:, None]  # (L, m)
@@ -282,6 +296,14 @@ def block_decorrelation_step(
         loss before the step ``(G,)``, and ``ok`` ``(G,)``: ``False`` where the statistics or the new block are
         non-finite (the block keeps its ``R``).
     """
+    with float32_matmul():  # the statistics in full float32, also where TF32 is allowed
+        return _block_step(R, x, counts, lr, kappa, normalize, segment, layers)
+
+
+def _block_step(
+    R: Tensor, x: Tensor, counts: Tensor | None, lr: float, kappa: float, normalize: str, segment: Tensor | None,
+    layers: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     n, b = x.shape[1], x.shape[2]
     # z = x R^T / sqrt(n_g), so that C = z^T z; the scale goes on the smaller operand (R when b <= n).
     inv = _row_scale(n, counts, x.dtype)
@@ -351,7 +373,7 @@ def reset_null_space(R: Tensor, x: Tensor, counts: Tensor | None, *, eps: float 
     if not (isinstance(eps, float) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"Expected `eps` to be a finite float > 0, but got {eps!r}.")
     n, b = x.shape[1], x.shape[2]
-    xd = x.double()
+    xd = x.double()  # float64: no TF32 here
     rows = torch.full((x.shape[0],), n, device=x.device) if counts is None else counts
     C = torch.bmm(xd.transpose(1, 2), xd) / rows.clamp_min(1).double()[:, None, None]
     e = eps * torch.diagonal(C, dim1=1, dim2=2).sum(1) / b  # (G,)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from lightning_decor import functional
 from lightning_decor.functional import (
     conv_patch_rows,
     decorrelation_loss,
@@ -333,3 +336,38 @@ def test_layer_step_divides_every_block_by_the_whole_layers_divisor(n: int) -> N
     assert divisor > 1.5 * max(reference_normaliser(R0[g], x[:, g * b : (g + 1) * b], "spectral") for g in range(G))
     expected = [reference_step(R0[g], x[:, g * b : (g + 1) * b], 0.05 / max(10.0, divisor), 0.3)[0] for g in range(G)]
     np.testing.assert_allclose(R.numpy(), np.stack(expected), rtol=0, atol=1e-9)  # float64: measured ~1e-15
+
+
+def test_segment_sum_adds_the_values_of_each_segment_in_a_fixed_order() -> None:
+    values = torch.randn(7, 3, 2, dtype=torch.float64)
+    segment = torch.tensor([0, 0, 2, 2, 2, 3, 3])
+    values[6, 0, 0] = math.nan  # poisons that entry of its own segment only
+    out = functional.segment_sum(values, segment, 4)
+    expected = torch.stack([sum((values[g] for g in range(7) if segment[g] == s), torch.zeros(3, 2,
+                            dtype=torch.float64)) for s in range(4)])  # fmt: skip
+    assert out.shape == (4, 3, 2) and torch.equal(out[1], torch.zeros(3, 2, dtype=torch.float64))
+    assert torch.isnan(out[3, 0, 0]) and torch.isfinite(out[3].flatten()[1:]).all()
+    torch.testing.assert_close(out[:3], expected[:3], rtol=0, atol=1e-15)
+    torch.testing.assert_close(out[3].flatten()[1:], expected[3].flatten()[1:], rtol=0, atol=1e-15)
+
+
+def test_the_statistics_take_full_float32_products_whatever_the_matmul_precision(monkeypatch) -> None:
+    """Under ``torch.set_float32_matmul_precision("medium")`` (TF32 or bfloat16 products on some hardware), every
+    product of the update runs at "highest", and the user's setting is back afterwards."""
+    seen: list[str] = []
+    bmm = torch.bmm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        R, x = torch.eye(4).expand(2, 4, 4).clone(), torch.randn(2, 16, 4)
+        functional.block_decorrelation_step(R, x, None, lr=0.1, kappa=0.5, normalize="layer")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest"}

@@ -382,6 +382,58 @@ def test_low_precision_keeps_statistics_and_r_in_float32(
         torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=R_ATOL)
 
 
+class OverflowModule(TinyModule):
+    """Its third batch's loss is scaled to overflow: the GradScaler skips that optimizer step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * (1e38 if batch_idx == 2 else 1.0)
+
+
+def test_an_optimizer_step_the_grad_scaler_skips_leaves_r_alone(tmp_path: Path) -> None:
+    """``16-mixed`` (here on the CPU, with float16 autocast and a GradScaler): R moves with the optimizer steps the
+    scaler takes and not on the one it skips, told on the device by the scale it backs off."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    recorder, model = Recorder(), OverflowModule()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = quiet_trainer(tmp_path, plugins=[plugin], limit_train_batches=4, limit_val_batches=0,
+                            callbacks=[callback(), recorder])  # fmt: skip
+    trainer.fit(model)
+    skipped = recorder.batches[2]
+    assert torch.equal(skipped["params"]["net.0.weight"], recorder.batches[1]["params"]["net.0.weight"])  # skipped
+    for name in skipped["before"]:
+        assert torch.equal(skipped["after"][name], skipped["before"][name]), name
+    for b in (recorder.batches[i] for i in (0, 1, 3)):  # the others move by the rule, from their rows
+        expected = reference_update(b["before"]["net.0"], b["x"])
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=R_ATOL)
+
+
+class BeforeStep(pl.Callback):
+    """Every R at the optimizer step (listed after the DecorrelationCallback: after its on_before_optimizer_step)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append({name: R.clone() for name, R in decorrelation_matrices(pl_module).items()})
+
+
+def test_the_update_queued_before_the_optimizer_step_writes_r_at_the_end_of_the_batch(tmp_path: Path) -> None:
+    """Under automatic optimisation the update is queued in ``on_before_optimizer_step`` (beside the optimizer
+    step, on a GPU) from the rows of the batch, and ``R`` keeps its value until the end of the batch."""
+    recorder, before_step, model = Recorder(), BeforeStep(), TinyModule()
+    trainer = quiet_trainer(tmp_path, limit_train_batches=4, limit_val_batches=0,
+                            callbacks=[callback(), before_step, recorder])  # fmt: skip
+    trainer.fit(model)
+    assert len(before_step.seen) == 4
+    for b, at_step in zip(recorder.batches, before_step.seen):
+        for name in b["before"]:
+            assert torch.equal(at_step[name], b["before"][name]), name
+        expected = reference_update(b["before"]["net.0"], b["x"])
+        torch.testing.assert_close(b["after"]["net.0"].double(), expected, rtol=0, atol=R_ATOL)
+
+
 # ---------------------------------------------------------------------------------------------- 5. torch.compile
 class NoLogModule(TinyModule):
     """Without `self.log` in the step, whose guards on Lightning's logger state recompile on their own."""

@@ -70,6 +70,9 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "DBP defaults": {},
     "DBP paper-like": {"sample_fraction": 0.1, "max_rows": None},
     "DBP max_overhead=None": {"max_overhead": None},  # dense R everywhere: the behaviour before the cost plan
+    # On a GPU: the update on the main stream instead of the side stream (the stream's gain, or its cost)
+    "DBP defaults, no stream": {"use_cuda_stream": False},
+    "DBP max_overhead=None, no stream": {"max_overhead": None, "use_cuda_stream": False},
     "DBP max_overhead=0.05": {"max_overhead": 0.05},  # half the default budget
     # Cheaper variants, measured for docs/TUNING.md (not in the default comparison):
     "DBP block_size=576": {"block_size": 576},
@@ -264,7 +267,9 @@ def interleaved_steps(model_name: str, batch: int, args: argparse.Namespace) -> 
     return times
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``), checked before anything trains: a usage error exits
+    with status 2."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn", "cifar_resnet18", "resnet50"], choices=sorted(SHAPES))
     parser.add_argument(
@@ -272,7 +277,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", nargs="+", type=int, help="one per model (default: CPU sizes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=26, help="steps per fit, the warm-up included")
     parser.add_argument(
@@ -288,7 +293,7 @@ def main() -> None:
         "per method after its --warmup alone: the low-noise ratio",
     )
     parser.add_argument("--out", default="examples/benchmarks/results/overhead.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.zoo:
         args.models = ZOO_MODELS
     if args.methods is None:
@@ -309,6 +314,14 @@ def main() -> None:
             f"--warmup must be >= {warmup} for the cost plan: R moves after its planning steps ({CALIBRATION_STEPS} "
             "measure the plain step, the rest check the plan), which time their own steps and must run alone"
         )
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU, and torch sees none")
+    batches = args.batch_size or [CPU_BATCH[m] for m in args.models]
     fresh_plan_cache()  # the first fit of each model and method measures; the later repeats replay its plan
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "models": {}}
     for model_name, batch in zip(args.models, batches):

@@ -76,7 +76,8 @@ def run(
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``), checked: a usage error exits with status 2."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4], help="epochs; the largest is (a)")
@@ -90,7 +91,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="examples/benchmarks/results/time_to_accuracy.json")
     parser.add_argument("--plot", default="examples/benchmarks/results/time_to_accuracy.png")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     fresh_plan_cache()
     if args.quick:
         args.seeds, args.budgets, args.train_limit = args.seeds[:1], [2], 10000
