@@ -351,9 +351,14 @@ class Decorrelator(EngineArguments):
             assert self.planner is not None
             rows = layer.decor_rows_per_forward(input)
             single = isinstance(input, Tensor)  # attention passes (query, key, value)
+            kind = (input if single else input[0]).device.type
+            autocast = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else ""
             self.planner.observe(
                 name, rows=rows, stat_rows=layer.decor_stat_rows(input, rows),
                 input_shape=tuple(input.shape) if single else None, dtype=str(input.dtype) if single else "",
+                autocast=autocast,  # the probe times the layer as training runs it: same dtype, autocast, layout
+                channels_last=single and input.dim() == 4 and not input.is_contiguous()
+                and input.is_contiguous(memory_format=torch.channels_last),
             )  # fmt: skip
 
         return observe

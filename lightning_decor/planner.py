@@ -100,13 +100,20 @@ class LayerInfo:
 
 @dataclass
 class _Seen:
-    """What one layer saw in one step: rows multiplied, forwards, statistics rows, its last input's shape and dtype."""
+    """What one layer saw in one step: rows multiplied, forwards, statistics rows, its last input's shape, dtype,
+    autocast dtype (``""``: none) and memory format."""
 
     rows: int = 0
     forwards: int = 0
     stat_rows: int = 0
     input_shape: tuple[int, ...] | None = None
     dtype: str = ""
+    autocast: str = ""
+    channels_last: bool = False
+
+    def format(self) -> tuple[str, str, bool]:
+        """How the layer computes: ``(input dtype, autocast dtype or "", channels_last)``."""
+        return self.dtype, self.autocast, self.channels_last
 
 
 @dataclass
@@ -191,7 +198,8 @@ class Planner:
         cache: Where measured costs are kept (``None``: nowhere).
         environment: What else determines the costs (device name, torch version, threads, ...): part of the key.
         device_type: ``"cpu"`` or an accelerator's type, for the analytic model's constants.
-        probe: ``probe(shapes, input_shapes, estimates, budget=, time_limit=, costs=)`` measures each candidate
+        probe: ``probe(shapes, input_shapes, estimates, budget=, time_limit=, costs=, formats=)`` measures each
+            candidate
             (:func:`lightning_decor.probe.measure_candidates` with the layers bound).
         device_costs: Measures the two device constants (:func:`lightning_decor.plan.measure_costs`).
         clock: Seconds, monotonic (default ``time.perf_counter``).
@@ -255,15 +263,25 @@ class Planner:
         return self.calls < CALIBRATION_STEPS
 
     def observe(
-        self, name: str, *, rows: int, stat_rows: int, input_shape: tuple[int, ...] | None, dtype: str
+        self,
+        name: str,
+        *,
+        rows: int,
+        stat_rows: int,
+        input_shape: tuple[int, ...] | None,
+        dtype: str,
+        autocast: str = "",
+        channels_last: bool = False,
     ) -> None:
-        """One training forward of ``name``: rows multiplied, statistics rows, its input's shape and dtype."""
+        """One training forward of ``name``: rows multiplied, statistics rows, its input's shape and dtype, the
+        autocast dtype it ran under (``""``: none) and whether its input was channels-last."""
         seen = self._seen.setdefault(name, _Seen())
         seen.rows += rows
         seen.forwards += 1
         seen.stat_rows += stat_rows
         if input_shape is not None:
             seen.input_shape, seen.dtype = tuple(input_shape), dtype
+            seen.autocast, seen.channels_last = autocast, channels_last
 
     def forwards_seen(self, name: str) -> int:
         """Forwards of ``name`` observed in the current step."""
@@ -337,7 +355,7 @@ class Planner:
     def key(self) -> dict[str, Any]:
         """What the measured costs depend on: the environment, every layer's shapes, the budget."""
         inputs = {
-            name: [list(seen.input_shape) if seen.input_shape is not None else None, seen.dtype]
+            name: [list(seen.input_shape) if seen.input_shape is not None else None, *seen.format()]
             for name, seen in sorted(self._last_seen.items())
         }
         return {
@@ -387,6 +405,7 @@ class Planner:
                 budget=self.max_overhead * step,
                 time_limit=PROBE_STEPS * step,
                 costs=costs,
+                formats={n: s.format() for n, s in self._last_seen.items() if s.input_shape is not None},
             )
             planning = {"step": step, "costs": asdict(costs), "shapes": [asdict(s) for s in shapes],
                         "measured": {n: [list(e) for e in v] for n, v in measured.items()}}  # fmt: skip

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_decor.functional import block_decorrelation_step, identity_blocks, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer
@@ -34,6 +35,25 @@ __all__ = ["measure_candidates"]
 
 _PROBE_NUMBERS = 1 << 18  # numbers per timed update: enough blocks to reach the batched throughput
 _REPEATS = 3
+Format = tuple[str, str, bool]  # (input dtype, autocast dtype or "", channels_last), as the planner saw the layer
+_PLAIN: Format = ("", "", False)  # the weight's dtype, no autocast, contiguous
+
+
+def _dtype(name: str, default: torch.dtype) -> torch.dtype:
+    """``"torch.bfloat16"`` as a dtype (``""``: ``default``)."""
+    value = getattr(torch, name.removeprefix("torch."), None) if name else default
+    return value if isinstance(value, torch.dtype) else default
+
+
+def _random_input(shape: tuple[int, ...], fmt: Format, weight: Tensor, gen: torch.Generator) -> Tensor:
+    """A random input of ``shape`` in the dtype and memory format training gave the layer."""
+    x = torch.randn(shape, dtype=_dtype(fmt[0], weight.dtype), device=weight.device, generator=gen)
+    return x.contiguous(memory_format=torch.channels_last) if fmt[2] and x.dim() == 4 else x
+
+
+def _autocast(fmt: Format, device: torch.device) -> torch.autocast:
+    """The autocast training ran the layer under (off when it ran without)."""
+    return torch.autocast(device.type, dtype=_dtype(fmt[1], torch.bfloat16), enabled=bool(fmt[1]))
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
@@ -70,7 +90,8 @@ def _update_seconds(
 def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> float:
     """Seconds of forming ``W @ R`` with blocks of ``b`` and its backward into ``W``."""
     w = layer.weight.detach()
-    weight = torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
+    # in the weight's memory format (a channels_last model fuses into a channels_last weight)
+    weight = torch.empty_like(w).normal_(generator=gen).requires_grad_(True)
     blocks = layer.decor_features // b
     R = identity_blocks(blocks, b, stats_dtype(w.dtype), w.device)
 
@@ -83,30 +104,35 @@ def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> flo
     return _timer(w.device)(run)
 
 
-def _input_seconds(layer: DecorrelatedLayer, shape: tuple[int, ...], b: int | None, gen: torch.Generator) -> float:
-    """Seconds of the layer's forward and backward on an input of ``shape``: input-side form with blocks of ``b``,
-    or the plain layer (``b=None``)."""
+def _input_seconds(
+    layer: DecorrelatedLayer, shape: tuple[int, ...], b: int | None, gen: torch.Generator, fmt: Format = _PLAIN
+) -> float:
+    """Seconds of the layer's forward and backward on an input of ``shape`` in the format training gave it
+    (:data:`Format`): input-side form with blocks of ``b``, or the plain layer (``b=None``)."""
     w = layer.weight.detach()
     twin = copy.copy(layer)  # shares the parameters; its own layout, no rows kept
     twin._buffers = dict(layer._buffers)
     twin.__dict__["_decor_rows"] = []
     twin.decor_collect, twin.decor_observer = False, None
     twin.decor_set_layout_(b if b is not None else layer.decor_unit, "input" if b is not None else "identity")
-    x = torch.randn(shape, dtype=w.dtype, device=w.device, generator=gen).requires_grad_(True)
+    x = _random_input(shape, fmt, w, gen).requires_grad_(True)
     params = [p for p in (twin.weight, twin.bias) if p is not None]
 
     @torch.enable_grad()
     def run() -> None:
-        y = twin.forward(x)  # not twin(x): hooks on the model's layer must not see the probe
+        with _autocast(fmt, w.device):
+            y = twin.forward(x)  # not twin(x): hooks on the model's layer must not see the probe
         grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y))
         del grads
 
     return _timer(w.device)(run)
 
 
-def _sample_seconds(layer: DecorrelatedLayer, shape: tuple[int, ...], gen: torch.Generator) -> float:
+def _sample_seconds(
+    layer: DecorrelatedLayer, shape: tuple[int, ...], gen: torch.Generator, fmt: Format = _PLAIN
+) -> float:
     w = layer.weight.detach()
-    x = torch.randn(shape, dtype=w.dtype, device=w.device, generator=gen)
+    x = _random_input(shape, fmt, w, gen)
     saved = layer.decor_generator
     layer.decor_generator = gen  # the layer's own generator (part of a checkpoint) does not move
     try:
@@ -126,6 +152,7 @@ def measure_candidates(
     update_every: int = 1,
     normalize: str = "none",
     costs: Costs | None = None,
+    formats: dict[str, Format] | None = None,
 ) -> dict[str, list[tuple[str, float]]]:
     """Measured ``(form, seconds per step)`` of each layer's candidates, in the order of its block ladder
     (:func:`lightning_decor.plan.block_ladder`), for :func:`lightning_decor.plan.make_plan`'s ``measured``.
@@ -150,6 +177,9 @@ def measure_candidates(
         costs: The device constants; with them, the input-side form is measured only where its flop estimate is
             below the measured fused form (flops underestimate: it could not win, and unfolding a large layer's
             patches to time it takes seconds). ``None``: measured wherever it is available.
+        formats: Per layer, how training ran it (:data:`Format`: its input's dtype, the autocast dtype,
+            channels-last), so that ``bf16-mixed`` and channels-last layers are timed as they run; ``None``: in
+            the weight's dtype, without autocast, contiguous.
     """
     start = time.perf_counter()
     gen: dict[torch.device, torch.Generator] = {}
@@ -176,17 +206,18 @@ def measure_candidates(
         g = gen.setdefault(w.device, torch.Generator(device=w.device).manual_seed(0))
         sig = (type(layer), tuple(w.shape), w.dtype, w.device, s.groups)
         shape = input_shapes.get(name)
+        fmt = (formats or {}).get(name, _PLAIN)
         probeable = shape is not None  # a layer of one input tensor (not attention's query, key, value)
         sample = 0.0
         if probeable:
-            sample = cached(("sample", sig, shape, layer.decor_sample_fraction, layer.decor_max_rows),
-                            _sample_seconds, layer, shape, g)  # fmt: skip
+            sample = cached(("sample", sig, shape, fmt, layer.decor_sample_fraction, layer.decor_max_rows),
+                            _sample_seconds, layer, shape, g, fmt)  # fmt: skip
         b = ladders[name][k]
         fuse = cached(("fuse", sig, b), _fuse_seconds, layer, b, g) * s.forwards
         form, cost = "fused", fuse
         if s.input_side and probeable and (costs is None or input_side_seconds(s, b, costs) < cost):
-            plain = cached(("plain", sig, shape), _input_seconds, layer, shape, None, g)
-            inp = max(cached(("input", sig, shape, b), _input_seconds, layer, shape, b, g) - plain, 0.0)
+            plain = cached(("plain", sig, shape, fmt), _input_seconds, layer, shape, None, g, fmt)
+            inp = max(cached(("input", sig, shape, fmt, b), _input_seconds, layer, shape, b, g, fmt) - plain, 0.0)
             if inp * s.forwards < cost:
                 form, cost = "input", inp * s.forwards
         rows = max(1, s.stat_rows)

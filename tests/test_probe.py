@@ -89,8 +89,8 @@ def test_the_input_side_form_is_timed_only_where_its_flop_estimate_beats_the_mea
     estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
     timed = []
     real = probe_module._input_seconds
-    monkeypatch.setattr(probe_module, "_input_seconds", lambda layer, shape, b, gen: timed.append(b) or real(
-        layer, shape, b, gen))
+    monkeypatch.setattr(probe_module, "_input_seconds", lambda layer, shape, b, gen, fmt: timed.append(b) or real(
+        layer, shape, b, gen, fmt))
     layers = decorrelated_layers(model)
     kw = dict(budget=10.0, time_limit=10.0)
     # One second per flop: the input form's estimate exceeds any measured fused time, so it is never timed.
@@ -126,3 +126,41 @@ def test_measured_costs_replace_the_estimates_and_a_layer_can_drop_straight_to_p
     assert plain.layers["conv"].form == "plain" and plain.estimate == 0.0
     with pytest.raises(ValueError, match=r"Expected 3 measured candidates for 'conv', got 1\."):
         make_plan([layer], costs=COSTS, step_seconds=1.0, max_overhead=0.1, measured={"conv": [("fused", 0.1)]})
+
+
+def test_layers_are_timed_in_the_dtype_autocast_and_memory_format_training_ran_them(monkeypatch) -> None:
+    """bf16-mixed with channels-last input: the probe's convolutions see bfloat16 channels-last inputs under bfloat16
+    autocast, as the training step's did (not float32 NCHW)."""
+    model = conv_net()
+    decorrelate(model)
+    layers = decorrelated_layers(model)
+    shapes, inputs = shapes_of(model, batch=4)
+    seen: list[tuple[torch.dtype, bool, bool]] = []
+    conv2d = torch.nn.functional.conv2d
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu")))
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
+    formats = {"0": ("torch.bfloat16", "torch.bfloat16", True)}
+    measure_candidates(layers, shapes[:1], {"0": inputs["0"]}, {"0": estimates["0"]}, budget=10.0, time_limit=10.0,
+                       formats=formats)  # fmt: skip
+    assert seen and set(seen) == {(torch.bfloat16, True, True)}
+
+
+def test_the_planner_records_how_each_layer_ran() -> None:
+    """The engine's observer notes each layer's input dtype, the autocast dtype and channels-last: part of the plan
+    cache's key and what the probe times."""
+    from lightning_decor import Decorrelator
+
+    model = conv_net()
+    dec = Decorrelator(model, max_overhead=0.1, use_cuda_stream=False)
+    x = torch.randn(4, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert dec.planner is not None
+    first = dec.planner._seen["0"]
+    assert first.format() == ("torch.float32", "torch.bfloat16", True)
+    assert dec.planner._seen["4"].format()[1:] == ("torch.bfloat16", False)
