@@ -132,7 +132,7 @@ class DecorrelationCallback(EngineArguments, Callback):
             layer's off-diagonal ``R`` entries (``None``: never).
         log_correlation_image: Qualified name of one patched layer (e.g. ``"net.0"``) whose input correlation
             matrix, before and after decorrelation, is logged as a TensorBoard image (``None``: none). The callback
-            keeps a reference to that layer's latest training input (no copy, no device sync per step) and computes
+            keeps a copy of that layer's latest training input (no device sync per step) and computes
             the picture from at most 8192 of its rows at epoch end.
         log_image_every_n_epochs: Every this many training epochs, log the ``log_correlation_image`` picture.
         plan: ``"auto"``: the cost plan is made by the planner (measured, or taken from the plan cache). Or the path

@@ -56,8 +56,8 @@ class TensorBoardPictures:
         histograms_every: Every this many epochs, ``decor/R_offdiag/<layer>``: a histogram of the off-diagonal
             entries of each layer's ``R`` (``None``: never).
         image_layer: The layer whose input correlations become ``decor/correlation/<layer>`` (``None``: none).
-        image_every: Every this many epochs, that image, from the layer's last training input of the epoch (kept by
-            reference through a forward hook during due epochs: no copy, no device sync per step).
+        image_every: Every this many epochs, that image, from the layer's last training input of the epoch (a copy
+            kept by a forward hook during due epochs, replaced at every training forward; no device sync per step).
     """
 
     def __init__(self, histograms_every: int | None, image_layer: str | None, image_every: int) -> None:
@@ -108,7 +108,9 @@ class TensorBoardPictures:
     @torch.compiler.disable  # eager even in a compiled model, as the layers' own row capture
     def _keep_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if args and module.training and torch.is_grad_enabled():
-            self.input = args[0].detach()  # a reference, no copy: replaced by the next training forward
+            # A copy, not a reference: the input may be an output of a CUDA graph (`torch.compile(mode=
+            # "reduce-overhead")`), which its next replay overwrites before the epoch ends.
+            self.input = args[0].detach().clone()
 
     def stop(self) -> None:
         """Remove the input hook and drop the kept input."""

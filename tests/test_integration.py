@@ -768,9 +768,9 @@ def test_activation_checkpointing_matches_a_run_without_it(tmp_path: Path, use_r
         pending[mode] = []
 
         class Spy(DecorrelationCallback):
-            def update_(self, pl_module):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # where the update is queued
                 pending[mode].append(self._layers["net.0"].decor_pending_rows())  # noqa: B023 (called in this loop)
-                super().update_(pl_module)
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         pl.seed_everything(0)
         model = Checkpointed(mode)
