@@ -734,6 +734,7 @@ class Decorrelator(EngineArguments):
         if not layers:
             return
         if not self._groups_intact():
+            self.wait()  # the stacks about to be dropped may still be written on the side stream
             self._build_groups()
         # On the main stream, where the rows were written. A layer whose weight does not train now (frozen during
         # training, e.g. by BaseFinetuning) keeps its R, so that it keeps its function W @ R; unfrozen, it moves again.
