@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_decor.checks import DEFAULTS, EngineArguments, check_bool, check_positive_int
-from lightning_decor.engine import Decorrelator, _pinned_plan
+from lightning_decor.engine import Decorrelator, _pinned_plan, grad_scale
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.pictures import TensorBoardPictures
@@ -53,21 +53,22 @@ class DecorrelationCallback(EngineArguments, Callback):
     During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (at the end
     of the training batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
     decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block sizes in
-    one batched step. On CUDA the update runs on a side stream: under automatic optimisation it is queued in
-    ``on_before_optimizer_step``, beside the optimizer step (which reads only ``W`` and its gradient, the update only
-    ``R`` and the rows), and written into ``R`` at the end of the batch; the main stream waits for it (on the device)
-    before any later hook, validation, checkpoint or forward reads ``R``. Under ``16-mixed`` an optimizer step the
-    ``GradScaler`` skips leaves ``R`` as it is too. No host synchronisation happens per layer or per step, except when
-    metrics are logged.
+    one batched step. Under automatic optimisation the update is queued in ``on_before_optimizer_step`` (on CUDA on a
+    side stream, beside the optimizer step, which reads only ``W`` and its gradient while the update reads only ``R``
+    and the rows) and written into ``R`` at the end of the batch, on the main stream after waiting for the side
+    stream on the device: every later hook, validation, checkpoint and forward reads the new ``R``, everything before
+    the old one. Under ``16-mixed`` an optimizer step the ``GradScaler`` skips leaves ``R`` as it is too. No host
+    synchronisation happens per layer or per step, except when metrics are logged.
 
     With the rest of the Trainer (each behaviour is tested; the README's "Works with" table names the tests):
-    ``R`` moves in ``on_train_batch_end`` of a batch whose optimizer stepped (``on_before_optimizer_step`` only
-    notes it), once per optimizer step, from the rows of the whole accumulation window and after every optimizer of
-    a GAN has stepped; under DDP the rows of all ranks are pooled before each update, so ``R`` stays identical;
-    sharded strategies and weight averaging are refused in ``setup``; ``R`` and the statistics stay float32 under
-    every precision; ``torch.compile`` recompiles only when the plan is applied; checkpoints hold the fused
-    ``W @ R`` (plain-loadable), and the callback's state (plan, ``R``, raw weights, sampling RNG) makes
-    ``fit(ckpt_path=...)`` continue exactly; layers built in ``configure_model`` are patched in ``setup``.
+    ``R`` moves in ``on_train_batch_end`` of a batch whose optimizer stepped (``on_before_optimizer_step`` notes it
+    and, under automatic optimisation, queues the update), once per optimizer step, from the rows of the whole
+    accumulation window and after every optimizer of a GAN has stepped; under DDP the rows of all ranks are pooled
+    before each update, so ``R`` stays identical; sharded strategies and weight averaging are refused in ``setup``;
+    ``R`` and the statistics stay float32 under every precision; ``torch.compile`` recompiles only when the plan is
+    applied; checkpoints hold the fused ``W @ R`` (plain-loadable), and the callback's state (plan, ``R``, raw
+    weights, sampling RNG) makes ``fit(ckpt_path=...)`` continue exactly; layers built in ``configure_model`` are
+    patched in ``setup``.
 
     Logged metrics (through the Trainer's loggers, where Lightning writes step metrics: after every
     ``Trainer(log_every_n_steps)``-th training batch that steps, however many optimizers step in it):
@@ -124,7 +125,8 @@ class DecorrelationCallback(EngineArguments, Callback):
             batch count once; rows are sampled only for those batches), which divides the sampling and update cost
             by k; fusing ``W @ R`` still happens every step.
         log_per_layer: Also log each layer's loss as ``decor/<layer name>``.
-        use_cuda_stream: Run the update on a side CUDA stream when training on a GPU.
+        use_cuda_stream: On a GPU, compute the update on a side CUDA stream, beside the optimizer step (automatic
+            optimisation); ``R`` is written on the main stream at the end of the batch either way.
         fold_on_fit_end: At the end of ``fit``, fold ``R`` into the weights and restore the plain layers, so the
             model has no inference overhead. With ``False`` the model stays patched (its ``state_dict`` is plain
             either way).
@@ -194,7 +196,8 @@ class DecorrelationCallback(EngineArguments, Callback):
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
         self._update_due = False  # the stepping batch updates R at its end
-        self._scale: Tensor | None = None  # the GradScaler's scale before the batch's first optimizer step
+        self._scale: Tensor | None = None  # the GradScaler's scale before the batch's last optimizer step
+        self._scale_dropped: Tensor | None = None  # whether it fell between two optimizer steps of the batch
         self._pictures = TensorBoardPictures(every, log_correlation_image, log_image_every_n_epochs)
 
     @property
@@ -340,15 +343,17 @@ class DecorrelationCallback(EngineArguments, Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Only notes that this batch steps (under accumulation: the micro-batch that steps). R moves at the end of
-        # the batch: a graph built before a step and backpropagated after it (GANs, several optimizers) and every
+        # Notes that this batch steps (under accumulation: the micro-batch that steps). R moves at the end of the
+        # batch: a graph built before a step and backpropagated after it (GANs, several optimizers) and every
         # closure evaluation of an LBFGS step still find the R they were built with.
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        if self._stepped_batch == batch or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        self._note_scale(trainer)
+        if self._stepped_batch == batch:
             return
         self._stepped_batch = batch
         self._update_due = True
-        self._scale = self._scaler_scale(trainer)
         if self._engine is not None and pl_module.automatic_optimization and not isinstance(
             optimizer, torch.optim.LBFGS
         ):
@@ -357,21 +362,24 @@ class DecorrelationCallback(EngineArguments, Callback):
             # only W and its gradient), and written into R at the end of the batch.
             self._engine.launch()
 
-    @staticmethod
-    def _scaler_scale(trainer: Trainer) -> Tensor | None:
-        """A copy of the ``GradScaler``'s scale on the device (``16-mixed``), or ``None``. It falls exactly when the
-        scaler skips an optimizer step (found inf/NaN gradients); read on the device, never on the host."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None)  # torch.amp.GradScaler's scale tensor (get_scale() syncs)
-        return scale.clone() if isinstance(scale, Tensor) else None
+    def _note_scale(self, trainer: Trainer) -> None:
+        """Before each optimizer step under ``16-mixed``: the ``GradScaler``'s scale (on the device), and whether it
+        fell since the batch's previous step (that step was skipped)."""
+        scale = grad_scale(getattr(trainer.precision_plugin, "scaler", None))
+        if scale is not None and self._scale is not None:
+            dropped = scale < self._scale
+            self._scale_dropped = dropped if self._scale_dropped is None else self._scale_dropped | dropped
+        self._scale = scale
 
     def _scaler_skipped(self, trainer: Trainer) -> Tensor | None:
-        """Whether the ``GradScaler`` skipped an optimizer step of this batch (a device tensor), or ``None``."""
-        before, self._scale = self._scale, None
-        after = self._scaler_scale(trainer)
+        """Whether the ``GradScaler`` skipped an optimizer step of this batch (a device tensor, never read on the host),
+        or ``None`` without a scaler: its scale fell after one of the batch's steps."""
+        before, dropped = self._scale, self._scale_dropped
+        self._scale = self._scale_dropped = None
+        after = grad_scale(getattr(trainer.precision_plugin, "scaler", None))
         if before is None or after is None:
-            return None
-        return after < before  # update() multiplies the scale by backoff_factor < 1 exactly on a skipped step
+            return dropped
+        return after < before if dropped is None else dropped | (after < before)
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:

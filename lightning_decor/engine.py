@@ -1,8 +1,9 @@
 """``Decorrelator``: the Lightning-free engine of decorrelated backpropagation.
 
 It owns the patched layers of one model and their plan, takes their sampled input rows, pools them across
-processes (``torch.distributed``, when initialised), moves every ``R`` (on a side CUDA stream on GPU), and keeps the
-losses, skip counts and a ``state_dict``. Plain PyTorch::
+processes (``torch.distributed``, when initialised), moves every ``R`` (computed on a side CUDA stream beside the
+optimizer step after :meth:`Decorrelator.launch`), and keeps the losses, skip counts and a ``state_dict``. Plain
+PyTorch::
 
     dec = Decorrelator(model)               # patches the model in place
     for x, y in loader:
@@ -38,7 +39,7 @@ import os
 import platform
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,13 @@ from torch import Tensor, nn
 from lightning_decor.attention import route_containers
 from lightning_decor.checks import DEFAULTS, EngineArguments
 from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
-from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
+from lightning_decor.functional import (
+    block_decorrelation_step,
+    float32_matmul,
+    matmul_precision,
+    reset_null_space,
+    segment_sum,
+)
 from lightning_decor.layers import (
     DecorrelatedLayer,
     Generators,
@@ -63,7 +70,7 @@ from lightning_decor.plan import LayerPlan, Plan, measure_costs
 from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
 from lightning_decor.probe import measure_candidates
 
-__all__ = ["CALIBRATION_STEPS", "Decorrelator", "plain_steps"]
+__all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
 # The arguments that shape a plan: a checkpoint's plan is kept only when they are unchanged.
@@ -82,6 +89,15 @@ def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bo
     """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
     grad, (old, version) = param.grad, mark
     return grad is not None and (old is None or old() is not grad or grad._version != version)
+
+
+def grad_scale(scaler: Any) -> Tensor | None:
+    """A copy of a ``torch.amp.GradScaler``'s scale, on its device (``GradScaler.get_scale()`` reads it back to the
+    host), or ``None`` (no scaler, disabled, or before its first ``scale``). ``update()`` multiplies the scale by its
+    ``backoff_factor < 1`` exactly when the step was skipped, so ``grad_scale(scaler) < before`` after
+    ``scaler.update()`` tells a skipped step on the device: pass it as ``Decorrelator.step(skip=...)``."""
+    scale = getattr(scaler, "_scale", None)  # the scaler's own scale tensor (no public one without a host read)
+    return scale.clone() if isinstance(scale, Tensor) else None
 
 
 def _rank_zero() -> bool:
@@ -146,34 +162,6 @@ def _runs(values: Sequence[float], offsets: Sequence[int], lengths: Sequence[int
     return out
 
 
-class _Fence:
-    """The event of the last work queued on the engine's side CUDA stream, and the wait for it: the current stream
-    waits on the device (no host sync). Also a forward pre-hook and a ``state_dict`` pre-hook of the model, so that a
-    plain loop's next forward, and its ``model.state_dict()``, read ``R`` only once the update has written it.
-
-    Copies and pickles of the model (``copy.deepcopy``, ``torch.save(model)``) carry an empty fence."""
-
-    def __init__(self) -> None:
-        self.event: torch.cuda.Event | None = None
-        self.device: torch.device | None = None
-
-    def record(self, stream: torch.cuda.Stream) -> None:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self.event, self.device = event, stream.device
-
-    def wait(self) -> None:
-        if self.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.event)
-
-    @torch.compiler.disable  # eager in a compiled model: streams and events stay out of the graph
-    def __call__(self, module: nn.Module, *args: Any) -> None:
-        self.wait()
-
-    def __reduce__(self) -> tuple[type[_Fence], tuple[()]]:
-        return _Fence, ()
-
-
 class Decorrelator(EngineArguments):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for a plain ``nn.Module``.
 
@@ -202,7 +190,8 @@ class Decorrelator(EngineArguments):
         max_overhead: The plan's budget: estimated cost of all DBP parts as a fraction of the measured plain
             training step (``None``: no plan, every layer at its largest allowed block, fused).
         update_every: ``R`` moves on every k-th call of :meth:`step` (rows are sampled only for those steps).
-        use_cuda_stream: Run the update on a side CUDA stream when the model is on a GPU.
+        use_cuda_stream: Compute an update queued by :meth:`launch` on a side CUDA stream when the model is on a
+            GPU (beside the optimizer step); ``R`` is written on the main stream either way.
         plan: ``"auto"`` (made by the planner), or a plan to pin: a :class:`lightning_decor.plan.Plan` or the path of
             a file written by :meth:`lightning_decor.plan.Plan.save`. A pinned plan must name every patched layer.
         plan_cache: Keep measured costs on disk for later runs (:class:`lightning_decor.planner.PlanCache`; also
@@ -265,10 +254,12 @@ class Decorrelator(EngineArguments):
         self._pinned = pinned
         self._groups: list[_Group] = []
         self._stream: torch.cuda.Stream | None = None
-        self._fence = _Fence()
-        self._hooks: list[Any] = []  # the fence as the model's hooks, while a side stream runs
-        self._staged: list[Tensor] | None = None  # per group, the new R of an update launched and not yet committed
-        self._pending: tuple[Tensor, Tensor] | None = None  # its per-layer losses and skips
+        # An update queued by launch() and not yet written by step(): per group the new R, per layer the losses and
+        # skips, and the event after which they are complete (on the side stream).
+        self._staged: list[Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor] | None = None
+        self._event: torch.cuda.Event | None = None
+        self._event_device: torch.device | None = None
         # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
         self._generators = Generators(torch.initial_seed() % 2**63)
         self._pool = False
@@ -293,16 +284,13 @@ class Decorrelator(EngineArguments):
 
     @property
     def last_losses(self) -> Tensor | None:
-        """Each layer's decorrelation loss at the last update, before its step (NaN: no rows), on the model's device.
-        Reading it makes the current CUDA stream wait for the update (on the device)."""
-        self.wait()
+        """Each layer's decorrelation loss at the last update, before its step (NaN: no rows), on the model's device
+        (published by :meth:`step` with the new ``R``, on the main stream)."""
         return self._last_losses
 
     @property
     def skipped(self) -> Tensor | None:
-        """Per layer, the updates skipped because they would have made ``R`` non-finite (waits as
-        :attr:`last_losses`)."""
-        self.wait()
+        """Per layer, the updates skipped because they would have made ``R`` non-finite."""
         return self._skipped
 
     # ------------------------------------------------------------------ the plan's life cycle
@@ -343,7 +331,7 @@ class Decorrelator(EngineArguments):
             "threads": torch.get_num_threads(), "normalize": self.normalize,
             "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "float32_matmul": torch.get_float32_matmul_precision(),
+            "float32_matmul": matmul_precision(),
         }  # fmt: skip
 
     def _observer(self, name: str) -> Any:
@@ -419,16 +407,8 @@ class Decorrelator(EngineArguments):
             (p.device for p in self.model.parameters()), torch.device("cpu")
         )
         self._stream = None
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
         if self.use_cuda_stream and self._device.type == "cuda":
             self._stream = torch.cuda.Stream(device=self._device)
-            # A plain loop's next forward (and its model.state_dict()) waits for the update on the device.
-            self._hooks = [
-                self.model.register_forward_pre_hook(self._fence),
-                self.model.register_state_dict_pre_hook(self._fence),
-            ]
         if self.planner is not None and self.planner.plan is None:
             self.planner.environment = self._environment(self._device)
             self.planner.device_type = self._device.type
@@ -476,12 +456,10 @@ class Decorrelator(EngineArguments):
             )
 
     def stop(self) -> None:
-        """Stop collecting rows and drop the pending ones (the model stays patched), and release the process group
-        made for pooling and the model's hooks."""
+        """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
+        patched), and release the process group made for pooling."""
         self.wait()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._staged = self._pending = None
         for layer in self.layers.values():
             layer.decor_collect = False
             layer.decor_take_rows()
@@ -501,10 +479,11 @@ class Decorrelator(EngineArguments):
         return names
 
     def wait(self) -> None:
-        """Make the current CUDA stream wait for the update queued on the side stream (on the device, no host sync);
-        a no-op on CPU. Every reader of ``R`` or of the update's outputs calls it: :attr:`last_losses`,
-        :attr:`skipped`, :meth:`state_dict`, :meth:`fold`, and (as hooks) the model's forward and ``state_dict``."""
-        self._fence.wait()
+        """Make the current CUDA stream wait for an update launched on the side stream (on the device, no host
+        sync); a no-op otherwise. ``R`` is only ever written on the main stream (by :meth:`step`, after this wait),
+        so its readers need not call it; whatever writes ``R`` or frees what the side stream reads does."""
+        if self._event is not None:
+            torch.cuda.current_stream(self._event_device).wait_event(self._event)
 
     @property
     def calibrating(self) -> bool:
@@ -516,9 +495,9 @@ class Decorrelator(EngineArguments):
         """Once per optimizer step, after its backward: the planning steps (see the module docstring), then every
         ``update_every``-th call moves every ``R`` from the rows collected since the last update.
 
-        On a GPU with ``use_cuda_stream`` the update is queued on a side stream and runs beside what the main
-        stream does next (the optimizer step: it reads only ``W`` and its gradient, the update only ``R`` and the
-        rows); every reader of ``R`` waits for it on the device (:meth:`wait`). Nothing is read back to the host.
+        Without a :meth:`launch` before, the update is computed on the current stream; after one, this writes the
+        launched update (on the main stream, once it waits on the device for the side stream). Either way ``R``,
+        :attr:`last_losses` and :attr:`skipped` are written on the main stream and nothing is read back to the host.
 
         Args:
             skip: A boolean tensor (one element, any device, never read on the host): where true, this step's update
@@ -549,10 +528,17 @@ class Decorrelator(EngineArguments):
         self._collect(self._collects_next())
 
     def launch(self) -> bool:
-        """Queue the coming :meth:`step`'s update now, from the rows collected so far: on a side CUDA stream it runs
-        beside whatever the main stream does until then (the optimizer step). ``R`` keeps its value until that
-        :meth:`step` writes the new one, so a graph built before still backpropagates; rows of later forwards wait
-        for the next update. Only when the coming step moves ``R`` (not during the planning steps).
+        """Queue the coming :meth:`step`'s update now, from the rows collected so far: on a GPU with
+        ``use_cuda_stream`` it runs on a side stream, beside whatever the main stream does until that :meth:`step`
+        (the optimizer step: it reads only ``W`` and its gradient, the update only ``R`` and the rows). ``R`` keeps
+        its value until :meth:`step` writes the new one on the main stream, so everything before reads the old
+        ``R`` and a graph built before still backpropagates; rows of later forwards wait for the next update. Only
+        when the coming step moves ``R`` (not during the planning steps)::
+
+            loss.backward()
+            dec.launch()        # the update, on the side stream ...
+            optimizer.step()    # ... beside the optimizer step
+            dec.step()          # the new R, on the main stream
 
         Returns:
             Whether an update was launched.
@@ -564,7 +550,7 @@ class Decorrelator(EngineArguments):
             return False
         self._follow_device()
         self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
-        self._launch()
+        self._launch(side=True)
         return self._staged is not None
 
     def _follow_device(self) -> None:
@@ -692,7 +678,7 @@ class Decorrelator(EngineArguments):
                 _Group([n for _, n in members], index, offsets, blocks, stack, segment, sizes, position)
             )
         self._groups = groups
-        self._staged = None  # an update launched for the old stacks is dropped
+        self._staged = self._pending = None  # an update launched for the old stacks is dropped
 
     def _groups_intact(self) -> bool:
         """Whether every layer's ``R`` is still a view into its group's stack (a device move or a new layout
@@ -706,85 +692,80 @@ class Decorrelator(EngineArguments):
     @torch.no_grad()
     def update_(self, commit: bool = True, *, skip: Tensor | None = None) -> None:
         """Move every ``R`` by one step from the rows collected since the last update (a layer without rows keeps
-        its ``R``); no host synchronisation. ``commit=False`` does the same work and leaves ``R`` and the counters as
-        they are (the plan's check times it). ``skip``: as in :meth:`step`."""
-        self._launch()
+        its ``R``), on the current stream; no host synchronisation. ``commit=False`` does the same work and leaves
+        ``R`` and the counters as they are (the plan's check times it). ``skip``: as in :meth:`step`."""
+        self._launch(side=False)
         if commit:
             self._commit(skip)
         else:
-            self._staged = None
+            self._staged = self._pending = None
 
-    @contextlib.contextmanager
-    def _update_stream(self) -> Iterator[torch.cuda.Stream | None]:
-        """Where the update's work is queued: the side stream (after the main stream's work so far: the rows, the
-        backward, every read of ``R``), recorded in the fence on exit; autocast off (the statistics are in float32,
-        in full float32 products: :func:`lightning_decor.functional.float32_matmul`)."""
-        stream = self._stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))
-        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with context, torch.autocast(self._device.type, enabled=False):
-            yield stream
-        if stream is not None:
-            self._fence.record(stream)
-
-    def _launch(self) -> None:
-        """Queue the update: the new ``R`` of every group (kept in ``_staged``), each layer's loss and skip count."""
+    @torch.no_grad()
+    def _launch(self, side: bool) -> None:
+        """Queue the update (on the side stream with ``side``, when there is one and every ``R`` lives on its
+        device): the new ``R`` of every group into ``_staged``, each layer's loss and skip into ``_pending``. Reads
+        ``R`` and the rows; writes nothing the main stream reads."""
         layers = list(self.layers.values())
         if not layers:
             return
         if not self._groups_intact():
-            self.wait()  # the stacks about to be dropped may still be written on the side stream
+            self.wait()  # the side stream may still read the stacks about to be dropped
             self._build_groups()
         # On the main stream, where the rows were written. A layer whose weight does not train now (frozen during
         # training, e.g. by BaseFinetuning) keeps its R, so that it keeps its function W @ R; unfrozen, it moves again.
         taken = [(rows if layer.weight.requires_grad else None) for layer in layers
                  for rows in (layer.decor_take_rows(),)]  # fmt: skip
-        with self._update_stream() as stream:
-            if stream is not None:
-                for rows in taken:
-                    if rows is not None:
-                        rows.record_stream(stream)  # freed only after the side stream is done with it
-            if self._pool:  # every rank updates from the rows of all ranks, so R stays equal
-                taken = all_gather_rows(
-                    taken,
-                    [layer.decor_features for layer in layers],
-                    dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in layers]),
-                    device=layers[0].decor_R.device,
-                    counts_group=self._counts_group,
-                )
-            staged, losses, bad = [], [], []
-            for group in self._groups:
-                new, group_losses, group_bad = self._update_group(group, [taken[i] for i in group.index])
-                staged.append(new)
-                losses.append(group_losses)
-                bad.append(group_bad)
-            device = self._device
-            last = torch.empty(len(layers), dtype=torch.float32, device=device)
-            skipped = torch.zeros(len(layers), dtype=torch.long, device=device)
-            for group, group_losses, group_bad in zip(self._groups, losses, bad, strict=True):
-                last.index_copy_(0, group.position, group_losses.to(device).float())
-                skipped.index_copy_(0, group.position, group_bad.to(device).long())
-        self._staged = staged
-        self._pending = (last, skipped)
+        stream = self._stream if side and all(g.R.device == self._device for g in self._groups) else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # after the rows and the backward
+            for rows in taken:
+                if rows is not None:
+                    rows.record_stream(stream)  # freed only after the side stream is done with it
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        try:
+            with context, torch.autocast(self._device.type, enabled=False):
+                if self._pool:  # every rank updates from the rows of all ranks, so R stays equal
+                    taken = all_gather_rows(
+                        taken,
+                        [layer.decor_features for layer in layers],
+                        dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in layers]),
+                        device=layers[0].decor_R.device,
+                        counts_group=self._counts_group,
+                    )
+                staged = []
+                device = self._device
+                last = torch.empty(len(layers), dtype=torch.float32, device=device)
+                skipped = torch.zeros(len(layers), dtype=torch.long, device=device)
+                for group in self._groups:
+                    new, losses, bad = self._update_group(group, [taken[i] for i in group.index])
+                    staged.append(new)
+                    position = group.position.to(device, non_blocking=True)  # groups on other GPUs: async copies
+                    last.index_copy_(0, position, losses.to(device, non_blocking=True).float())
+                    skipped.index_copy_(0, position, bad.to(device, non_blocking=True).long())
+        finally:
+            if stream is not None:  # also after an error: step() and wait() order the main stream after this work
+                self._event, self._event_device = torch.cuda.Event(), stream.device
+                self._event.record(stream)
+        self._staged, self._pending = staged, (last, skipped)
 
     def _commit(self, skip: Tensor | None) -> None:
-        """Write the launched update into every ``R`` (on the side stream, after the main stream's work so far:
-        every read of the old ``R`` is done), unless ``skip``; publish the losses and skip counts."""
+        """Write the launched update into every ``R`` on the main stream, after the side stream's work (so every
+        reader of ``R``, on the main stream, is ordered after the write), unless ``skip``; publish the losses and
+        skip counts."""
         staged, self._staged = self._staged, None
-        if staged is None:
+        pending, self._pending = self._pending, None
+        if staged is None or pending is None:
             return
-        assert self._pending is not None
-        last, skipped = self._pending
-        with self._update_stream() as stream:
-            keep = None
-            if skip is not None:
-                keep = skip.to(device=self._device, dtype=torch.bool, non_blocking=True).reshape(())
-                if stream is not None:
-                    keep.record_stream(stream)
+        self.wait()
+        self._event = None
+        last, skipped = pending
+        with torch.no_grad():
+            keep = None if skip is None else skip.to(device=self._device, dtype=torch.bool).reshape(())
             for group, new in zip(self._groups, staged, strict=True):
                 if new is not group.R:  # a group without rows keeps its R
-                    group.R.copy_(new if keep is None else torch.where(keep, group.R, new))
+                    group.R.copy_(new if keep is None else torch.where(keep.to(group.R.device), group.R, new))
+            if keep is not None:  # a skipped optimizer step is no skipped update (its rows may overflow)
+                skipped = skipped * ~keep
             self._last_losses = last
             if self._skipped is None or self._skipped.shape != skipped.shape:
                 self._skipped = torch.zeros_like(skipped)
@@ -847,6 +828,8 @@ class Decorrelator(EngineArguments):
         if state.get("version") != STATE_VERSION:
             warnings.warn("Decorrelator: unknown saved state; training continues with R = I.", stacklevel=2)
             return
+        self.wait()  # an update launched on the side stream still reads R: it is dropped, R restored below
+        self._staged = self._pending = None
         self._check_arguments(state["arguments"])
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
         skipped = []

@@ -20,13 +20,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_decor import DecorrelationCallback
+from lightning_decor import DecorrelationCallback, Decorrelator, decorrelation_matrices
 from lightning_decor.layers import DecorrelatedLayer, eligible_layers
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import plain_steps
@@ -287,7 +288,7 @@ def test_readme_python_usage_runs(in_tmp: Path) -> None:
 
 
 def test_readme_plain_pytorch_usage_runs() -> None:
-    (snippet,) = code_blocks(section("Usage in plain PyTorch"), "python")
+    snippet, _ = code_blocks(section("Usage in plain PyTorch"), "python")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
     x, y = correlated_data().tensors
@@ -306,6 +307,29 @@ def test_readme_plain_pytorch_usage_runs() -> None:
     assert all(p.form != "plain" for p in dec.plan.layers.values())
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.Tanh) for m in model.modules())  # "a plain model again"
     assert not torch.equal(model[0].weight, reference[0].weight)  # it trained
+
+
+def test_readme_grad_scaler_loop_leaves_r_where_the_scaler_skips() -> None:
+    """The README's GradScaler lines, in a loop on the CPU (float16 autocast and a CPU GradScaler): R moves with every
+    optimizer step the scaler takes and stays where it skips one (an overflowing loss)."""
+    _, snippet = code_blocks(section("Usage in plain PyTorch"), "python")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    x, y = correlated_data().tensors
+    dec = Decorrelator(model, max_overhead=None, sample_fraction=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    code = compile(snippet, "README.md", "exec")
+    for step in range(4):
+        before = {n: R.clone() for n, R in decorrelation_matrices(model).items()}
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x[32 * step : 32 * (step + 1)]), y[32 * step : 32 * (step + 1)])
+        loss = loss * (1e38 if step == 2 else 1.0)  # overflows the scaled gradients: the scaler skips this step
+        optimizer.zero_grad()
+        exec(code, {"loss": loss, "scaler": scaler, "dec": dec, "optimizer": optimizer})  # noqa: S102
+        moved = [not torch.equal(R, before[n]) for n, R in decorrelation_matrices(model).items()]
+        assert moved == [step != 2] * 2, step
+    assert dec.updates == 4
 
 
 FABRIC_PRELUDE = """

@@ -133,10 +133,14 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any],
 
 
 def train(model: nn.Module, dec: Decorrelator, shape: tuple[int, ...], steps: int, forwards: int = 1) -> None:
-    for _ in range(steps):
+    """Forwards, the backward stand-in, and the engine's step; every other step queued first (``launch``), as
+    beside an optimizer step."""
+    for i in range(steps):
         for _ in range(forwards):
             model(torch.randn(shape, device="cuda"))
         backward_stand_in(model)
+        if i % 2:
+            dec.launch()
         dec.step()
 
 

@@ -351,23 +351,33 @@ def test_segment_sum_adds_the_values_of_each_segment_in_a_fixed_order() -> None:
     torch.testing.assert_close(out[3].flatten()[1:], expected[3].flatten()[1:], rtol=0, atol=1e-15)
 
 
-def test_the_statistics_take_full_float32_products_whatever_the_matmul_precision(monkeypatch) -> None:
-    """Under ``torch.set_float32_matmul_precision("medium")`` (TF32 or bfloat16 products on some hardware), every
-    product of the update runs at "highest", and the user's setting is back afterwards."""
-    seen: list[str] = []
+@pytest.mark.parametrize("setting", ["legacy medium", "cuda tf32"])
+def test_the_statistics_take_full_float32_products_whatever_the_matmul_precision(monkeypatch, setting) -> None:
+    """Under ``torch.set_float32_matmul_precision("medium")`` (TF32 or bfloat16 products on some hardware), or a
+    backend's ``fp32_precision = "tf32"`` (after which torch.get_float32_matmul_precision() raises), every product of
+    the update runs in IEEE float32, and the user's setting is back afterwards."""
+    cuda, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen: list[tuple[str, str]] = []
     bmm = torch.bmm
 
     def spy(*args, **kwargs):
-        seen.append(torch.get_float32_matmul_precision())
+        seen.append((cuda.fp32_precision, mkldnn.fp32_precision))
         return bmm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "bmm", spy)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    saved = (cuda.fp32_precision, mkldnn.fp32_precision)
     try:
+        if setting == "legacy medium":
+            torch.set_float32_matmul_precision("medium")
+        else:
+            cuda.fp32_precision = "tf32"
+        before = (cuda.fp32_precision, mkldnn.fp32_precision)
+        key = functional.matmul_precision()  # readable either way
         R, x = torch.eye(4).expand(2, 4, 4).clone(), torch.randn(2, 16, 4)
         functional.block_decorrelation_step(R, x, None, lr=0.1, kappa=0.5, normalize="layer")
-        assert torch.get_float32_matmul_precision() == "medium"
+        assert (cuda.fp32_precision, mkldnn.fp32_precision) == before
+        assert key == f"cuda={before[0]} mkldnn={before[1]}" and "tf32" in key
     finally:
-        torch.set_float32_matmul_precision(before)
-    assert seen and set(seen) == {"highest"}
+        cuda.fp32_precision, mkldnn.fp32_precision = saved
+        torch.set_float32_matmul_precision("highest")
+    assert seen and set(seen) == {("ieee", "ieee")}
