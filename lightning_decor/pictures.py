@@ -64,7 +64,8 @@ class TensorBoardPictures:
         self.histograms_every = histograms_every
         self.image_layer = image_layer
         self.image_every = image_every
-        self.input: Tensor | None = None  # the image layer's latest training input, during due epochs
+        self.input: Tensor | None = None  # a copy of the image layer's latest training input, during due epochs
+        self.rows: Tensor | None = None  # or the picture's rows drawn from it, when they are fewer numbers
         self._hook: RemovableHandle | None = None
         self._warned_plain = False
 
@@ -109,14 +110,19 @@ class TensorBoardPictures:
     def _keep_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if args and module.training and torch.is_grad_enabled():
             # A copy, not a reference: the input may be an output of a CUDA graph (`torch.compile(mode=
-            # "reduce-overhead")`), which its next replay overwrites before the epoch ends.
-            self.input = args[0].detach().clone()
+            # "reduce-overhead")`), which its next replay overwrites before the epoch ends. The input itself, or the
+            # picture's rows drawn now when they are fewer numbers (wide late layers).
+            x = args[0].detach()
+            if isinstance(module, DecorrelatedLayer) and x.numel() > _PICTURE_ROWS * module.decor_features:
+                self.input, self.rows = None, picture_rows(module, x)
+            else:
+                self.input, self.rows = x.clone(), None
 
     def stop(self) -> None:
         """Remove the input hook and drop the kept input."""
         if self._hook is not None:
             self._hook.remove()
-        self._hook, self.input = None, None
+        self._hook, self.input, self.rows = None, None, None
 
     def epoch_start(self, trainer: Trainer, layers: dict[str, DecorrelatedLayer]) -> None:
         """Hook the image layer's input in a due epoch; warn once when the pictures have no TensorBoard to go to."""
@@ -148,10 +154,11 @@ class TensorBoardPictures:
                 counted = histogram(entries)
                 for writer in writers:
                     writer.add_histogram_raw(f"decor/R_offdiag/{name}", global_step=step, **counted)
-        x = self.input
-        if self.image_layer is not None and x is not None and self._image_layer_kept(layers):
+        x, rows = self.input, self.rows
+        if self.image_layer is not None and (x is not None or rows is not None) and self._image_layer_kept(layers):
             layer = layers[self.image_layer]
-            picture = correlation_picture(picture_rows(layer, x), layer.decor_R).cpu()
+            rows = rows if rows is not None else picture_rows(layer, x)  # type: ignore[arg-type]
+            picture = correlation_picture(rows, layer.decor_R).cpu()
             for writer in writers:
                 writer.add_image(f"decor/correlation/{self.image_layer}", picture, step, dataformats="CHW")
         self.stop()

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices
@@ -199,3 +200,23 @@ def test_picture_helpers_accept_a_stack_of_diagonal_blocks() -> None:
     torch.testing.assert_close(picture, _correlation_picture(x, dense))  # both draw the same dense matrix: exact
     # a float32 picture of float64 correlations: measured 9e-9 (float32 rounding of values <= 1), 1e-6 leaves 100x
     torch.testing.assert_close(picture[0, :, 8:].double(), torch.from_numpy(abs_corr64(x @ dense.T)), atol=1e-6, rtol=0)
+
+
+def test_the_picture_keeps_a_copy_of_its_input_or_its_rows() -> None:
+    """The picture layer's input may be a CUDA graph's output, overwritten by the next replay: the hook keeps a copy,
+    or, when the picture's at most 8192 rows are fewer numbers than the input, those rows drawn from it now."""
+    from lightning_decor import decorrelate
+    from lightning_decor.pictures import TensorBoardPictures
+
+    net = nn.Sequential(nn.Linear(4, 2))
+    decorrelate(net)
+    pictures = TensorBoardPictures(None, "0", 1)
+    small, large = torch.randn(32, 4), torch.randn(64, 200, 4)  # 128 numbers; 51200 > 8192 rows * 4
+    net.train()
+    pictures._keep_input(net[0], (small,), None)
+    assert pictures.rows is None and torch.equal(pictures.input, small)
+    assert pictures.input.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+    pictures._keep_input(net[0], (large,), None)
+    assert pictures.input is None and pictures.rows.shape == (8192, 4)
+    flat = large.reshape(-1, 4)
+    assert all((flat == row).all(1).any() for row in pictures.rows[:256])  # rows of the input itself
