@@ -32,15 +32,11 @@ few kernels per block size instead of a few dozen per layer.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 import os
 import platform
 import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,14 +45,8 @@ from torch import Tensor, nn
 
 from lightning_decor.attention import route_containers
 from lightning_decor.checks import DEFAULTS, EngineArguments
-from lightning_decor.distributed import all_gather_rows, count_group, destroy_count_group
-from lightning_decor.functional import (
-    block_decorrelation_step,
-    float32_matmul,
-    matmul_precision,
-    reset_null_space,
-    segment_sum,
-)
+from lightning_decor.distributed import count_group, destroy_count_group
+from lightning_decor.functional import matmul_precision
 from lightning_decor.layers import (
     DecorrelatedLayer,
     Generators,
@@ -69,6 +59,7 @@ from lightning_decor.layers import (
 from lightning_decor.plan import LayerPlan, Plan, measure_costs
 from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
 from lightning_decor.probe import measure_candidates
+from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
@@ -116,50 +107,6 @@ def _device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-NULL_RESET_EVERY = 20
-"""Every this many updates, each block's ``R`` on its input's null space is put back to the identity's
-(:func:`lightning_decor.functional.reset_null_space`): between two resets it grows at most ``(1 + lr * kappa)^20``
-(x2.7 at ``lr * kappa = 0.05``)."""
-
-
-@dataclass
-class _Group:
-    """Layers whose ``R`` blocks have the same size, dtype and device: one stacked tensor, one batched update."""
-
-    names: list[str]
-    index: list[int]  # position of each layer in the engine's layer order
-    offsets: list[int]  # first block of each layer in the stack
-    blocks: list[int]  # blocks of each layer
-    R: Tensor  # (G, b, b): every layer's decor_R is a view into it
-    segment: Tensor  # (G,) layer of each block, 0..len(names) - 1
-    sizes: Tensor  # (layers,) blocks of each layer, in R's dtype
-    position: Tensor  # (layers,) each layer's place in the engine's layer order
-    counts: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # per-block row counts, cached by rows
-
-    @property
-    def block(self) -> int:
-        return self.R.shape[-1]
-
-    def per_block(self, counts: tuple[int, ...]) -> Tensor:
-        """``(G,)`` the row count of each block, for layers with ``counts`` rows: made on the device by one fill per
-        layer (host ints as kernel arguments: no copy from the host, no sync) and kept while the counts stay."""
-        cached = self.counts.get(counts)
-        if cached is None:
-            cached = _runs(counts, self.offsets, self.blocks, torch.long, self.R.device)
-            self.counts = {counts: cached}  # the counts of the last step: usually the next step's too
-        return cached
-
-
-def _runs(values: Sequence[float], offsets: Sequence[int], lengths: Sequence[int], dtype: torch.dtype,
-          device: torch.device) -> Tensor:  # fmt: skip
-    """A tensor on ``device`` holding ``values[i]`` at ``offsets[i] : offsets[i] + lengths[i]``, made by fills: a
-    tensor from a host list would be a blocking copy to a GPU."""
-    out = torch.empty(sum(lengths), dtype=dtype, device=device)
-    for value, o, n in zip(values, offsets, lengths, strict=True):
-        out[o : o + n].fill_(value)
-    return out
 
 
 class Decorrelator(EngineArguments):
@@ -252,14 +199,7 @@ class Decorrelator(EngineArguments):
         self._last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
         self._skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
         self._pinned = pinned
-        self._groups: list[_Group] = []
-        self._stream: torch.cuda.Stream | None = None
-        # An update queued by launch() and not yet written by step(): per group the new R, per layer the losses and
-        # skips, and the event after which they are complete (on the side stream).
-        self._staged: list[Tensor] | None = None
-        self._pending: tuple[Tensor, Tensor] | None = None
-        self._event: torch.cuda.Event | None = None
-        self._event_device: torch.device | None = None
+        self._update = BatchedUpdate()  # the stacks of R, the side stream, an update launched and not yet written
         # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
         self._generators = Generators(torch.initial_seed() % 2**63)
         self._pool = False
@@ -402,13 +342,10 @@ class Decorrelator(EngineArguments):
         ``torch.distributed`` is initialised with several processes, and row collection. Until the first plan is
         made, the planner's environment (the plan cache's key, the analytic model's constants) follows the device:
         under Lightning the engine is made while the model is still on the CPU."""
-        self.wait()
         self._device = device if device is not None else next(
             (p.device for p in self.model.parameters()), torch.device("cpu")
         )
-        self._stream = None
-        if self.use_cuda_stream and self._device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=self._device)
+        self._update.start(self._device, self.use_cuda_stream)
         if self.planner is not None and self.planner.plan is None:
             self.planner.environment = self._environment(self._device)
             self.planner.device_type = self._device.type
@@ -458,8 +395,7 @@ class Decorrelator(EngineArguments):
     def stop(self) -> None:
         """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
         patched), and release the process group made for pooling."""
-        self.wait()
-        self._staged = self._pending = None
+        self._update.drop()
         for layer in self.layers.values():
             layer.decor_collect = False
             layer.decor_take_rows()
@@ -475,15 +411,15 @@ class Decorrelator(EngineArguments):
                 fold_layer(layer)
                 names.append(name)
         restore_routing(self.model)  # transformer layers get their fast paths back, averages their plain update
-        self.layers, self._groups = {}, []
+        self.layers = {}
+        self._update.build(self.layers)
         return names
 
     def wait(self) -> None:
         """Make the current CUDA stream wait for an update launched on the side stream (on the device, no host
         sync); a no-op otherwise. ``R`` is only ever written on the main stream (by :meth:`step`, after this wait),
         so its readers need not call it; whatever writes ``R`` or frees what the side stream reads does."""
-        if self._event is not None:
-            torch.cuda.current_stream(self._event_device).wait_event(self._event)
+        self._update.wait()
 
     @property
     def calibrating(self) -> bool:
@@ -509,7 +445,7 @@ class Decorrelator(EngineArguments):
         self.check_direct_weight_reads()
         self.steps += 1
         planner = self.planner
-        if self._staged is not None:  # launched early by launch(): write it now
+        if self._update.launched:  # launched early by launch(): write it now
             self._commit(skip)
         elif planner is not None and not planner.done:
             action = planner.step()
@@ -544,14 +480,14 @@ class Decorrelator(EngineArguments):
             Whether an update was launched.
         """
         planner = self.planner
-        if not self.layers or self._staged is not None or (planner is not None and not planner.done):
+        if not self.layers or self._update.launched or (planner is not None and not planner.done):
             return False
         if not self._due(self.steps + 1):
             return False
         self._follow_device()
         self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
         self._launch(side=True)
-        return self._staged is not None
+        return self._update.launched
 
     def _follow_device(self) -> None:
         device = next(iter(self.layers.values())).weight.device
@@ -651,43 +587,7 @@ class Decorrelator(EngineArguments):
             )
         self.plan = plan
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
-        self._build_groups()
-
-    def _build_groups(self) -> None:
-        """Stack the ``R`` of layers with equal block size, dtype and device; each layer's ``decor_R`` becomes a
-        view into its group's stack (the values are kept)."""
-        by_key: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, str]]] = {}
-        for i, (name, layer) in enumerate(self.layers.items()):
-            R = layer.decor_R
-            by_key.setdefault((R.shape[-1], R.dtype, R.device), []).append((i, name))
-        groups = []
-        for members in by_key.values():
-            layers = [self.layers[name] for _, name in members]
-            blocks = [layer.decor_blocks for layer in layers]
-            stack = torch.cat([layer.decor_R.reshape(-1, layer.decor_block, layer.decor_block) for layer in layers])
-            offsets = [sum(blocks[:k]) for k in range(len(blocks))]
-            for layer, o, g in zip(layers, offsets, blocks, strict=True):
-                layer.decor_R = stack[o] if layer.decor_R.dim() == 2 else stack[o : o + g]
-            # Small index tensors made on R's device by fills (a tensor from a host list would be a blocking copy).
-            device, ones = stack.device, [1] * len(layers)
-            index = [i for i, _ in members]
-            segment = _runs(range(len(layers)), offsets, blocks, torch.long, device)  # (G,) each block's layer
-            sizes = _runs(blocks, range(len(layers)), ones, stack.dtype, device)  # (layers,) blocks per layer
-            position = _runs(index, range(len(layers)), ones, torch.long, device)  # (layers,) place in layer order
-            groups.append(
-                _Group([n for _, n in members], index, offsets, blocks, stack, segment, sizes, position)
-            )
-        self._groups = groups
-        self._staged = self._pending = None  # an update launched for the old stacks is dropped
-
-    def _groups_intact(self) -> bool:
-        """Whether every layer's ``R`` is still a view into its group's stack (a device move or a new layout
-        replaces the buffer)."""
-        for group in self._groups:
-            for name in group.names:
-                if self.layers[name].decor_R._base is not group.R:  # views are made once, in _build_groups
-                    return False
-        return True
+        self._update.build(self.layers)
 
     @torch.no_grad()
     def update_(self, commit: bool = True, *, skip: Tensor | None = None) -> None:
@@ -698,107 +598,30 @@ class Decorrelator(EngineArguments):
         if commit:
             self._commit(skip)
         else:
-            self._staged = self._pending = None
+            self._update.drop()
 
-    @torch.no_grad()
     def _launch(self, side: bool) -> None:
-        """Queue the update (on the side stream with ``side``, when there is one and every ``R`` lives on its
-        device): the new ``R`` of every group into ``_staged``, each layer's loss and skip into ``_pending``. Reads
-        ``R`` and the rows; writes nothing the main stream reads."""
-        layers = list(self.layers.values())
-        if not layers:
-            return
-        if not self._groups_intact():
-            self.wait()  # the side stream may still read the stacks about to be dropped
-            self._build_groups()
-        # On the main stream, where the rows were written. A layer whose weight does not train now (frozen during
-        # training, e.g. by BaseFinetuning) keeps its R, so that it keeps its function W @ R; unfrozen, it moves again.
-        taken = [(rows if layer.weight.requires_grad else None) for layer in layers
-                 for rows in (layer.decor_take_rows(),)]  # fmt: skip
-        stream = self._stream if side and all(g.R.device == self._device for g in self._groups) else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))  # after the rows and the backward
-            for rows in taken:
-                if rows is not None:
-                    rows.record_stream(stream)  # freed only after the side stream is done with it
-        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        try:
-            with context, torch.autocast(self._device.type, enabled=False):
-                if self._pool:  # every rank updates from the rows of all ranks, so R stays equal
-                    taken = all_gather_rows(
-                        taken,
-                        [layer.decor_features for layer in layers],
-                        dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in layers]),
-                        device=layers[0].decor_R.device,
-                        counts_group=self._counts_group,
-                    )
-                staged = []
-                device = self._device
-                last = torch.empty(len(layers), dtype=torch.float32, device=device)
-                skipped = torch.zeros(len(layers), dtype=torch.long, device=device)
-                for group in self._groups:
-                    new, losses, bad = self._update_group(group, [taken[i] for i in group.index])
-                    staged.append(new)
-                    position = group.position.to(device, non_blocking=True)  # groups on other GPUs: async copies
-                    last.index_copy_(0, position, losses.to(device, non_blocking=True).float())
-                    skipped.index_copy_(0, position, bad.to(device, non_blocking=True).long())
-        finally:
-            if stream is not None:  # also after an error: step() and wait() order the main stream after this work
-                self._event, self._event_device = torch.cuda.Event(), stream.device
-                self._event.record(stream)
-        self._staged, self._pending = staged, (last, skipped)
+        """Take every layer's rows and launch the batched update from them (:meth:`BatchedUpdate.launch`)."""
+        # A layer whose weight does not train now (frozen during training, e.g. by BaseFinetuning) keeps its R, so
+        # that it keeps its function W @ R; unfrozen, it moves again.
+        rows = [(taken if layer.weight.requires_grad else None) for layer in self.layers.values()
+                for taken in (layer.decor_take_rows(),)]  # fmt: skip
+        self._update.launch(
+            self.layers, rows, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
+            null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1, side=side, pool=self._pool,
+            counts_group=self._counts_group,
+        )  # fmt: skip
 
     def _commit(self, skip: Tensor | None) -> None:
-        """Write the launched update into every ``R`` on the main stream, after the side stream's work (so every
-        reader of ``R``, on the main stream, is ordered after the write), unless ``skip``; publish the losses and
-        skip counts."""
-        staged, self._staged = self._staged, None
-        pending, self._pending = self._pending, None
-        if staged is None or pending is None:
+        """Write the launched update (on the main stream) and publish its losses and skip counts."""
+        results = self._update.commit(skip)
+        if results is None:
             return
-        self.wait()
-        self._event = None
-        last, skipped = pending
-        with torch.no_grad():
-            keep = None if skip is None else skip.to(device=self._device, dtype=torch.bool).reshape(())
-            for group, new in zip(self._groups, staged, strict=True):
-                if new is not group.R:  # a group without rows keeps its R
-                    group.R.copy_(new if keep is None else torch.where(keep.to(group.R.device), group.R, new))
-            if keep is not None:  # a skipped optimizer step is no skipped update (its rows may overflow)
-                skipped = skipped * ~keep
-            self._last_losses = last
-            if self._skipped is None or self._skipped.shape != skipped.shape:
-                self._skipped = torch.zeros_like(skipped)
-            self._skipped += skipped
+        self._last_losses, skipped = results
+        if self._skipped is None or self._skipped.shape != skipped.shape:
+            self._skipped = torch.zeros_like(skipped)
+        self._skipped += skipped
         self.updates += 1
-
-    def _update_group(self, group: _Group, rows: list[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
-        """One batched step of a group; returns the new blocks and per layer (loss, skipped) tensors."""
-        b, R = group.block, group.R
-        counts = tuple(0 if r is None else r.shape[0] for r in rows)
-        n = max(counts)
-        if n == 0:
-            nan = torch.full((len(rows),), math.nan, device=R.device)
-            return R, nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
-        x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
-        for r, o, g in zip(rows, group.offsets, group.blocks, strict=True):
-            k = 0 if r is None else r.shape[0]
-            if r is not None and k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
-                x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
-            if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
-                x[o : o + g, k:].zero_()
-        per_block = group.per_block(counts)
-        start = R
-        if self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1 and n >= b:
-            start = reset_null_space(R, x, per_block)  # bounds R's part on a rank-deficient input's null space
-        new, loss, ok = block_decorrelation_step(
-            start, x, per_block, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
-            segment=group.segment, layers=len(rows),
-        )  # fmt: skip
-        # Per layer, summed over its blocks in a fixed order (index_add_ adds with atomics on a GPU); full float32.
-        with float32_matmul():
-            per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), group.segment, len(rows))
-        return new, per_layer[:, 0] / group.sizes, per_layer[:, 1] > 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -828,8 +651,7 @@ class Decorrelator(EngineArguments):
         if state.get("version") != STATE_VERSION:
             warnings.warn("Decorrelator: unknown saved state; training continues with R = I.", stacklevel=2)
             return
-        self.wait()  # an update launched on the side stream still reads R: it is dropped, R restored below
-        self._staged = self._pending = None
+        self._update.drop()  # an update launched on the side stream still reads R: dropped, R restored below
         self._check_arguments(state["arguments"])
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
         skipped = []

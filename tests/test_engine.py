@@ -297,7 +297,7 @@ def test_engine_errors() -> None:
 def test_r_stays_bounded_on_a_rank_deficient_input() -> None:
     """Three equal copies of 4 features (a grayscale image fed as RGB): the rule alone grows R's null-space part
     without bound (tests/test_functional.py measures it); the engine resets it every NULL_RESET_EVERY updates."""
-    from lightning_decor.engine import NULL_RESET_EVERY
+    from lightning_decor.update import NULL_RESET_EVERY
 
     torch.manual_seed(0)
     layer = nn.Linear(12, 3)

@@ -21,7 +21,11 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "timm_layers": ({"layers"}, False),
     "probe": ({"functional", "layers", "plan"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
-    "engine": ({"attention", "checks", "distributed", "functional", "layers", "plan", "planner", "probe"}, False),
+    "update": ({"distributed", "functional", "layers"}, False),
+    "engine": (
+        {"attention", "checks", "distributed", "functional", "layers", "plan", "planner", "probe", "update"},
+        False,
+    ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
     "pictures": ({"functional", "layers"}, True),
     "callback": ({"checks", "engine", "functional", "layers", "metric", "pictures", "plan", "planner"}, True),

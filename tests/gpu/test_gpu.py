@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelation_matrices
-from lightning_decor import engine as engine_module
+from lightning_decor import update as update_module
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.planner import PlanCache, plain_steps
 
@@ -176,13 +176,13 @@ def test_a_steady_state_step_never_synchronises_with_the_host(max_overhead: floa
 def slow_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batched update starts with ~10 ms of GPU sleep on the stream it runs on: a reader that does not wait
     for the side stream reads the old R (or unfinished losses)."""
-    step = engine_module.block_decorrelation_step
+    step = update_module.block_decorrelation_step
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         torch.cuda._sleep(20_000_000)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "block_decorrelation_step", slow)
+    monkeypatch.setattr(update_module, "block_decorrelation_step", slow)
 
 
 def test_a_slowed_side_stream_equals_the_update_on_the_main_stream(

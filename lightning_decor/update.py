@@ -1,0 +1,264 @@
+"""The batched update of every ``R``: stacks of equal blocks, pooling across processes, padding, the null-space
+cadence and the side CUDA stream. No Lightning, no plan: :class:`lightning_decor.Decorrelator` decides when it runs.
+
+Layers whose ``R`` blocks have the same size, dtype and device share one stacked tensor (each layer's ``decor_R`` is a
+view into it) and move together in one batched step (:func:`lightning_decor.functional.block_decorrelation_step`):
+a few kernels per block size instead of a few dozen per layer. Nothing is read back to the host: index and count
+tensors are made on the device by fills, per-layer sums by a fixed-order product.
+
+**Two phases.** :meth:`BatchedUpdate.launch` computes the new ``R`` of every stack, each layer's loss and skip from
+the rows; with ``side=True`` on a GPU it runs on a side stream, where it reads only ``R`` and the rows, beside the
+optimizer step (which reads only ``W`` and its gradient). :meth:`BatchedUpdate.commit` writes the new ``R`` on the
+main stream, after waiting for the side stream on the device: every reader of ``R`` on the main stream sees the old
+``R`` before and the new one after, without waiting itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_decor.distributed import all_gather_rows
+from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
+from lightning_decor.layers import DecorrelatedLayer
+
+__all__ = ["NULL_RESET_EVERY", "BatchedUpdate", "Stack"]
+
+NULL_RESET_EVERY = 20
+"""Every this many updates, each block's ``R`` on its input's null space is put back to the identity's
+(:func:`lightning_decor.functional.reset_null_space`): between two resets it grows at most ``(1 + lr * kappa)^20``
+(x2.7 at ``lr * kappa = 0.05``)."""
+
+
+def device_runs(
+    values: Sequence[float], offsets: Sequence[int], lengths: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A tensor on ``device`` holding ``values[i]`` at ``offsets[i] : offsets[i] + lengths[i]``, made by fills: a
+    tensor from a host list would be a blocking copy to a GPU."""
+    out = torch.empty(sum(lengths), dtype=dtype, device=device)
+    for value, o, n in zip(values, offsets, lengths, strict=True):
+        out[o : o + n].fill_(value)
+    return out
+
+
+@dataclass
+class Stack:
+    """The ``R`` blocks of the layers whose blocks have the same size, dtype and device: one tensor, one batched
+    step."""
+
+    names: list[str]
+    index: list[int]  # position of each layer in the engine's layer order
+    offsets: list[int]  # first block of each layer in the stack
+    block_counts: list[int]  # blocks of each layer
+    R: Tensor  # (G, b, b): every layer's decor_R is a view into it
+    segment: Tensor  # (G,) layer of each block, 0..len(names) - 1
+    sizes: Tensor  # (layers,) blocks of each layer, in R's dtype
+    position: Tensor  # (layers,) each layer's place in the engine's layer order
+    row_counts: dict[tuple[int, ...], Tensor] = field(default_factory=dict)  # per-block row counts, by rows
+
+    @property
+    def block_size(self) -> int:
+        return self.R.shape[-1]
+
+    def per_block(self, counts: tuple[int, ...]) -> Tensor:
+        """``(G,)`` the row count of each block, for layers with ``counts`` rows: made on the device by one fill per
+        layer (host ints as kernel arguments: no copy from the host, no sync) and kept while the counts stay."""
+        cached = self.row_counts.get(counts)
+        if cached is None:
+            cached = device_runs(counts, self.offsets, self.block_counts, torch.long, self.R.device)
+            self.row_counts = {counts: cached}  # the counts of the last step: usually the next step's too
+        return cached
+
+
+class BatchedUpdate:
+    """The stacks of ``R`` blocks, the side stream and an update launched and not yet written."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")  # where the per-layer results live (the model's device)
+        self.stacks: list[Stack] = []
+        self.stream: torch.cuda.Stream | None = None
+        # A launched update: per stack the new R, per layer the losses and skips, and the event after which they are
+        # complete (on the side stream).
+        self._staged: list[Tensor] | None = None
+        self._results: tuple[Tensor, Tensor] | None = None
+        self._event: torch.cuda.Event | None = None
+        self._event_device: torch.device | None = None
+
+    def start(self, device: torch.device, use_cuda_stream: bool) -> None:
+        """(Re)start on ``device``: a side CUDA stream there with ``use_cuda_stream`` on a GPU. The stacks stay."""
+        self.drop()
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device) if use_cuda_stream and device.type == "cuda" else None
+
+    @property
+    def launched(self) -> bool:
+        """Whether an update was launched and not yet written."""
+        return self._staged is not None
+
+    def wait(self) -> None:
+        """Make the current CUDA stream wait for an update launched on the side stream (on the device, no host
+        sync); a no-op otherwise."""
+        if self._event is not None:
+            torch.cuda.current_stream(self._event_device).wait_event(self._event)
+
+    def drop(self) -> None:
+        """Forget a launched update (after waiting for the side stream, which may still read ``R``)."""
+        self.wait()
+        self._staged = self._results = None
+
+    # ------------------------------------------------------------------ the stacks
+    def build(self, layers: dict[str, DecorrelatedLayer]) -> None:
+        """Stack the ``R`` of layers with equal block size, dtype and device; each layer's ``decor_R`` becomes a view
+        into its stack (the values are kept). A launched update is dropped."""
+        self.drop()
+        by_key: dict[tuple[int, torch.dtype, torch.device], list[tuple[int, str]]] = {}
+        for i, (name, layer) in enumerate(layers.items()):
+            R = layer.decor_R
+            by_key.setdefault((R.shape[-1], R.dtype, R.device), []).append((i, name))
+        stacks = []
+        for members in by_key.values():
+            members_layers = [layers[name] for _, name in members]
+            counts = [layer.decor_blocks for layer in members_layers]
+            stack = torch.cat([layer.decor_R.reshape(-1, layer.decor_block, layer.decor_block)
+                               for layer in members_layers])  # fmt: skip
+            offsets = [sum(counts[:k]) for k in range(len(counts))]
+            for layer, o, g in zip(members_layers, offsets, counts, strict=True):
+                layer.decor_R = stack[o] if layer.decor_R.dim() == 2 else stack[o : o + g]
+            # Small index tensors made on R's device by fills (a tensor from a host list would be a blocking copy).
+            device, ones, n = stack.device, [1] * len(members), len(members)
+            index = [i for i, _ in members]
+            stacks.append(
+                Stack(
+                    names=[name for _, name in members],
+                    index=index,
+                    offsets=offsets,
+                    block_counts=counts,
+                    R=stack,
+                    segment=device_runs(range(n), offsets, counts, torch.long, device),  # (G,) each block's layer
+                    sizes=device_runs(counts, range(n), ones, stack.dtype, device),  # (layers,) blocks per layer
+                    position=device_runs(index, range(n), ones, torch.long, device),  # (layers,) place in the order
+                )
+            )
+        self.stacks = stacks
+
+    def intact(self, layers: dict[str, DecorrelatedLayer]) -> bool:
+        """Whether the stacks hold exactly ``layers`` and every layer's ``R`` is still a view into its stack (a device
+        move or a new layout replaces it)."""
+        stacked = [(name, stack) for stack in self.stacks for name in stack.names]
+        return len(stacked) == len(layers) and all(
+            name in layers and layers[name].decor_R._base is stack.R for name, stack in stacked
+        )
+
+    # ------------------------------------------------------------------ the two phases
+    @torch.no_grad()
+    def launch(
+        self,
+        layers: dict[str, DecorrelatedLayer],
+        rows: list[Tensor | None],
+        *,
+        lr: float,
+        kappa: float,
+        normalize: str,
+        null_reset: bool,
+        side: bool,
+        pool: bool = False,
+        counts_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """Compute the update from each layer's ``rows`` (``None``: none; pooled across processes with ``pool``): the
+        new ``R`` of every stack and each layer's loss and skip, kept for :meth:`commit`. With ``side``, on the side
+        stream when there is one and every ``R`` lives on its device. Reads ``R`` and the rows; writes nothing the
+        main stream reads. ``null_reset``: this update first resets each block on its input's null space."""
+        if not layers:
+            return
+        if not self.intact(layers):
+            self.build(layers)
+        stream = self.stream if side and all(s.R.device == self.device for s in self.stacks) else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # after the rows and the backward
+            for r in rows:
+                if r is not None:
+                    r.record_stream(stream)  # freed only after the side stream is done with it
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        try:
+            with context, torch.autocast(self.device.type, enabled=False):
+                if pool:  # every rank updates from the rows of all ranks, so R stays equal
+                    all_layers = list(layers.values())
+                    rows = all_gather_rows(
+                        rows,
+                        [layer.decor_features for layer in all_layers],
+                        dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in all_layers]),
+                        device=all_layers[0].decor_R.device,
+                        counts_group=counts_group,
+                    )
+                staged = []
+                last = torch.empty(len(layers), dtype=torch.float32, device=self.device)
+                skipped = torch.zeros(len(layers), dtype=torch.long, device=self.device)
+                for stack in self.stacks:
+                    new, losses, bad = self._step(stack, [rows[i] for i in stack.index], lr, kappa, normalize,
+                                                  null_reset)  # fmt: skip
+                    staged.append(new)
+                    position = stack.position.to(self.device, non_blocking=True)  # stacks on other GPUs: async
+                    last.index_copy_(0, position, losses.to(self.device, non_blocking=True).float())
+                    skipped.index_copy_(0, position, bad.to(self.device, non_blocking=True).long())
+        finally:
+            if stream is not None:  # also after an error: commit() and wait() order the main stream after this work
+                self._event, self._event_device = torch.cuda.Event(), stream.device
+                self._event.record(stream)
+        self._staged, self._results = staged, (last, skipped)
+
+    @torch.no_grad()
+    def commit(self, skip: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Write the launched update into every ``R`` on the main stream, after the side stream's work, unless
+        ``skip`` (a boolean device tensor, never read on the host). Returns each layer's loss and skip count
+        (``None`` without a launched update); a skipped step counts no skipped layer update."""
+        staged, results = self._staged, self._results
+        self._staged = self._results = None
+        if staged is None or results is None:
+            return None
+        self.wait()
+        self._event = None
+        last, skipped = results
+        keep = None if skip is None else skip.to(device=self.device, dtype=torch.bool).reshape(())
+        for stack, new in zip(self.stacks, staged, strict=True):
+            if new is not stack.R:  # a stack without rows keeps its R
+                stack.R.copy_(new if keep is None else torch.where(keep.to(stack.R.device), stack.R, new))
+        if keep is not None:  # its rows may come from an overflowing forward
+            skipped = skipped * ~keep
+        return last, skipped
+
+    @staticmethod
+    def _step(
+        stack: Stack, rows: list[Tensor | None], lr: float, kappa: float, normalize: str, null_reset: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One batched step of a stack; returns the new blocks and per layer (loss, skipped) tensors."""
+        b, R = stack.block_size, stack.R
+        counts = tuple(0 if r is None else r.shape[0] for r in rows)
+        n = max(counts)
+        if n == 0:
+            nan = torch.full((len(rows),), math.nan, device=R.device)
+            return R, nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
+        x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
+        for r, o, g in zip(rows, stack.offsets, stack.block_counts, strict=True):
+            k = 0 if r is None else r.shape[0]
+            if r is not None and k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
+                x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
+            if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
+                x[o : o + g, k:].zero_()
+        per_block = stack.per_block(counts)
+        start = R
+        if null_reset and n >= b:
+            start = reset_null_space(R, x, per_block)  # bounds R's part on a rank-deficient input's null space
+        new, loss, ok = block_decorrelation_step(
+            start, x, per_block, lr=lr, kappa=kappa, normalize=normalize, segment=stack.segment, layers=len(rows)
+        )
+        # Per layer, summed over its blocks in a fixed order (index_add_ adds with atomics on a GPU); full float32.
+        with float32_matmul():
+            per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), stack.segment, len(rows))
+        return new, per_layer[:, 0] / stack.sizes, per_layer[:, 1] > 0
