@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_decor.checks import DEFAULTS, EngineArguments, check_bool, check_positive_int
+from lightning_decor.checks import check_bool, check_positive_int
+from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, _pinned_plan, grad_scale
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
@@ -29,7 +30,7 @@ _SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "
 _AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
 
 
-class DecorrelationCallback(EngineArguments, Callback):
+class DecorrelationCallback(Configured, Callback):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for any LightningModule.
 
     In ``setup("fit")`` every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions
@@ -171,7 +172,12 @@ class DecorrelationCallback(EngineArguments, Callback):
         plan: str | Plan = "auto",
         plan_cache: bool = DEFAULTS["plan_cache"],
     ) -> None:
-        self._set_engine_arguments(locals())  # the engine's arguments, checked as the engine checks them
+        self.config = DecorConfig(
+            decor_lr=decor_lr, kappa=kappa, normalize=normalize, sample_fraction=sample_fraction, max_rows=max_rows,
+            include=include, exclude=exclude, max_features=max_features, block_size=block_size,
+            max_overhead=max_overhead, update_every=update_every, use_cuda_stream=use_cuda_stream,
+            plan_cache=plan_cache,
+        )  # fmt: skip
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
         self.fold_on_fit_end = check_bool("fold_on_fit_end", fold_on_fit_end)
         every = check_positive_int("log_histograms_every_n_epochs", log_histograms_every_n_epochs)
@@ -189,7 +195,7 @@ class DecorrelationCallback(EngineArguments, Callback):
         self._engine: Decorrelator | None = None
         self._past_updates = 0  # updates of engines of earlier fits (a fit after folding makes a new engine)
         # Every rank computes the same losses from the same pooled rows, so the metric needs no sync of its own.
-        self._metric = DecorrelationLoss(kappa=self.kappa, sync_on_compute=False)
+        self._metric = DecorrelationLoss(kappa=self.config.kappa, sync_on_compute=False)
         self._warned_skips = 0
         self._warned_waiting = False  # rows of PENDING_FORWARDS forwards waited for an update: warned once
         self._fresh = False  # an update happened since the last log
@@ -256,14 +262,14 @@ class DecorrelationCallback(EngineArguments, Callback):
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
-        eligible = eligible_layers(pl_module, self.max_features, self.block_size)
+        eligible = eligible_layers(pl_module, self.config.max_features, self.config.block_size)
         plain = {  # every layer a user may expect DBP in (not the frozen ones, not an average's copies)
             name: why for name, why in eligible.items()
             if why is not None and not why.startswith(("frozen", "inside the torch.optim.swa_utils.AveragedModel"))
         }  # fmt: skip
         if plain:
             rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {plain}.")
-        for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
+        for arg, patterns in (("include", self.config.include), ("exclude", self.config.exclude)):
             for pattern in patterns or []:
                 if not any(_matches(name, [pattern]) for name in eligible):
                     rank_zero_warn(
@@ -274,7 +280,7 @@ class DecorrelationCallback(EngineArguments, Callback):
             self._past_updates += 0 if self._engine is None else self._engine.updates
             # patches in place; layers patched before (a refit without folding) keep their R
             pinned = self._pinned if self._pinned is not None else "auto"
-            self._engine = Decorrelator(pl_module, **self.engine_arguments(), plan=pinned)
+            self._engine = Decorrelator.from_config(pl_module, self.config, plan=pinned)
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
@@ -458,7 +464,7 @@ class DecorrelationCallback(EngineArguments, Callback):
             names = [n for n, k in zip(engine.layers, engine.skipped.tolist()) if k > 0]
             rank_zero_warn(
                 f"DecorrelationCallback skipped {skipped - self._warned_skips} decorrelation update(s) that "
-                f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.decor_lr}); "
+                f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.config.decor_lr}); "
                 f"R was kept. Layers: {names}."
             )
             self._warned_skips = skipped

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_decor.attention import route_containers
-from lightning_decor.checks import DEFAULTS, EngineArguments
+from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
 from lightning_decor.functional import matmul_precision
 from lightning_decor.layers import (
@@ -64,10 +64,6 @@ from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
-# The arguments that shape a plan: a checkpoint's plan is kept only when they are unchanged.
-PLAN_ARGUMENTS = (
-    "max_overhead", "block_size", "max_features", "include", "exclude", "update_every", "sample_fraction", "max_rows",
-)  # fmt: skip
 
 
 def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
@@ -109,7 +105,7 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-class Decorrelator(EngineArguments):
+class Decorrelator(Configured):
     """Decorrelated backpropagation (Dalm et al., https://arxiv.org/abs/2405.02385) for a plain ``nn.Module``.
 
     Patches ``model`` in place (see :func:`lightning_decor.decorrelate`): every ``nn.Linear`` and
@@ -170,14 +166,34 @@ class Decorrelator(EngineArguments):
         plan: str | os.PathLike[str] | Plan = "auto",
         plan_cache: bool = DEFAULTS["plan_cache"],
     ) -> None:
+        config = DecorConfig(
+            decor_lr=decor_lr, kappa=kappa, normalize=normalize, sample_fraction=sample_fraction, max_rows=max_rows,
+            include=include, exclude=exclude, max_features=max_features, block_size=block_size,
+            max_overhead=max_overhead, update_every=update_every, use_cuda_stream=use_cuda_stream,
+            plan_cache=plan_cache,
+        )  # fmt: skip
+        self._init(model, config, plan)
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, config: DecorConfig, *, plan: str | os.PathLike[str] | Plan = "auto"
+    ) -> Decorrelator:
+        """The engine of ``config`` (checked when it was made), as ``DecorrelationCallback`` makes it."""
+        if not isinstance(config, DecorConfig):
+            raise TypeError(f"Expected `config` to be a DecorConfig, but got {type(config).__name__}.")
+        engine = cls.__new__(cls)
+        engine._init(model, config, plan)
+        return engine
+
+    def _init(self, model: nn.Module, config: DecorConfig, plan: str | os.PathLike[str] | Plan) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-        self._set_engine_arguments(locals())
+        self.config = config
         pinned = _pinned_plan(plan)
         self.model = model
-        eligible = eligible_layers(model, self.max_features, self.block_size)
-        new = decorrelate(model, include=self.include, exclude=self.exclude, max_features=self.max_features,
-                          block_size=self.block_size)  # fmt: skip
+        eligible = eligible_layers(model, config.max_features, config.block_size)
+        new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
+                          block_size=config.block_size)  # fmt: skip
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
         # Every layer of a known kind (or a subclass of one) left plain, with why: the plan table lists them.
         self.left_plain: dict[str, str] = {
@@ -208,7 +224,7 @@ class Decorrelator(EngineArguments):
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
         self._suspended = False
-        if self._fresh and (self.max_overhead is not None or pinned is not None):
+        if self._fresh and (self.config.max_overhead is not None or pinned is not None):
             self.planner = self._make_planner()
             for name in self._fresh:
                 layer = self.layers[name]
@@ -246,15 +262,15 @@ class Decorrelator(EngineArguments):
         device = self._device
 
         def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
-            return measure_candidates(self.layers, shapes, inputs, estimates, update_every=self.update_every,
-                                      normalize=self.normalize, **kw)  # fmt: skip
+            return measure_candidates(self.layers, shapes, inputs, estimates, update_every=self.config.update_every,
+                                      normalize=self.config.normalize, **kw)  # fmt: skip
 
         return Planner(
             infos,
-            max_overhead=self.max_overhead,
-            update_every=self.update_every,
+            max_overhead=self.config.max_overhead,
+            update_every=self.config.update_every,
             pinned=self._pinned,
-            cache=PlanCache.default() if self.plan_cache else None,
+            cache=PlanCache.default() if self.config.plan_cache else None,
             environment=self._environment(device),
             device_type=device.type,
             probe=probe,
@@ -268,7 +284,7 @@ class Decorrelator(EngineArguments):
         """What besides the layers' shapes the measured costs depend on: part of the plan cache's key."""
         return {
             "device": _device_name(device), "device_type": device.type, "torch": str(torch.__version__),
-            "threads": torch.get_num_threads(), "normalize": self.normalize,
+            "threads": torch.get_num_threads(), "normalize": self.config.normalize,
             "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "float32_matmul": matmul_precision(),
@@ -316,25 +332,8 @@ class Decorrelator(EngineArguments):
                     raise ValueError(f"Expected `plan`'s entry for {name!r} to fit the layer: {err}") from None
 
     def _plan_arguments(self) -> dict[str, Any]:
-        args = {name: getattr(self, name) for name in PLAN_ARGUMENTS}
-        args["plan"] = "auto" if self._pinned is None else self._pinned.layouts()
-        return args
-
-    def _check_arguments(self, saved: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose plan was made with other arguments that shape it."""
-        for name, now in self._plan_arguments().items():
-            then = saved.get(name)
-            if name == "plan" and isinstance(now, dict):
-                now = {n: list(v) for n, v in now.items()}
-                then = then if then == "auto" else {n: list(v) for n, v in (then or {}).items()}
-            if then != now:
-                shown = "a pinned plan" if name == "plan" and now != "auto" else repr(now)
-                was = "a pinned plan" if name == "plan" and then != "auto" else repr(then)
-                raise ValueError(
-                    f"Expected the arguments that shaped the checkpoint's plan, but `{name}` is {shown} here and was "
-                    f"{was} in the checkpoint. Resume with {name}={was}, or start a new fit from the checkpoint's "
-                    "weights (the module's state_dict holds W @ R) to plan anew."
-                )
+        """What shaped the plan, as a checkpoint keeps it (checked on resume by :meth:`DecorConfig.check_resume`)."""
+        return {**self.config.plan_arguments(), "plan": "auto" if self._pinned is None else self._pinned.layouts()}
 
     # ------------------------------------------------------------------ life cycle
     def start(self, device: torch.device | None = None) -> None:
@@ -345,7 +344,7 @@ class Decorrelator(EngineArguments):
         self._device = device if device is not None else next(
             (p.device for p in self.model.parameters()), torch.device("cpu")
         )
-        self._update.start(self._device, self.use_cuda_stream)
+        self._update.start(self._device, self.config.use_cuda_stream)
         if self.planner is not None and self.planner.plan is None:
             self.planner.environment = self._environment(self._device)
             self.planner.device_type = self._device.type
@@ -355,8 +354,8 @@ class Decorrelator(EngineArguments):
             self._counts_group = count_group()  # collective: every rank has the same layers
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         for layer in self.layers.values():
-            layer.decor_sample_fraction = self.sample_fraction
-            layer.decor_max_rows = self.max_rows
+            layer.decor_sample_fraction = self.config.sample_fraction
+            layer.decor_max_rows = self.config.max_rows
             layer.decor_generator = self._generators  # draws on the input's device, whatever moved since
         self._collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
@@ -496,7 +495,7 @@ class Decorrelator(EngineArguments):
 
     def _due(self, call: int) -> bool:
         first = 1 if self.planner is None else self.planner.first_moving_call
-        return call >= first and (call - first) % self.update_every == 0
+        return call >= first and (call - first) % self.config.update_every == 0
 
     def _collects_next(self) -> bool:
         """Whether the coming step samples rows: when the next call updates (or runs a dry update for the check)."""
@@ -607,9 +606,8 @@ class Decorrelator(EngineArguments):
         rows = [(taken if layer.weight.requires_grad else None) for layer in self.layers.values()
                 for taken in (layer.decor_take_rows(),)]  # fmt: skip
         self._update.launch(
-            self.layers, rows, lr=self.decor_lr, kappa=self.kappa, normalize=self.normalize,
-            null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1, side=side, pool=self._pool,
-            counts_group=self._counts_group,
+            self.layers, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
+            side=side, pool=self._pool, counts_group=self._counts_group,
         )  # fmt: skip
 
     def _commit(self, skip: Tensor | None) -> None:
@@ -652,7 +650,7 @@ class Decorrelator(EngineArguments):
             warnings.warn("Decorrelator: unknown saved state; training continues with R = I.", stacklevel=2)
             return
         self._update.drop()  # an update launched on the side stream still reads R: dropped, R restored below
-        self._check_arguments(state["arguments"])
+        self.config.check_resume(state["arguments"], None if self._pinned is None else self._pinned.layouts())
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
         skipped = []
         restorable = {}

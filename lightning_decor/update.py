@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_decor.config import DecorConfig
 from lightning_decor.distributed import all_gather_rows
 from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
 from lightning_decor.layers import DecorrelatedLayer
@@ -162,19 +163,17 @@ class BatchedUpdate:
         self,
         layers: dict[str, DecorrelatedLayer],
         rows: list[Tensor | None],
+        config: DecorConfig,
         *,
-        lr: float,
-        kappa: float,
-        normalize: str,
         null_reset: bool,
         side: bool,
         pool: bool = False,
         counts_group: dist.ProcessGroup | None = None,
     ) -> None:
-        """Compute the update from each layer's ``rows`` (``None``: none; pooled across processes with ``pool``): the
-        new ``R`` of every stack and each layer's loss and skip, kept for :meth:`commit`. With ``side``, on the side
-        stream when there is one and every ``R`` lives on its device. Reads ``R`` and the rows; writes nothing the
-        main stream reads. ``null_reset``: this update first resets each block on its input's null space."""
+        """Compute the update of ``config``'s rule from each layer's ``rows`` (``None``: none; pooled across
+        processes with ``pool``): the new ``R`` of every stack and each layer's loss and skip, kept for :meth:`commit`.
+        With ``side``, on the side stream when there is one and every ``R`` lives on its device. Reads ``R`` and the
+        rows; writes nothing the main stream reads. ``null_reset``: first reset each block on its input's null space."""
         if not layers:
             return
         if not self.intact(layers):
@@ -201,8 +200,7 @@ class BatchedUpdate:
                 last = torch.empty(len(layers), dtype=torch.float32, device=self.device)
                 skipped = torch.zeros(len(layers), dtype=torch.long, device=self.device)
                 for stack in self.stacks:
-                    new, losses, bad = self._step(stack, [rows[i] for i in stack.index], lr, kappa, normalize,
-                                                  null_reset)  # fmt: skip
+                    new, losses, bad = self._step(stack, [rows[i] for i in stack.index], config, null_reset)
                     staged.append(new)
                     position = stack.position.to(self.device, non_blocking=True)  # stacks on other GPUs: async
                     last.index_copy_(0, position, losses.to(self.device, non_blocking=True).float())
@@ -235,7 +233,7 @@ class BatchedUpdate:
 
     @staticmethod
     def _step(
-        stack: Stack, rows: list[Tensor | None], lr: float, kappa: float, normalize: str, null_reset: bool
+        stack: Stack, rows: list[Tensor | None], config: DecorConfig, null_reset: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One batched step of a stack; returns the new blocks and per layer (loss, skipped) tensors."""
         b, R = stack.block_size, stack.R
@@ -256,8 +254,9 @@ class BatchedUpdate:
         if null_reset and n >= b:
             start = reset_null_space(R, x, per_block)  # bounds R's part on a rank-deficient input's null space
         new, loss, ok = block_decorrelation_step(
-            start, x, per_block, lr=lr, kappa=kappa, normalize=normalize, segment=stack.segment, layers=len(rows)
-        )
+            start, x, per_block, lr=config.decor_lr, kappa=config.kappa, normalize=config.normalize,
+            segment=stack.segment, layers=len(rows),
+        )  # fmt: skip
         # Per layer, summed over its blocks in a fixed order (index_add_ adds with atomics on a GPU); full float32.
         with float32_matmul():
             per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), stack.segment, len(rows))

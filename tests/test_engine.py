@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_decor import Decorrelator, checks, decorrelation_matrices, functional
+from lightning_decor import Decorrelator, decorrelation_matrices, functional
 from lightning_decor import plan as plan_module
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Plan
@@ -291,7 +291,8 @@ def test_engine_errors() -> None:
     choices = r"\('none', 'trace', 'spectral', 'layer'\)"
     with pytest.raises(ValueError, match=rf"Expected `normalize` in {choices}, but got 'L2'"):
         Decorrelator(nn.Linear(2, 2), normalize="L2")
-    assert checks.NORMALIZE == functional.NORMALIZE  # the checks name the choices the math offers
+    with pytest.raises(TypeError, match=r"Expected `config` to be a DecorConfig, but got dict"):
+        Decorrelator.from_config(nn.Linear(2, 2), {"decor_lr": 0.1})  # type: ignore[arg-type]
 
 
 def test_r_stays_bounded_on_a_rank_deficient_input() -> None:

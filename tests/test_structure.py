@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_decor"
 ALLOWED: dict[str, tuple[set[str], bool]] = {
     "checks": (set(), False),
     "functional": (set(), False),
+    "config": ({"checks", "functional"}, False),
     "plan": (set(), False),
     "distributed": (set(), False),
     "layers": ({"checks", "functional", "plan"}, False),
@@ -21,14 +22,17 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "timm_layers": ({"layers"}, False),
     "probe": ({"functional", "layers", "plan"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
-    "update": ({"distributed", "functional", "layers"}, False),
+    "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
-        {"attention", "checks", "distributed", "functional", "layers", "plan", "planner", "probe", "update"},
+        {"attention", "config", "distributed", "functional", "layers", "plan", "planner", "probe", "update"},
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
     "pictures": ({"functional", "layers"}, True),
-    "callback": ({"checks", "engine", "functional", "layers", "metric", "pictures", "plan", "planner"}, True),
+    "callback": (
+        {"checks", "config", "engine", "functional", "layers", "metric", "pictures", "plan", "planner"},
+        True,
+    ),
 }
 
 

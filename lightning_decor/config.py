@@ -1,0 +1,126 @@
+"""The arguments ``Decorrelator`` and ``DecorrelationCallback`` share, as one frozen, keyword-only object validated
+once: :class:`DecorConfig`. Both front-ends keep their flat keywords (LightningCLI, YAML) and build it by name; the
+engine, the planner and the update read it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from lightning_decor.checks import check_bool, check_choice, check_float, check_patterns, check_positive_int
+from lightning_decor.functional import NORMALIZE
+
+__all__ = ["DEFAULTS", "PLAN_ARGUMENTS", "Configured", "DecorConfig"]
+
+# The arguments that shape a plan: a checkpoint's plan is kept only when they are unchanged (check_resume).
+PLAN_ARGUMENTS = (
+    "max_overhead", "block_size", "max_features", "include", "exclude", "update_every", "sample_fraction", "max_rows",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecorConfig:
+    """What decorrelated backpropagation is asked to do; every field is checked when the object is made
+    (``TypeError``/``ValueError`` naming the argument and the value). The callback's docstring explains each."""
+
+    decor_lr: float = 3e-2  # the rule's learning rate (> 0); with normalize="spectral" no step exceeds decor_lr / 10
+    kappa: float = 0.5  # weight of the unit-variance term, in [0, 1]
+    normalize: str = "spectral"  # the step's scaling: one of functional.NORMALIZE
+    sample_fraction: float = 0.1  # of each batch's samples whose rows feed the statistics, in (0, 1]
+    max_rows: int | None = 64  # at most this many rows per layer and forward (None: all)
+    include: tuple[str, ...] | None = None  # glob patterns of layers to patch (None: every eligible one)
+    exclude: tuple[str, ...] | None = None  # patterns of layers to leave plain
+    max_features: int | None = 8192  # wider layers get blocks of at most this many, or stay plain (None: no limit)
+    block_size: int | None = None  # the largest block of any R (None: dense R allowed)
+    max_overhead: float | None = 0.1  # the plan's budget, a fraction of the plain step (None: no plan)
+    update_every: int = 1  # R moves on every k-th step
+    use_cuda_stream: bool = True  # compute a launched update on a side CUDA stream
+    plan_cache: bool = True  # keep measured costs on disk for later runs
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            object.__setattr__(self, field.name, _CHECKS[field.name](getattr(self, field.name)))
+
+    def plan_arguments(self) -> dict[str, Any]:
+        """The fields that shape a plan, as a checkpoint keeps them (patterns as lists)."""
+        return {name: _saved(getattr(self, name)) for name in PLAN_ARGUMENTS}
+
+    def check_resume(self, saved: dict[str, Any], pinned: dict[str, Any] | None) -> None:
+        """Refuse (``ValueError`` naming the first that differs) a checkpoint whose plan was made with other arguments
+        that shape it: :data:`PLAN_ARGUMENTS`, and the pinned plan's layouts (``pinned``; ``None``: ``"auto"``)."""
+        now_all = {**self.plan_arguments(), "plan": "auto" if pinned is None else pinned}
+        for name, now in now_all.items():
+            then = saved.get(name)
+            if name == "plan" and isinstance(now, dict):
+                now = {n: list(v) for n, v in now.items()}
+                then = then if then == "auto" else {n: list(v) for n, v in (then or {}).items()}
+            if then != now:
+                shown = "a pinned plan" if name == "plan" and now != "auto" else repr(now)
+                was = "a pinned plan" if name == "plan" and then != "auto" else repr(then)
+                raise ValueError(
+                    f"Expected the arguments that shaped the checkpoint's plan, but `{name}` is {shown} here and was "
+                    f"{was} in the checkpoint. Resume with {name}={was}, or start a new fit from the checkpoint's "
+                    "weights (the module's state_dict holds W @ R) to plan anew."
+                )
+
+
+def _saved(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
+    checked = check_patterns(name, value)
+    return None if checked is None else tuple(checked)
+
+
+def _overhead(value: Any) -> float | None:
+    return None if value is None else check_float("max_overhead", value, 0.0, math.inf, low_open=True)
+
+
+_CHECKS: dict[str, Any] = {
+    "decor_lr": lambda v: check_float("decor_lr", v, 0.0, math.inf, low_open=True),
+    "kappa": lambda v: check_float("kappa", v, 0.0, 1.0),
+    "normalize": lambda v: check_choice("normalize", v, NORMALIZE),
+    "sample_fraction": lambda v: check_float("sample_fraction", v, 0.0, 1.0, low_open=True),
+    "max_rows": lambda v: check_positive_int("max_rows", v),
+    "include": lambda v: _patterns("include", v),
+    "exclude": lambda v: _patterns("exclude", v),
+    "max_features": lambda v: check_positive_int("max_features", v),
+    "block_size": lambda v: check_positive_int("block_size", v),
+    "max_overhead": _overhead,
+    "update_every": lambda v: check_positive_int("update_every", v, optional=False),
+    "use_cuda_stream": lambda v: check_bool("use_cuda_stream", v),
+    "plan_cache": lambda v: check_bool("plan_cache", v),
+}
+
+DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(DecorConfig)}
+"""The defaults of :class:`DecorConfig`, for the front-ends' signatures."""
+
+
+class Configured:
+    """The fields of a front-end's ``config`` as its read-only attributes (``callback.decor_lr``)."""
+
+    config: DecorConfig
+    if TYPE_CHECKING:
+        decor_lr: float
+        kappa: float
+        normalize: str
+        sample_fraction: float
+        max_rows: int | None
+        include: tuple[str, ...] | None
+        exclude: tuple[str, ...] | None
+        max_features: int | None
+        block_size: int | None
+        max_overhead: float | None
+        update_every: int
+        use_cuda_stream: bool
+        plan_cache: bool
+
+
+def _reader(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
+
+
+for _field in fields(DecorConfig):
+    setattr(Configured, _field.name, _reader(_field.name))
