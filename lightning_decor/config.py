@@ -99,7 +99,8 @@ DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(DecorC
 
 
 class Configured:
-    """The fields of a front-end's ``config`` as its read-only attributes (``callback.decor_lr``)."""
+    """The fields of a front-end's ``config`` as its read-only attributes (``callback.decor_lr``; patterns as
+    lists)."""
 
     config: DecorConfig
     if TYPE_CHECKING:
@@ -108,8 +109,8 @@ class Configured:
         normalize: str
         sample_fraction: float
         max_rows: int | None
-        include: tuple[str, ...] | None
-        exclude: tuple[str, ...] | None
+        include: list[str] | None
+        exclude: list[str] | None
         max_features: int | None
         block_size: int | None
         max_overhead: float | None
@@ -119,7 +120,8 @@ class Configured:
 
 
 def _reader(name: str) -> property:
-    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
+    # patterns as the list a user gives (a copy: the configuration keeps its tuple)
+    return property(lambda self: _saved(getattr(self.config, name)), doc=f"``config.{name}`` (read-only).")
 
 
 for _field in fields(DecorConfig):
