@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_decor.checks import check_bool, check_positive_int
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
-from lightning_decor.engine import Decorrelator, _pinned_plan, grad_scale
+from lightning_decor.engine import Decorrelator, grad_scale
 from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
 from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.pictures import TensorBoardPictures
@@ -190,7 +190,7 @@ class DecorrelationCallback(Configured, Callback):
         self.log_correlation_image = log_correlation_image
         check_positive_int("log_image_every_n_epochs", log_image_every_n_epochs, optional=False)
         self.log_image_every_n_epochs = log_image_every_n_epochs
-        self._pinned = _pinned_plan(plan)  # read and checked now: a bad file fails before the Trainer starts
+        self._pinned = Plan.pinned(plan)  # read and checked now: a bad file fails before the Trainer starts
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._engine: Decorrelator | None = None
         self._past_updates = 0  # updates of engines of earlier fits (a fit after folding makes a new engine)

@@ -33,7 +33,6 @@ few kernels per block size instead of a few dozen per layer.
 from __future__ import annotations
 
 import os
-import platform
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -46,7 +45,6 @@ from torch import Tensor, nn
 from lightning_decor.attention import route_containers
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
-from lightning_decor.functional import matmul_precision
 from lightning_decor.layers import (
     DecorrelatedLayer,
     Generators,
@@ -56,9 +54,9 @@ from lightning_decor.layers import (
     fold_layer,
     restore_routing,
 )
-from lightning_decor.plan import LayerPlan, Plan, measure_costs
-from lightning_decor.planner import CALIBRATION_STEPS, LayerInfo, PlanCache, Planner, plain_steps
-from lightning_decor.probe import measure_candidates
+from lightning_decor.plan import LayerPlan, Plan
+from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
+from lightning_decor.probe import Observer, environment, make_planner
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
@@ -89,20 +87,6 @@ def grad_scale(scaler: Any) -> Tensor | None:
 
 def _rank_zero() -> bool:
     return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _device_name(device: torch.device) -> str:
-    """What the cache key calls the device: the GPU's name, or the CPU's model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Decorrelator(Configured):
@@ -189,7 +173,7 @@ class Decorrelator(Configured):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
         self.config = config
-        pinned = _pinned_plan(plan)
+        pinned = Plan.pinned(plan)
         self.model = model
         eligible = eligible_layers(model, config.max_features, config.block_size)
         new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
@@ -208,7 +192,7 @@ class Decorrelator(Configured):
         # whose R is still the identity, run plain while the step is measured and are planned.
         self._fresh = [name for name in self.layers if name in set(new)]
         if pinned is not None:
-            self._check_pinned(pinned)
+            pinned.check_fits({name: self.layers[name] for name in self._fresh})
         self.plan: Plan | None = None
         self.updates = 0
         self.steps = 0  # calls of step()
@@ -224,12 +208,15 @@ class Decorrelator(Configured):
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
         self._suspended = False
-        if self._fresh and (self.config.max_overhead is not None or pinned is not None):
-            self.planner = self._make_planner()
+        if self._fresh and (config.max_overhead is not None or pinned is not None):
+            self.planner = make_planner(
+                model, {name: self.layers[name] for name in self._fresh}, config, pinned=pinned,
+                device=lambda: self._device, agree=self._agreed, leader=_rank_zero(),
+            )  # fmt: skip
             for name in self._fresh:
                 layer = self.layers[name]
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
-                layer.decor_observer = self._observer(name)
+                layer.decor_observer = Observer(self.planner, name)
         else:
             self._set_plan(self._static_plan())
         self.start(self._device)
@@ -249,88 +236,6 @@ class Decorrelator(Configured):
         """Per layer, the updates skipped because they would have made ``R`` non-finite."""
         return self._skipped
 
-    # ------------------------------------------------------------------ the plan's life cycle
-    def _make_planner(self) -> Planner:
-        infos = []
-        for name in self._fresh:
-            layer = self.layers[name]
-            infos.append(LayerInfo(
-                name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.decor_out_features,
-                groups=layer.decor_groups, input_side=layer.decor_input_side, conv=layer.weight.dim() > 2,
-                max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
-            ))  # fmt: skip
-        device = self._device
-
-        def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
-            return measure_candidates(self.layers, shapes, inputs, estimates, update_every=self.config.update_every,
-                                      normalize=self.config.normalize, **kw)  # fmt: skip
-
-        return Planner(
-            infos,
-            max_overhead=self.config.max_overhead,
-            update_every=self.config.update_every,
-            pinned=self._pinned,
-            cache=PlanCache.default() if self.config.plan_cache else None,
-            environment=self._environment(device),
-            device_type=device.type,
-            probe=probe,
-            device_costs=lambda: measure_costs(self._device),
-            sync=self._sync,
-            agree=self._agreed,
-            leader=_rank_zero(),
-        )
-
-    def _environment(self, device: torch.device) -> dict[str, Any]:
-        """What besides the layers' shapes the measured costs depend on: part of the plan cache's key."""
-        return {
-            "device": _device_name(device), "device_type": device.type, "torch": str(torch.__version__),
-            "threads": torch.get_num_threads(), "normalize": self.config.normalize,
-            "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "float32_matmul": matmul_precision(),
-        }  # fmt: skip
-
-    def _observer(self, name: str) -> Any:
-        def observe(layer: DecorrelatedLayer, input: Any) -> None:  # noqa: A002 (torch's name)
-            assert self.planner is not None
-            rows = layer.decor_rows_per_forward(input)
-            single = isinstance(input, Tensor)  # attention passes (query, key, value)
-            kind = (input if single else input[0]).device.type
-            autocast = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else ""
-            self.planner.observe(
-                name, rows=rows, stat_rows=layer.decor_stat_rows(input, rows),
-                input_shape=tuple(input.shape) if single else None, dtype=str(input.dtype) if single else "",
-                autocast=autocast,  # the probe times the layer as training runs it: same dtype, autocast, layout
-                channels_last=single and input.dim() == 4 and not input.is_contiguous()
-                and input.is_contiguous(memory_format=torch.channels_last),
-            )  # fmt: skip
-
-        return observe
-
-    def _check_pinned(self, plan: Plan) -> None:
-        """A pinned plan names every fresh layer with a layout that fits it; raises ``ValueError`` otherwise."""
-        fresh = set(self._fresh)
-        unknown = sorted(set(plan.layers) - fresh)
-        missing = [n for n in self._fresh if n not in plan.layers]
-        if unknown or missing:
-            raise ValueError(
-                f"Expected `plan` to name exactly the decorrelated layers, but it names {unknown} that are not "
-                f"decorrelated and lacks {missing}."
-            )
-        for name, p in plan.layers.items():
-            layer = self.layers[name]
-            if (p.d, p.c_out, p.groups) != (layer.decor_group_features, layer.decor_out_features, layer.decor_groups):
-                raise ValueError(
-                    f"Expected `plan`'s entry for {name!r} to fit the layer (d, C_out, groups) = "
-                    f"{(layer.decor_group_features, layer.decor_out_features, layer.decor_groups)}, but got "
-                    f"{(p.d, p.c_out, p.groups)}."
-                )
-            if p.form != "plain":
-                try:
-                    layer.decor_check_layout(p.block, p.form)
-                except ValueError as err:
-                    raise ValueError(f"Expected `plan`'s entry for {name!r} to fit the layer: {err}") from None
-
     def _plan_arguments(self) -> dict[str, Any]:
         """What shaped the plan, as a checkpoint keeps it (checked on resume by :meth:`DecorConfig.check_resume`)."""
         return {**self.config.plan_arguments(), "plan": "auto" if self._pinned is None else self._pinned.layouts()}
@@ -346,7 +251,7 @@ class Decorrelator(Configured):
         )
         self._update.start(self._device, self.config.use_cuda_stream)
         if self.planner is not None and self.planner.plan is None:
-            self.planner.environment = self._environment(self._device)
+            self.planner.environment = environment(self.model, self._device, self.config.normalize)
             self.planner.device_type = self._device.type
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._pool = world > 1
@@ -517,10 +422,6 @@ class Decorrelator(Configured):
         """Take rows again where the coming step needs them."""
         self._suspended = False
         self._collect(self._collects_next())
-
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
 
     def _agreed(self, decision: Any) -> Any:
         """Rank 0's decision on every rank: all ranks must apply the same plan."""
@@ -701,16 +602,3 @@ class Decorrelator(Configured):
             shape = (entry.block, entry.block) if blocks == 1 else (blocks, entry.block, entry.block)
             return tuple(R.shape) == shape
         return tuple(R.shape) == tuple(layer.decor_R.shape)
-
-
-def _pinned_plan(plan: Any) -> Plan | None:
-    """``plan`` as a pinned :class:`Plan`, ``None`` for ``"auto"``."""
-    if isinstance(plan, Plan):
-        return Plan.from_state_dict(plan.state_dict())  # a copy: the engine gives it its layers' order
-    if isinstance(plan, (str, os.PathLike)):
-        if str(plan) == "auto":
-            return None
-        return Plan.load(plan)
-    raise TypeError(
-        f"Expected `plan` to be 'auto', a Plan or the path of a plan file, but got {type(plan).__name__}: {plan!r}."
-    )

@@ -214,6 +214,42 @@ class Plan:
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ValueError(f"Expected a plan file written by Plan.save, but {str(path)!r} is not one: {err}") from err
 
+    @classmethod
+    def pinned(cls, plan: Any) -> Plan | None:
+        """A front-end's ``plan=`` argument as a plan to pin: a copy of a :class:`Plan` (the engine gives it its
+        layers' order), the plan file at a path, or ``None`` for ``"auto"``."""
+        if isinstance(plan, Plan):
+            return cls.from_state_dict(plan.state_dict())
+        if isinstance(plan, (str, os.PathLike)):
+            return None if str(plan) == "auto" else cls.load(plan)
+        raise TypeError(
+            f"Expected `plan` to be 'auto', a Plan or the path of a plan file, but got {type(plan).__name__}: {plan!r}."
+        )
+
+    def check_fits(self, layers: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless this (pinned) plan names exactly ``layers`` (patched layers by name), each
+        entry with their ``(d, C_out, groups)`` and a layout that fits (``decor_check_layout``)."""
+        unknown = sorted(set(self.layers) - set(layers))
+        missing = [n for n in layers if n not in self.layers]
+        if unknown or missing:
+            raise ValueError(
+                f"Expected `plan` to name exactly the decorrelated layers, but it names {unknown} that are not "
+                f"decorrelated and lacks {missing}."
+            )
+        for name, p in self.layers.items():
+            layer = layers[name]
+            shape = (layer.decor_group_features, layer.decor_out_features, layer.decor_groups)
+            if (p.d, p.c_out, p.groups) != shape:
+                raise ValueError(
+                    f"Expected `plan`'s entry for {name!r} to fit the layer (d, C_out, groups) = {shape}, but got "
+                    f"{(p.d, p.c_out, p.groups)}."
+                )
+            if p.form != "plain":
+                try:
+                    layer.decor_check_layout(p.block, p.form)
+                except ValueError as err:
+                    raise ValueError(f"Expected `plan`'s entry for {name!r} to fit the layer: {err}") from None
+
     def table(self, left_plain: Mapping[str, str] | None = None) -> str:
         """The plan as a text table: layer, ``d``, rows per step, ``C_out``, groups, form, block, estimated share;
         its head names the source of the costs and, once measured, DBP's real share of the step. ``left_plain``

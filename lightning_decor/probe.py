@@ -15,23 +15,29 @@ operations DBP adds, on random tensors of the shapes each layer saw in the measu
 Equal shapes are timed once. Each time is the best of a few runs after a warm-up (synchronising CUDA), so a busy
 machine inflates it less than the step it is compared with. Random numbers come from a private generator: the
 global RNG, and with it the data order and dropout, is untouched.
+
+Beside the probe, the planner's bridge to real modules: :func:`make_planner` (each layer's shapes, the probe, the
+device's timing and :func:`environment`, the plan cache's key) and the :class:`Observer` of each layer's forwards.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_decor.functional import block_decorrelation_step, identity_blocks, stats_dtype
+from lightning_decor.config import DecorConfig
+from lightning_decor.functional import block_decorrelation_step, identity_blocks, matmul_precision, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.plan import Costs, LayerShape, block_ladder, input_side_seconds
+from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_side_seconds, measure_costs
+from lightning_decor.planner import LayerInfo, PlanCache, Planner
 
-__all__ = ["measure_candidates"]
+__all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates"]
 
 _PROBE_NUMBERS = 1 << 18  # numbers per timed update: enough blocks to reach the batched throughput
 _REPEATS = 3
@@ -247,3 +253,95 @@ def _extrapolated(
         ratio = median if near is None else measured[near][1] / estimates[near][1]  # type: ignore[index]
         out.append((form, estimate * ratio))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the planner's bridge
+def device_name(device: torch.device) -> str:
+    """What the cache key calls the device: the GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(model: nn.Module, device: torch.device, normalize: str) -> dict[str, Any]:
+    """What besides the layers' shapes the measured costs depend on: part of the plan cache's key."""
+    return {
+        "device": device_name(device), "device_type": device.type, "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(), "normalize": normalize,
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "parameters": sum(p.numel() for p in model.parameters()), "float32_matmul": matmul_precision(),
+    }  # fmt: skip
+
+
+class Observer:
+    """A patched layer's ``decor_observer`` while the plain step is measured: tells ``planner`` the rows each training
+    forward multiplies and keeps, its input's shape, dtype, autocast dtype and memory format (the probe times the
+    layer as training runs it)."""
+
+    def __init__(self, planner: Planner, name: str) -> None:
+        self.planner, self.name = planner, name
+
+    def __call__(self, layer: DecorrelatedLayer, input: Any) -> None:  # noqa: A002 (torch's name)
+        rows = layer.decor_rows_per_forward(input)
+        single = isinstance(input, Tensor)  # attention passes (query, key, value)
+        kind = (input if single else input[0]).device.type
+        self.planner.observe(
+            self.name, rows=rows, stat_rows=layer.decor_stat_rows(input, rows),
+            input_shape=tuple(input.shape) if single else None, dtype=str(input.dtype) if single else "",
+            autocast=str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "",
+            channels_last=single and input.dim() == 4 and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last),
+        )  # fmt: skip
+
+
+def make_planner(
+    model: nn.Module,
+    layers: dict[str, DecorrelatedLayer],
+    config: DecorConfig,
+    *,
+    pinned: Plan | None,
+    device: Callable[[], torch.device],
+    agree: Callable[[Any], Any],
+    leader: bool,
+) -> Planner:
+    """The planner of ``layers`` (fresh, ``R = I``), measuring on ``device()`` (looked up when it measures: under
+    Lightning the model moves to its device after the engine is made), with ``config``'s budget and the plan cache,
+    ``agree`` taking the ``leader``'s decisions on every process."""
+    infos = [
+        LayerInfo(
+            name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.decor_out_features,
+            groups=layer.decor_groups, input_side=layer.decor_input_side, conv=layer.weight.dim() > 2,
+            max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
+        )  # fmt: skip
+        for name, layer in layers.items()
+    ]
+
+    def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
+        return measure_candidates(layers, shapes, inputs, estimates, update_every=config.update_every,
+                                  normalize=config.normalize, **kw)  # fmt: skip
+
+    def sync() -> None:
+        if device().type == "cuda":
+            torch.cuda.synchronize(device())
+
+    return Planner(
+        infos,
+        max_overhead=config.max_overhead,
+        update_every=config.update_every,
+        pinned=pinned,
+        cache=PlanCache.default() if config.plan_cache else None,
+        environment=environment(model, device(), config.normalize),
+        device_type=device().type,
+        probe=probe,
+        device_costs=lambda: measure_costs(device()),
+        sync=sync,
+        agree=agree,
+        leader=leader,
+    )

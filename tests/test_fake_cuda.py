@@ -23,8 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 from lightning_decor import Decorrelator, decorrelation_matrices
-from lightning_decor import engine as engine_module
 from lightning_decor import layers as layers_module
+from lightning_decor import probe as probe_module
 from lightning_decor.layers import DecorrelatedLayer, Generators
 
 STEPS = 21  # past the 20th update, where the null-space reset runs
@@ -222,7 +222,7 @@ def test_the_plan_is_made_for_the_device_the_model_trains_on(
     """Made while the model is on the CPU (as Lightning and the README's Fabric order make it), the planner takes the
     device of ``start`` (the callback's ``on_fit_start``): the plan cache's key and the analytic model's constants
     name the GPU."""
-    monkeypatch.setattr(engine_module, "_device_name", lambda device: f"name of {device.type}")
+    monkeypatch.setattr(probe_module, "device_name", lambda device: f"name of {device.type}")
     model = mlp()
     dec = Decorrelator(model, max_overhead=0.1, use_cuda_stream=False)
     assert dec.planner is not None and dec.planner.environment["device"] == "name of cpu"

@@ -20,7 +20,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "averaging": ({"layers"}, False),
     "huggingface": ({"functional", "layers"}, False),
     "timm_layers": ({"layers"}, False),
-    "probe": ({"functional", "layers", "plan"}, False),
+    "probe": ({"config", "functional", "layers", "plan", "planner"}, False),  # and the planner's bridge to modules
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
