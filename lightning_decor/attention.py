@@ -218,9 +218,7 @@ class DecorrelatedMultiheadAttention(DecorrelatedLayer, nn.MultiheadAttention):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if key in state_dict and not any(key in message for message in error_msgs[errors:]):
-            with torch.no_grad():
-                eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
-                self.decor_R.copy_(eye.expand_as(self.decor_R))
+            self.decor_reset_()
 
 
 class DecorrelatedOutProj(DecorrelatedLinear, NonDynamicallyQuantizableLinear):

@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_decor.checks import check_bool, check_positive_int
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, grad_scale
-from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, _matches, eligible_layers
+from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, eligible_layers, matches
 from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
@@ -271,7 +271,7 @@ class DecorrelationCallback(Configured, Callback):
             rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {plain}.")
         for arg, patterns in (("include", self.config.include), ("exclude", self.config.exclude)):
             for pattern in patterns or []:
-                if not any(_matches(name, [pattern]) for name in eligible):
+                if not any(matches(name, [pattern]) for name in eligible):
                     rank_zero_warn(
                         f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
                         f"Eligible layers: {sorted(eligible)}."
@@ -286,7 +286,7 @@ class DecorrelationCallback(Configured, Callback):
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
                 "matching `include`/`exclude`); training proceeds as plain backpropagation."
             )
-        self._check_picture_layer()
+        self._pictures.check(self._layers)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -516,9 +516,6 @@ class DecorrelationCallback(Configured, Callback):
         return iter(self._layers.items())
 
     # ------------------------------------------------------------------ TensorBoard pictures (opt-in, epoch end)
-    def _check_picture_layer(self) -> None:
-        self._pictures.check(self._layers)
-
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._pictures.epoch_start(trainer, self._layers)

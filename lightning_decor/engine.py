@@ -325,11 +325,6 @@ class Decorrelator(Configured):
         so its readers need not call it; whatever writes ``R`` or frees what the side stream reads does."""
         self._update.wait()
 
-    @property
-    def calibrating(self) -> bool:
-        """Whether ``R`` has not started moving yet: the plain step is being measured, or the plan checked."""
-        return self.planner is not None and not self.planner.done
-
     # ------------------------------------------------------------------ the step
     def step(self, *, skip: Tensor | None = None) -> None:
         """Once per optimizer step, after its backward: the planning steps (see the module docstring), then every

@@ -26,6 +26,7 @@ from torch import Tensor
 __all__ = [
     "abs_correlation",
     "conv_output_positions",
+    "conv_output_sizes",
     "conv_patch_index",
     "conv_patch_rows",
     "correlation_picture",
@@ -569,7 +570,19 @@ def conv_output_positions(
     padding_mode: str = "zeros",
 ) -> int:
     """Output positions per sample of a convolution on ``x`` ``(N, C, *spatial)``: each gives one patch row."""
-    return math.prod(_out_sizes(x, kernel_size, stride, dilation, _pads(kernel_size, dilation, padding)))
+    return math.prod(conv_output_sizes(x, kernel_size, stride=stride, padding=padding, dilation=dilation))
+
+
+def conv_output_sizes(
+    x: Tensor,
+    kernel_size: tuple[int, ...],
+    *,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+) -> list[int]:
+    """The output's spatial sizes of a convolution on ``x`` ``(N, C, *spatial)``, as ``nn.Conv*d`` computes them."""
+    return _out_sizes(x, kernel_size, stride, dilation, _pads(kernel_size, dilation, padding))
 
 
 def _gather_rows(

@@ -29,9 +29,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_decor.checks import check_patterns, check_positive_int
 from lightning_decor.functional import (
-    _out_sizes,
-    _pads,
     conv_output_positions,
+    conv_output_sizes,
     conv_patch_index,
     conv_patch_rows,
     decorrelate_rows,
@@ -60,6 +59,7 @@ __all__ = [
     "fold_layer",
     "kept_count",
     "layer_kind",
+    "matches",
     "new_generator",
     "patched_subclass",
     "register_kind",
@@ -322,8 +322,7 @@ class DecorrelatedLayer(nn.Module):
             return
         self._decor_largest = max(self._decor_largest, n)
         limit = PENDING_FORWARDS * self._decor_largest
-        pending = self.decor_pending_rows()
-        seen = max(self._decor_seen, pending)  # rows appended to `_decor_rows` by other code count as seen too
+        seen, pending = self._decor_seen, self.decor_pending_rows()  # seen > pending once only a sample is kept
         if seen == pending and seen + n <= limit:
             self._decor_rows.append(rows)  # the usual case: every row waits for the update
         elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
@@ -332,10 +331,8 @@ class DecorrelatedLayer(nn.Module):
             drawn = torch.randperm(every.shape[0], device=every.device, generator=generator)[:limit]
             self._decor_rows = [every[drawn]]
         else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
-            kept, *later = self._decor_rows  # rows appended by other code since then arrive with these
-            new = torch.cat([*(r.to(rows.dtype) for r in later), rows]) if later else rows
-            self._decor_rows = [_uniform_sample_update(kept, seen, new, _generator(self.decor_generator, new.device))]
-            n = new.shape[0]
+            (kept,) = self._decor_rows
+            self._decor_rows = [_uniform_sample_update(kept, seen, rows, _generator(self.decor_generator, rows.device))]
         self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
@@ -412,9 +409,14 @@ class DecorrelatedLayer(nn.Module):
         known_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if loads and not any(f'"{key}"' in msg or f"for {key}:" in msg for msg in error_msgs[known_errors:]):
-            with torch.no_grad():
-                eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
-                self.decor_R.copy_(eye.expand_as(self.decor_R))
+            self.decor_reset_()
+
+    @torch.no_grad()
+    def decor_reset_(self) -> None:
+        """``R`` back to the identity, in place (its layout kept): the layer computes with ``W`` alone, as after
+        loading a state dict whose weight holds a fused ``W @ R``."""
+        eye = torch.eye(self.decor_R.shape[-1], dtype=self.decor_R.dtype, device=self.decor_R.device)
+        self.decor_R.copy_(eye.expand_as(self.decor_R))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # A plain layer's state: the fused weight under the usual key, so checkpoints load into the plain model.
@@ -515,8 +517,8 @@ class _DecorrelatedConvNd(DecorrelatedLayer):
         geometry = self._decor_geometry()
         rows = decorrelate_rows(conv_patch_rows(x, self.kernel_size, **geometry), self.decor_R)  # (N * L, d)
         y = F.linear(rows, self.weight.reshape(self.weight.shape[0], -1), self.bias)  # (N * L, C_out)
-        pads = _pads(self.kernel_size, self.dilation, geometry["padding"])
-        sizes = _out_sizes(x, self.kernel_size, self.stride, self.dilation, pads)
+        sizes = conv_output_sizes(x, self.kernel_size, stride=self.stride, padding=geometry["padding"],
+                                  dilation=self.dilation)  # fmt: skip
         y = y.reshape(x.shape[0], -1, y.shape[-1]).transpose(1, 2).reshape(x.shape[0], -1, *sizes)
         return y if batched else y.squeeze(0)
 
@@ -686,8 +688,9 @@ def largest_block(module: Any, max_features: int | None = None, block_size: int 
     return None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    # A pattern matches a qualified name by glob, or any module below a matching prefix ("layer4" -> "layer4.0.conv1").
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a qualified module name matches one of ``patterns``: by glob, or as a module below a matching prefix
+    (``"layer4"`` matches ``"layer4.0.conv1"``)."""
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p.rstrip(".") + ".") for p in patterns)
 
 
@@ -768,7 +771,7 @@ def eligible_layers(
                 f"a subclass of nn.{base.__name__} ({type(m).__module__}.{type(m).__qualname__}): its forward may "
                 "compute otherwise than the plain layer"
             )
-        owner = next((a for a in averaged if _matches(name, [a])), None)
+        owner = next((a for a in averaged if matches(name, [a])), None)
         if name in reasons and owner is not None:  # lightning_decor.averaging averages W @ R into it
             reasons[name] = f"inside the torch.optim.swa_utils.AveragedModel {owner!r} (an average, not trained)"
     return reasons
@@ -822,7 +825,7 @@ def decorrelate(
     block_size = check_positive_int("block_size", block_size)
     patched: list[str] = []
     for name, reason in eligible_layers(model, max_features, block_size).items():
-        if reason is not None or (inc is not None and not _matches(name, inc)) or (exc and _matches(name, exc)):
+        if reason is not None or (inc is not None and not matches(name, inc)) or (exc and matches(name, exc)):
             continue
         module = model.get_submodule(name)
         kind = layer_kind(module)

@@ -183,10 +183,6 @@ class PlanCache:
 Probe = Callable[..., dict[str, list[tuple[str, float]]]]
 
 
-def _never_deterministic() -> bool:
-    return False
-
-
 class Planner:
     """The cost plan's life cycle (see the module docstring): calibration, plan, check, cache and ``state_dict``.
 

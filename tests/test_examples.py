@@ -172,7 +172,7 @@ def test_config_with_local_data_fits_one_batch(config: Path, fashion_dir: Path, 
     cbs = decor_callbacks(cli.trainer)
     # one step: the DBP callback is still measuring the plain step for its cost plan, so R has not moved yet
     assert [cb.updates for cb in cbs] == ([0] if config.stem.endswith("_dbp") else [])
-    assert all(cb.engine is not None and cb.engine.calibrating for cb in cbs)
+    assert all(cb.engine is not None and cb.engine.planner is not None and not cb.engine.planner.done for cb in cbs)
     assert not any(isinstance(m, DecorrelatedLayer) for m in cli.model.modules())  # folded at fit end
     assert "(fast_dev_run): loggers and checkpoints are off" in capsys.readouterr().out
     assert list(in_tmp.iterdir()) == []
