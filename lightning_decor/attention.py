@@ -45,10 +45,10 @@ from lightning_decor.layers import (
     DecorrelatedLinear,
     LayerKind,
     Routing,
-    kept_count,
     register_kind,
     register_routing,
 )
+from lightning_decor.rows import kept_count
 
 __all__ = [
     "AttentionWithDecorrelatedOutProj",

@@ -47,7 +47,6 @@ from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
 from lightning_decor.layers import (
     DecorrelatedLayer,
-    Generators,
     decorrelate,
     decorrelated_layers,
     eligible_layers,
@@ -57,6 +56,7 @@ from lightning_decor.layers import (
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
+from lightning_decor.rows import Generators
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]

@@ -28,18 +28,19 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_decor.checks import check_patterns, check_positive_int
-from lightning_decor.functional import (
+from lightning_decor.functional import decorrelate_rows, fuse_weight, identity_blocks, stats_dtype
+from lightning_decor.plan import block_ladder
+from lightning_decor.rows import (
+    Generators,
     conv_output_positions,
     conv_output_sizes,
     conv_patch_index,
     conv_patch_rows,
-    decorrelate_rows,
-    fuse_weight,
-    identity_blocks,
+    generator_for,
+    kept_count,
     sample_conv_patch_rows,
-    stats_dtype,
+    uniform_sample_update,
 )
-from lightning_decor.plan import block_ladder
 
 __all__ = [
     "DecorrelatedConv1d",
@@ -47,7 +48,6 @@ __all__ = [
     "DecorrelatedConv3d",
     "DecorrelatedLayer",
     "DecorrelatedLinear",
-    "Generators",
     "LastDimRows",
     "LayerKind",
     "Routing",
@@ -57,10 +57,8 @@ __all__ = [
     "eligible_layers",
     "fold",
     "fold_layer",
-    "kept_count",
     "layer_kind",
     "matches",
-    "new_generator",
     "patched_subclass",
     "register_kind",
     "register_routing",
@@ -71,82 +69,6 @@ __all__ = [
 # Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
 # of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
 PENDING_FORWARDS = 64
-
-
-def kept_count(fraction: float, n: int) -> int:
-    """How many of ``n`` rows or samples a fraction keeps: ``ceil(fraction * n)``, at least one."""
-    return max(1, math.ceil(fraction * n))
-
-
-def _uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Reservoir sampling (Vitter's algorithm R) of rows, vectorised: ``kept`` (k, d) is a uniform sample without
-    replacement of the ``seen`` rows so far; returns one of the ``seen + len(new)`` rows. Row ``t`` (0-based, in
-    arrival order) draws ``j`` uniform in ``[0, t]`` and takes slot ``j`` when ``j < k``, the later row winning a slot
-    drawn twice, as in the sequential algorithm. Fixed shapes and no host read: no device synchronisation."""
-    k, q, dev = kept.shape[0], new.shape[0], kept.device
-    t = seen + torch.arange(q, device=dev, dtype=torch.float64)  # float64: exact for any realistic count
-    slot = (torch.rand(q, device=dev, dtype=torch.float64, generator=generator) * (t + 1)).long().clamp_(max=k)
-    owner = torch.full((k + 1,), -1, dtype=torch.long, device=dev)  # slot k collects the rows that stay out
-    owner.scatter_reduce_(0, slot, torch.arange(q, device=dev), reduce="amax")
-    owner = owner[:k]
-    return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
-
-
-def new_generator(device: torch.device) -> torch.Generator:
-    """A new random generator on ``device`` (the one place generators for row sampling are made)."""
-    return torch.Generator(device=device)
-
-
-class Generators:
-    """The private random generators of row sampling, one per device, each made on first use and seeded with the same
-    ``seed``: a model moved after its engine was made samples on its new device with a generator of that device (a
-    CUDA draw refuses a CPU generator). Sampling rows never touches the global RNG (and so the data order).
-
-    A saved state (:meth:`state_dict`) waits for the first generator of its device type: a checkpoint of a GPU run,
-    restored while the model is still on the CPU (as Lightning restores callbacks), reaches the CUDA generator made
-    when the model samples on the GPU.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._made: dict[torch.device, torch.Generator] = {}
-        self._pending: dict[str, Tensor] = {}  # saved states by device type, for the first generator of that type
-
-    def __call__(self, device: torch.device) -> torch.Generator:
-        """The generator of ``device``."""
-        generator = self._made.get(device)
-        if generator is None:
-            generator = self._made[device] = new_generator(device)
-            generator.manual_seed(self.seed)
-            state = self._pending.pop(device.type, None)
-            if state is not None:
-                try:
-                    generator.set_state(state)
-                except RuntimeError:  # a state of another generator kind: rows are sampled afresh
-                    warnings.warn(
-                        f"Decorrelator: the saved row-sampling state does not fit the {device.type} generator; rows "
-                        "are sampled afresh.",
-                        stacklevel=2,
-                    )
-        return generator
-
-    def state_dict(self) -> dict[str, Any]:
-        """The seed and the state of each device type's generator (states still waiting to be applied included)."""
-        states = dict(self._pending)
-        states.update({device.type: generator.get_state() for device, generator in self._made.items()})
-        return {"seed": self.seed, "states": states}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`: each state waits for the first generator of its device type (generators made
-        before are dropped)."""
-        self.seed = int(state["seed"])
-        self._made = {}
-        self._pending = dict(state["states"])
-
-
-def _generator(generator: torch.Generator | Generators | None, device: torch.device) -> torch.Generator | None:
-    """The generator to draw with on ``device``."""
-    return generator(device) if isinstance(generator, Generators) else generator
 
 
 def _checkpoint_recomputation() -> bool:
@@ -327,12 +249,13 @@ class DecorrelatedLayer(nn.Module):
             self._decor_rows.append(rows)  # the usual case: every row waits for the update
         elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
             every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
-            generator = _generator(self.decor_generator, every.device)
+            generator = generator_for(self.decor_generator, every.device)
             drawn = torch.randperm(every.shape[0], device=every.device, generator=generator)[:limit]
             self._decor_rows = [every[drawn]]
         else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
             (kept,) = self._decor_rows
-            self._decor_rows = [_uniform_sample_update(kept, seen, rows, _generator(self.decor_generator, rows.device))]
+            generator = generator_for(self.decor_generator, rows.device)
+            self._decor_rows = [uniform_sample_update(kept, seen, rows, generator)]
         self._decor_seen = seen + n
 
     def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
@@ -340,7 +263,7 @@ class DecorrelatedLayer(nn.Module):
         layer's ``decor_sample_fraction``, ``decor_max_rows`` and ``decor_generator``."""
         device = (input if isinstance(input, Tensor) else input[0]).device  # attention: (query, key, value)
         rows = self.decor_rows(
-            input, self.decor_sample_fraction, self.decor_max_rows, _generator(self.decor_generator, device)
+            input, self.decor_sample_fraction, self.decor_max_rows, generator_for(self.decor_generator, device)
         )
         # Rows that are a view of the input (every row of a Linear's input) are copied: the input may be an output of
         # a CUDA graph (`torch.compile(mode="reduce-overhead")`), overwritten by the graph's next replay before the

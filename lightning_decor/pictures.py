@@ -1,8 +1,8 @@
 """The opt-in TensorBoard pictures of ``DecorrelationCallback``: histograms of each ``R`` and an image of one
 layer's input correlations before and after decorrelation, written at the end of a training epoch.
 
-Only through a Lightning ``TensorBoardLogger``, on rank zero; the picture math is in :mod:`lightning_decor.functional`
-(``off_diagonal``, ``correlation_picture``).
+Only through a Lightning ``TensorBoardLogger``, on rank zero. The picture math (``abs_correlation``,
+``correlation_picture``, ``off_diagonal``) is here too: pure functions on tensors.
 """
 
 from __future__ import annotations
@@ -10,19 +10,61 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_decor.functional import correlation_picture, off_diagonal
 from lightning_decor.layers import DecorrelatedLayer
 
-__all__ = ["TensorBoardPictures", "histogram", "picture_rows"]
+__all__ = [
+    "TensorBoardPictures",
+    "abs_correlation",
+    "correlation_picture",
+    "dense_matrix",
+    "histogram",
+    "off_diagonal",
+    "picture_rows",
+]
 
 _PICTURE_ROWS = 8192  # rows behind a correlation picture: entries then carry ~1/sqrt(8192) ~ 0.01 sampling noise
 _HISTOGRAM_BINS = 64
+
+
+_PICTURE_SIDE = 256  # larger matrices are average-pooled to this side, so pictures stay small in the event file
+
+
+def abs_correlation(rows: Tensor) -> Tensor:
+    """``|C_ij| / sqrt(C_ii * C_jj)`` for ``C = rows.T @ rows / n``: the normalised second moments that DBP drives
+    towards a diagonal (no mean removal, as in the update). A feature that is always zero gets a zero row."""
+    c = rows.T @ rows / rows.shape[0]  # (d, d)
+    s = c.diagonal().clamp_min(torch.finfo(c.dtype).tiny).sqrt()
+    return (c / s[:, None] / s[None, :]).abs().clamp_(max=1.0)
+
+
+def dense_matrix(R: Tensor) -> Tensor:
+    """``R`` as one ``(d, d)`` matrix (a stack of diagonal blocks ``(G, b, b)`` becomes block-diagonal)."""
+    return R if R.dim() == 2 else torch.block_diag(*R.unbind(0))
+
+
+def off_diagonal(R: Tensor) -> Tensor:
+    """The off-diagonal entries of ``R`` (of each diagonal block, for a stack of blocks), flattened."""
+    b = R.shape[-1]
+    return R.reshape(-1, b, b)[:, ~torch.eye(b, dtype=torch.bool, device=R.device)].flatten()
+
+
+def correlation_picture(x: Tensor, R: Tensor) -> Tensor:
+    """A ``(1, h, 2 * w + 2)`` grey image in [0, 1]: ``|corr|`` of the raw rows ``x`` (left) and of the
+    decorrelated rows ``z = x @ R.T`` (right), separated by a mid-grey bar; ``h = w = min(d, 256)``."""
+    R = dense_matrix(R)
+    x = x.to(R.dtype)
+    pictures = [abs_correlation(x), abs_correlation(x @ R.T)]
+    if R.shape[0] > _PICTURE_SIDE:  # mean |corr| over blocks of features
+        pictures = [F.adaptive_avg_pool2d(p[None, None], _PICTURE_SIDE)[0, 0] for p in pictures]
+    bar = torch.full((pictures[0].shape[0], 2), 0.5, dtype=R.dtype, device=R.device)
+    return torch.cat([pictures[0], bar, pictures[1]], dim=1)[None].float()
 
 
 def histogram(values: Tensor, bins: int = _HISTOGRAM_BINS) -> dict[str, Any]:

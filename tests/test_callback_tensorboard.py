@@ -186,8 +186,8 @@ def test_bad_picture_arguments_raise(kwargs: dict, error: type, match: str) -> N
 
 
 def test_picture_helpers_accept_a_stack_of_diagonal_blocks() -> None:
-    from lightning_decor.functional import correlation_picture as _correlation_picture
-    from lightning_decor.functional import off_diagonal as _off_diagonal
+    from lightning_decor.pictures import correlation_picture as _correlation_picture
+    from lightning_decor.pictures import off_diagonal as _off_diagonal
 
     blocks = torch.randn(2, 3, 3, dtype=torch.float64)
     dense = torch.zeros(6, 6, dtype=torch.float64)

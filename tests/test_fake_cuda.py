@@ -25,7 +25,9 @@ from torch.overrides import TorchFunctionMode
 from lightning_decor import Decorrelator, decorrelation_matrices
 from lightning_decor import layers as layers_module
 from lightning_decor import probe as probe_module
-from lightning_decor.layers import DecorrelatedLayer, Generators
+from lightning_decor import rows as rows_module
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.rows import Generators
 
 STEPS = 21  # past the 20th update, where the null-space reset runs
 
@@ -63,7 +65,7 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch) -> GeneratorDevices:
         check.claimed[id(generator)] = torch.device(device)
         return generator
 
-    monkeypatch.setattr(layers_module, "new_generator", new_generator)
+    monkeypatch.setattr(rows_module, "new_generator", new_generator)
     return check
 
 

@@ -10,13 +10,12 @@ import torch
 
 from lightning_decor import functional
 from lightning_decor.functional import (
-    conv_patch_rows,
     decorrelation_loss,
     decorrelation_update_,
     fuse_weight,
     reset_null_space,
-    sample_conv_patch_rows,
 )
+from lightning_decor.rows import conv_patch_rows, sample_conv_patch_rows
 
 
 def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tuple[np.ndarray, float]:
