@@ -25,7 +25,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
-        {"attention", "config", "distributed", "functional", "layers", "plan", "planner", "probe", "update"},
+        {"attention", "config", "distributed", "functional", "layers", "plan", "planner", "probe", "rows", "update"},
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
