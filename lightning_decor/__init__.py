@@ -14,7 +14,7 @@ from lightning_decor import huggingface as _huggingface  # noqa: F401 (transform
 from lightning_decor import timm_layers as _timm_layers  # noqa: F401 (timm's Conv2dSame, without importing it)
 from lightning_decor.engine import Decorrelator
 from lightning_decor.functional import decorrelation_loss, decorrelation_update_
-from lightning_decor.layers import decorrelate, decorrelation_matrices, fold
+from lightning_decor.patching import decorrelate, decorrelation_matrices, fold
 
 if TYPE_CHECKING:
     from lightning_decor.callback import DecorrelationCallback

@@ -40,14 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_decor.layers import (
-    DecorrelatedLayer,
-    DecorrelatedLinear,
-    LayerKind,
-    Routing,
-    register_kind,
-    register_routing,
-)
+from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear
+from lightning_decor.patching import LayerKind, Routing, register_kind, register_routing
 from lightning_decor.rows import kept_count
 
 __all__ = [

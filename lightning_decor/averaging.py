@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_decor.layers import DecorrelatedLayer, Routing, register_routing
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import Routing, register_routing
 
 __all__ = ["FusedView", "update_fused"]
 

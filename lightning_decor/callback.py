@@ -15,8 +15,9 @@ from typing_extensions import override
 from lightning_decor.checks import check_bool, check_positive_int
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, grad_scale
-from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer, eligible_layers, matches
+from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
+from lightning_decor.patching import eligible_layers, matches
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
 

@@ -42,11 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_decor.attention import route_containers
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
-from lightning_decor.layers import (
-    DecorrelatedLayer,
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import (
+    apply_routing,
     decorrelate,
     decorrelated_layers,
     eligible_layers,
@@ -459,7 +459,7 @@ class Decorrelator(Configured):
         for layer in self.layers.values():
             if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
                 layer.decor_form = "fused"
-        route_containers(self.model)  # an attention whose in-projection is plain now and out_proj is not
+        apply_routing(self.model)  # e.g. an attention whose in-projection is plain now and out_proj is not
         restore_routing(self.model)  # containers left without a patched layer
         if plan.layers and not self.layers and _rank_zero():
             if plan.source == "pinned":

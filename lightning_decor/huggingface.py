@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_decor.functional import decorrelate_rows, fuse_weight
-from lightning_decor.layers import LastDimRows, LayerKind, patched_subclass, register_kind
+from lightning_decor.layers import LastDimRows
+from lightning_decor.patching import LayerKind, patched_subclass, register_kind
 
 __all__ = ["DecorrelatedHFConv1D", "is_hf_conv1d"]
 

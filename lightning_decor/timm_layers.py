@@ -13,7 +13,7 @@
   leaves a plain ``StdConv2d`` computing the same function. Only the fused form exists for them: ``R`` on the input
   rows with the standardised ``W`` would compute ``std(W) R x``, another function.
 
-Every other subclass of the conv and linear layers stays plain, and :func:`lightning_decor.layers.eligible_layers`
+Every other subclass of the conv and linear layers stays plain, and :func:`lightning_decor.patching.eligible_layers`
 names its class. The kinds are recognised by their classes' modules and names, so nothing here imports ``timm`` (an
 optional extra) until a model holds one of its layers.
 """
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_decor.layers import LayerKind, _DecorrelatedConvNd, patched_subclass, register_kind
+from lightning_decor.layers import DecorrelatedConvNd
+from lightning_decor.patching import LayerKind, patched_subclass, register_kind
 
 __all__ = ["is_timm_layer"]
 
@@ -36,7 +37,7 @@ def is_timm_layer(module: nn.Module, names: tuple[str, ...]) -> bool:
     return kind.__name__ in names and kind.__module__.startswith("timm.layers")
 
 
-class _TimmConv(_DecorrelatedConvNd):
+class _TimmConv(DecorrelatedConvNd):
     """Pads as timm's "same" layers do (always for ``Conv2dSame``, where ``same_pad`` is set for the others), then
     computes and samples rows as a patched convolution; standardises the fused weight as the standardised layers
     standardise theirs."""

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, decorrelation_matrices, fold
-from lightning_decor.layers import eligible_layers
+from lightning_decor.patching import eligible_layers
 from lightning_decor.planner import plain_steps
 
 from conftest import quiet_trainer

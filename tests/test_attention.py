@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_decor import DecorrelationCallback, decorrelate, decorrelation_matrices, fold
 from lightning_decor.attention import AttentionWithDecorrelatedOutProj, SlowPathTransformerEncoderLayer
 from lightning_decor.functional import guarded_decorrelation_update_
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import eligible_layers
 
 from conftest import quiet_trainer
 

@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelation_matrices
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import eligible_layers
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import plain_steps
 

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from lightning_decor import Decorrelator, decorrelate, decorrelation_matrices, fold  # noqa: E402
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers  # noqa: E402
+from lightning_decor.layers import DecorrelatedLayer  # noqa: E402
+from lightning_decor.patching import eligible_layers  # noqa: E402
 
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 

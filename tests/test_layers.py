@@ -17,7 +17,8 @@ from torch import nn
 
 from lightning_decor import decorrelate, decorrelation_matrices, decorrelation_update_, fold
 from lightning_decor.functional import guarded_decorrelation_update_
-from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear, eligible_layers
+from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear
+from lightning_decor.patching import eligible_layers
 
 
 def random_R(d: int, seed: int = 0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 import lightning_decor.probe as probe_module
 from lightning_decor import decorrelate
-from lightning_decor.layers import decorrelated_layers
+from lightning_decor.patching import decorrelated_layers
 from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
 from lightning_decor.probe import measure_candidates
 

@@ -16,22 +16,23 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "rows": (set(), False),
     "plan": (set(), False),
     "distributed": (set(), False),
-    "layers": ({"checks", "functional", "plan", "rows"}, False),
-    "attention": ({"layers", "functional", "rows"}, False),
-    "averaging": ({"layers"}, False),
-    "huggingface": ({"functional", "layers"}, False),
-    "timm_layers": ({"layers"}, False),
+    "layers": ({"functional", "rows"}, False),  # not the cost model
+    "patching": ({"checks", "layers", "plan"}, False),
+    "attention": ({"layers", "functional", "patching", "rows"}, False),
+    "averaging": ({"layers", "patching"}, False),
+    "huggingface": ({"functional", "layers", "patching"}, False),
+    "timm_layers": ({"layers", "patching"}, False),
     "probe": ({"config", "functional", "layers", "plan", "planner"}, False),  # and the planner's bridge to modules
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
-        {"attention", "config", "distributed", "functional", "layers", "plan", "planner", "probe", "rows", "update"},
+        {"config", "distributed", "functional", "layers", "patching", "plan", "planner", "probe", "rows", "update"},
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
     "pictures": ({"functional", "layers"}, True),
     "callback": (
-        {"checks", "config", "engine", "functional", "layers", "metric", "pictures", "plan", "planner"},
+        {"checks", "config", "engine", "functional", "layers", "metric", "patching", "pictures", "plan", "planner"},
         True,
     ),
 }

@@ -13,7 +13,8 @@ timm = pytest.importorskip("timm")
 from timm.layers import Conv2dSame, StdConv2d  # noqa: E402
 
 from lightning_decor import Decorrelator, decorrelate, fold  # noqa: E402
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers  # noqa: E402
+from lightning_decor.layers import DecorrelatedLayer  # noqa: E402
+from lightning_decor.patching import eligible_layers  # noqa: E402
 
 
 @pytest.mark.parametrize("form", ["fused", "input"])

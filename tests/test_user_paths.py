@@ -17,7 +17,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate, decorrelation_matrices, fold
 from lightning_decor.functional import decorrelate_rows, fuse_weight
-from lightning_decor.layers import DecorrelatedLayer, eligible_layers
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import eligible_layers
 
 from conftest import TinyModule, quiet_trainer
 

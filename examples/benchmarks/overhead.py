@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
 from lightning_decor.functional import block_decorrelation_step
-from lightning_decor.layers import decorrelated_layers
+from lightning_decor.patching import decorrelated_layers
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
 
 from common import StepTimer, fresh_plan_cache, machine, write_json
