@@ -48,12 +48,14 @@ def script_calls() -> list[tuple[str, Path, list[str]]]:
 
 
 def pytest_calls() -> list[tuple[str, list[str]]]:
-    return [
-        (target, shlex.split(command)[3:])
-        for target, lines in recipes().items()
-        for command in lines
-        if " -m pytest" in command
-    ]
+    """(target, arguments after ``-m pytest``) of every recipe line that runs pytest."""
+    calls = []
+    for target, lines in recipes().items():
+        for command in lines:
+            tokens = shlex.split(command)
+            if "pytest" in tokens and tokens[tokens.index("pytest") - 1] == "-m":
+                calls.append((target, tokens[tokens.index("pytest") + 1 :]))
+    return calls
 
 
 def load(script: Path) -> ModuleType:
@@ -69,6 +71,7 @@ def load(script: Path) -> ModuleType:
 
 
 def test_the_makefile_runs_the_scripts_it_should() -> None:
+    assert [target for target, _ in pytest_calls()] == ["test", "gpu-check"]
     targets = {target for target, _, _ in script_calls()}
     assert {"gpu-check", "benchmark", "demo"} <= targets
     gpu = [args for target, _, args in script_calls() if target == "gpu-check"]
