@@ -78,7 +78,7 @@ def _checkpoint_recomputation() -> bool:
 
 
 class DecorrelatedLayer(nn.Module):
-    """Mixin of the patched layers. Not instantiated directly: :func:`lightning_decor.decorrelate` swaps a layer's class.
+    """Mixin of the patched layers, not instantiated directly: :func:`lightning_decor.decorrelate` swaps a class.
 
     Attributes:
         decor_R: The ``(d, d)`` decorrelation matrix, or a ``(G, b, b)`` stack of diagonal blocks (block-diagonal
