@@ -326,13 +326,6 @@ class DecorrelationCallback(Configured, Callback):
         self._release(fold_layers=self.fold_on_fit_end)
 
     # ------------------------------------------------------------------ the update
-    def _wait(self) -> None:
-        if self._engine is not None:
-            self._engine.wait()  # device-side, no host sync
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._wait()  # the forward reads R
     @staticmethod
     def _stepping_batches(trainer: Trainer) -> int:
         """Training batches that stepped so far (the current one not yet counted): Lightning's own count for its logging
@@ -370,8 +363,8 @@ class DecorrelationCallback(Configured, Callback):
             self._engine.launch()
 
     def _note_scale(self, trainer: Trainer) -> None:
-        """Before each optimizer step under ``16-mixed``: the ``GradScaler``'s scale (on the device), and whether it
-        fell since the batch's previous step (that step was skipped)."""
+        """Before each optimizer step under ``16-mixed``, and at the batch's end: the ``GradScaler``'s scale (on the
+        device), and whether it fell since the batch's previous step (that step was skipped)."""
         scale = grad_scale(getattr(trainer.precision_plugin, "scaler", None))
         if scale is not None and self._scale is not None:
             dropped = scale < self._scale
@@ -381,12 +374,10 @@ class DecorrelationCallback(Configured, Callback):
     def _scaler_skipped(self, trainer: Trainer) -> Tensor | None:
         """Whether the ``GradScaler`` skipped an optimizer step of this batch (a device tensor, never read on the host),
         or ``None`` without a scaler: its scale fell after one of the batch's steps."""
-        before, dropped = self._scale, self._scale_dropped
+        self._note_scale(trainer)  # the scale after the batch's last step
+        dropped = self._scale_dropped
         self._scale = self._scale_dropped = None
-        after = grad_scale(getattr(trainer.precision_plugin, "scaler", None))
-        if before is None or after is None:
-            return dropped
-        return after < before if dropped is None else dropped | (after < before)
+        return dropped
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
@@ -418,10 +409,7 @@ class DecorrelationCallback(Configured, Callback):
         stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
         if stepped and self._update_due:
             self._update_due = False
-            self.update_(pl_module)
-            # Later hooks of this batch (other callbacks, ModelCheckpoint, the module's own), validation and the next
-            # forward read R: the main stream waits for the update here (on the device, no host sync).
-            self._wait()
+            self.update_(pl_module)  # R written on the main stream: every later reader sees the new R
         self._warn_waiting_rows()
         if not self._fresh or not stepped:
             return
@@ -473,7 +461,6 @@ class DecorrelationCallback(Configured, Callback):
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._wait()
         if self._engine is not None:
             self._engine.suspend()  # validation's forwards are not training rows, even with grad enabled
 
@@ -481,10 +468,6 @@ class DecorrelationCallback(Configured, Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._engine is not None:
             self._engine.resume()
-
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._wait()
 
     # ------------------------------------------------------------------ checkpoints
     def _log_overhead(self, pl_module: LightningModule, share: float) -> None:
@@ -526,5 +509,4 @@ class DecorrelationCallback(Configured, Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.log_every_n_steps <= 0:  # no step logging: still warn about skipped updates once an epoch
             self._check_skipped()
-        self._wait()  # R may still be moving on the side stream
         self._pictures.epoch_end(trainer, self._layers)

@@ -42,15 +42,16 @@ class DecorConfig:
         for field in fields(self):
             object.__setattr__(self, field.name, _CHECKS[field.name](getattr(self, field.name)))
 
-    def plan_arguments(self) -> dict[str, Any]:
-        """The fields that shape a plan, as a checkpoint keeps them (patterns as lists)."""
-        return {name: _saved(getattr(self, name)) for name in PLAN_ARGUMENTS}
+    def plan_arguments(self, pinned: dict[str, Any] | None) -> dict[str, Any]:
+        """What shapes a plan, as a checkpoint keeps it: the fields of :data:`PLAN_ARGUMENTS` (patterns as lists) and
+        the pinned plan's layouts (``pinned``; ``None``: ``"auto"``)."""
+        shaped = {name: _saved(getattr(self, name)) for name in PLAN_ARGUMENTS}
+        return {**shaped, "plan": "auto" if pinned is None else pinned}
 
     def check_resume(self, saved: dict[str, Any], pinned: dict[str, Any] | None) -> None:
-        """Refuse (``ValueError`` naming the first that differs) a checkpoint whose plan was made with other arguments
-        that shape it: :data:`PLAN_ARGUMENTS`, and the pinned plan's layouts (``pinned``; ``None``: ``"auto"``)."""
-        now_all = {**self.plan_arguments(), "plan": "auto" if pinned is None else pinned}
-        for name, now in now_all.items():
+        """Refuse (``ValueError`` naming the first that differs) a checkpoint whose plan was made with other
+        :meth:`plan_arguments`."""
+        for name, now in self.plan_arguments(pinned).items():
             then = saved.get(name)
             if name == "plan" and isinstance(now, dict):
                 now = {n: list(v) for n, v in now.items()}

@@ -238,7 +238,7 @@ class Decorrelator(Configured):
 
     def _plan_arguments(self) -> dict[str, Any]:
         """What shaped the plan, as a checkpoint keeps it (checked on resume by :meth:`DecorConfig.check_resume`)."""
-        return {**self.config.plan_arguments(), "plan": "auto" if self._pinned is None else self._pinned.layouts()}
+        return self.config.plan_arguments(None if self._pinned is None else self._pinned.layouts())
 
     # ------------------------------------------------------------------ life cycle
     def start(self, device: torch.device | None = None) -> None:
@@ -442,7 +442,6 @@ class Decorrelator(Configured):
         """Give every layer its planned form with ``R`` the identity in the planned layout (the planner applies
         plans only while ``R`` has not moved, and a restored state writes ``R`` afterwards); fold the plain ones.
         Warns when the plan leaves every layer plain."""
-        self.wait()
         order = [n for n, _ in self.model.named_modules() if n in self.layers or n in plan.layers]
         static = self._static_plan().layers  # layers patched before this engine keep their form
         for name, p in plan.layers.items():
@@ -522,7 +521,6 @@ class Decorrelator(Configured):
         """``R`` and the raw weight of every layer (checkpoints of the module hold ``W @ R``), the plan and the
         planner's state, the arguments that shaped them, the sampling generator and counters: enough to continue
         exactly, also when the plan left every layer plain."""
-        self.wait()
         return {
             "version": STATE_VERSION,
             "arguments": self._plan_arguments(),

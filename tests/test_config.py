@@ -44,10 +44,10 @@ def test_both_front_ends_build_it_by_name_and_share_it_with_the_engine(tmp_path)
 
 
 def test_a_resume_is_refused_when_an_argument_that_shaped_the_plan_differs() -> None:
-    saved = DecorConfig(max_overhead=0.1, include=["net.*"]).plan_arguments()
-    assert saved["include"] == ["net.*"]  # as checkpoints keep it
-    DecorConfig(max_overhead=0.1, include=["net.*"], decor_lr=0.5).check_resume({**saved, "plan": "auto"}, None)
+    saved = DecorConfig(max_overhead=0.1, include=["net.*"]).plan_arguments(None)
+    assert saved["include"] == ["net.*"] and saved["plan"] == "auto"  # as checkpoints keep it
+    DecorConfig(max_overhead=0.1, include=["net.*"], decor_lr=0.5).check_resume(saved, None)
     with pytest.raises(ValueError, match=r"`max_overhead` is 0.2 here and was 0.1 in the checkpoint"):
-        DecorConfig(max_overhead=0.2, include=["net.*"]).check_resume({**saved, "plan": "auto"}, None)
+        DecorConfig(max_overhead=0.2, include=["net.*"]).check_resume(saved, None)
     with pytest.raises(ValueError, match=r"`plan` is a pinned plan here and was 'auto' in the checkpoint"):
-        DecorConfig(max_overhead=0.1, include=["net.*"]).check_resume({**saved, "plan": "auto"}, {"0": [4, "fused"]})
+        DecorConfig(max_overhead=0.1, include=["net.*"]).check_resume(saved, {"0": [4, "fused"]})
