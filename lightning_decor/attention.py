@@ -42,7 +42,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_decor.layers import DecorrelatedLayer, DecorrelatedLinear
 from lightning_decor.patching import LayerKind, Routing, register_kind, register_routing
-from lightning_decor.rows import kept_count
+from lightning_decor.rows import Sampling, kept_count
 
 __all__ = [
     "AttentionWithDecorrelatedOutProj",
@@ -150,24 +150,21 @@ class DecorrelatedMultiheadAttention(DecorrelatedLayer, nn.MultiheadAttention):
         input (``decor_features`` is ``3 E``)."""
         return 3
 
-    def decor_rows_per_forward(self, input: Any) -> int:  # noqa: A002 (the base's name)
+    def decor_row_count(self, input: Any) -> int:  # noqa: A002 (the base's name)
         return max(t.numel() // t.shape[-1] for t in input)  # rows of the longest of query, key and value
 
-    def decor_stat_rows(self, input: Any, rows: int) -> int:  # noqa: A002 (the base's name)
-        n = min(self._decor_n_samples(t.numel() // t.shape[-1]) for t in input)  # as decor_sample_rows draws
-        return n if self.decor_max_rows is None else min(n, self.decor_max_rows)
+    def decor_drawn_count(self, input: Any, fraction: float, cap: int | None) -> int:  # noqa: A002
+        n = min(kept_count(fraction, t.numel() // t.shape[-1]) for t in input)  # the same n from each input
+        return n if cap is None else min(n, cap)
 
-    def decor_rows(
-        self, input: Any, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
-    ) -> Tensor:
+    def decor_rows(self, input: Any, sampling: Sampling) -> Tensor:  # noqa: A002 (the base's name)
         """``(n, 3 E)``: ``n`` rows drawn uniformly from each of ``input = (query, key, value)`` (one draw per
         distinct tensor, so self-attention gives three equal parts), ``n`` the smaller of ``ceil(fraction * rows)``
-        over the inputs, at most ``cap``. All rows, in order, when that is every row of each input."""
+        over the inputs, at most the cap. All rows, in order, when that is every row of each input."""
         tensors = [t.detach() for t in input]
         rows = [t.reshape(-1, t.shape[-1]) for t in tensors]  # (L * N, E) in either layout
-        n = min(kept_count(fraction, r.shape[0]) for r in rows)
-        if cap is not None:
-            n = min(n, cap)
+        n = self.decor_drawn_count(tensors, sampling.fraction, sampling.max_rows)
+        generator = sampling.generator_on(rows[0].device)
         drawn: dict[int, Tensor] = {}
         for t, r in zip(input, rows):
             if id(t) not in drawn:
@@ -241,8 +238,6 @@ class AttentionWithDecorrelatedOutProj(nn.MultiheadAttention):
             self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
             self.in_proj_weight,
         )  # fmt: skip
-
-
 
 
 def _separate_projections(module: nn.Module) -> str | None:

@@ -15,11 +15,12 @@ from typing_extensions import override
 from lightning_decor.checks import check_bool, check_positive_int
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, grad_scale
-from lightning_decor.layers import PENDING_FORWARDS, DecorrelatedLayer
+from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.patching import eligible_layers, matches
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
+from lightning_decor.rows import PENDING_FORWARDS
 
 __all__ = ["DecorrelationCallback"]
 
@@ -354,8 +355,10 @@ class DecorrelationCallback(Configured, Callback):
             return
         self._stepped_batch = batch
         self._update_due = True
-        if self._engine is not None and pl_module.automatic_optimization and not isinstance(
-            optimizer, torch.optim.LBFGS
+        if (
+            self._engine is not None
+            and pl_module.automatic_optimization
+            and not isinstance(optimizer, torch.optim.LBFGS)
         ):
             # One optimizer step and nothing after it that reads R (no later forward of this batch, no closure
             # evaluated again): the update is queued now, on the side stream beside the optimizer step (which reads
@@ -432,7 +435,7 @@ class DecorrelationCallback(Configured, Callback):
         """Warn once when a layer's rows waited so long that only a sample is kept (host integers, no sync)."""
         if self._warned_waiting:
             return
-        waiting = [name for name, layer in self._layers.items() if layer.decor_rows_seen() > layer.decor_pending_rows()]
+        waiting = self._engine.waiting_layers() if self._engine is not None else []
         if waiting:
             self._warned_waiting = True
             rank_zero_warn(

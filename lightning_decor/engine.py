@@ -56,7 +56,7 @@ from lightning_decor.patching import (
 from lightning_decor.plan import LayerPlan, Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
-from lightning_decor.rows import Generators
+from lightning_decor.rows import Generators, RowBuffer, Sampling
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
@@ -202,6 +202,10 @@ class Decorrelator(Configured):
         self._update = BatchedUpdate()  # the stacks of R, the side stream, an update launched and not yet written
         # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
         self._generators = Generators(torch.initial_seed() % 2**63)
+        self._sampling = Sampling(config.sample_fraction, config.max_rows, self._generators)
+        self._buffers = {name: RowBuffer(self._sampling) for name in self.layers}
+        for name, layer in self.layers.items():
+            layer.decor_buffer = self._buffers[name]
         self._pool = False
         self._counts_group: Any = None
         self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
@@ -216,7 +220,7 @@ class Decorrelator(Configured):
             for name in self._fresh:
                 layer = self.layers[name]
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
-                layer.decor_observer = Observer(self.planner, name)
+                self._buffers[name].observer = Observer(self.planner, name, self._sampling)
         else:
             self._set_plan(self._static_plan())
         self.start(self._device)
@@ -246,8 +250,8 @@ class Decorrelator(Configured):
         ``torch.distributed`` is initialised with several processes, and row collection. Until the first plan is
         made, the planner's environment (the plan cache's key, the analytic model's constants) follows the device:
         under Lightning the engine is made while the model is still on the CPU."""
-        self._device = device if device is not None else next(
-            (p.device for p in self.model.parameters()), torch.device("cpu")
+        self._device = (
+            device if device is not None else next((p.device for p in self.model.parameters()), torch.device("cpu"))
         )
         self._update.start(self._device, self.config.use_cuda_stream)
         if self.planner is not None and self.planner.plan is None:
@@ -258,10 +262,6 @@ class Decorrelator(Configured):
         if self._pool and self.layers and self._counts_group is None:
             self._counts_group = count_group()  # collective: every rank has the same layers
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
-        for layer in self.layers.values():
-            layer.decor_sample_fraction = self.config.sample_fraction
-            layer.decor_max_rows = self.config.max_rows
-            layer.decor_generator = self._generators  # draws on the input's device, whatever moved since
         self._collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
@@ -281,8 +281,8 @@ class Decorrelator(Configured):
             name
             for name, layer in self.layers.items()
             if name in marks
-            and (layer.decor_collect or layer.decor_observer is not None)  # its forwards note themselves this step
-            and layer.decor_rows_seen() == 0
+            and self._buffers[name].wanted  # its forwards note themselves this step
+            and self._buffers[name].seen_count == 0
             and (planner is None or planner.forwards_seen(name) == 0)
             and _got_grad(layer.weight, marks[name])
         ]
@@ -300,9 +300,8 @@ class Decorrelator(Configured):
         """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
         patched), and release the process group made for pooling."""
         self._update.drop()
-        for layer in self.layers.values():
-            layer.decor_collect = False
-            layer.decor_take_rows()
+        self._sampling.collect = False
+        self._drop_rows()
         destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
         self._counts_group = None
 
@@ -315,7 +314,7 @@ class Decorrelator(Configured):
                 fold_layer(layer)
                 names.append(name)
         restore_routing(self.model)  # transformer layers get their fast paths back, averages their plain update
-        self.layers = {}
+        self.layers, self._buffers = {}, {}
         self._update.build(self.layers)
         return names
 
@@ -348,16 +347,14 @@ class Decorrelator(Configured):
             self._commit(skip)
         elif planner is not None and not planner.done:
             action = planner.step()
-            if not planner.observing:  # the hooks go once the plan is made
-                for layer in self.layers.values():
-                    layer.decor_observer = None
+            if not planner.observing:  # the observers go once the plan is made
+                self._end_observing()
             if action.plan is not None:
                 self._set_plan(action.plan)
             if action.dry:
                 self.update_(commit=False)  # the update's work for the check; R stays the identity
             else:
-                for layer in self.layers.values():
-                    layer.decor_take_rows()  # rows sampled while no update is due (see Planner.collects_next)
+                self._drop_rows()  # rows sampled while no update is due (see Planner.collects_next)
         elif self._due(self.steps):
             self.update_(skip=skip)
         self._collect(self._collects_next())
@@ -405,8 +402,20 @@ class Decorrelator(Configured):
         return self._due(self.steps + 1)
 
     def _collect(self, on: bool) -> None:
-        for layer in self.layers.values():
-            layer.decor_collect = on and not self._suspended
+        self._sampling.collect = on and not self._suspended
+
+    def _drop_rows(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.take()
+
+    def _end_observing(self) -> None:
+        for buffer in self._buffers.values():
+            buffer.observer = None
+
+    def waiting_layers(self) -> list[str]:
+        """Layers whose rows of more than :data:`lightning_decor.rows.PENDING_FORWARDS` forwards' worth waited for
+        an update (only a uniform sample of them is kept): an optimizer that steps outside the engine's sight."""
+        return [name for name in self.layers if self._buffers[name].seen_count > self._buffers[name].pending_count]
 
     def suspend(self) -> None:
         """No rows are taken until :meth:`resume` (forwards outside training steps: validation that enables grad)."""
@@ -433,7 +442,7 @@ class Decorrelator(Configured):
         for name, layer in self.layers.items():
             layers[name] = LayerPlan(
                 name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
-                block=layer.decor_block, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
+                block=layer.decor_block_size, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
                 groups=layer.decor_groups, cost=0.0,
             )  # fmt: skip
         return Plan(layers)
@@ -449,10 +458,9 @@ class Decorrelator(Configured):
             if layer is None:
                 continue
             if p.form == "plain":
-                layer.decor_take_rows()
                 fold_layer(layer)
-                del self.layers[name]
-            elif (p.block, p.form) != (layer.decor_block, layer.decor_form):
+                del self.layers[name], self._buffers[name]
+            elif (p.block, p.form) != (layer.decor_block_size, layer.decor_form):
                 layer.decor_set_layout_(p.block, p.form)
         plan.layers = {name: plan.layers.get(name) or static[name] for name in order}  # in model order
         for layer in self.layers.values():
@@ -498,8 +506,8 @@ class Decorrelator(Configured):
         """Take every layer's rows and launch the batched update from them (:meth:`BatchedUpdate.launch`)."""
         # A layer whose weight does not train now (frozen during training, e.g. by BaseFinetuning) keeps its R, so
         # that it keeps its function W @ R; unfrozen, it moves again.
-        rows = [(taken if layer.weight.requires_grad else None) for layer in self.layers.values()
-                for taken in (layer.decor_take_rows(),)]  # fmt: skip
+        rows = [(taken if layer.weight.requires_grad else None) for name, layer in self.layers.items()
+                for taken in (self._buffers[name].take(),)]  # fmt: skip
         self._update.launch(
             self.layers, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
             side=side, pool=self._pool, counts_group=self._counts_group,
@@ -571,10 +579,8 @@ class Decorrelator(Configured):
             self._set_plan(plan)
             if self.planner is not None:
                 self.planner.plan = self.plan
-        observing = self.planner is not None and self.planner.observing
-        for layer in self.layers.values():
-            if not observing:
-                layer.decor_observer = None
+        if self.planner is None or not self.planner.observing:
+            self._end_observing()
         for name, (R, raw) in restorable.items():
             layer = self.layers[name]
             layer.decor_R.copy_(R.reshape(layer.decor_R.shape))

@@ -140,9 +140,7 @@ default ``decor_lr=3e-2`` is the authors' own 3e-3. Blocks whose input has ``||C
 blocks, little or weakly correlated energy) take the authors' step; wider and more correlated ones a smaller one."""
 
 
-def _step_sizes(
-    lr: float, c: Tensor, fro_sq: Tensor, normalize: str, layer: Tensor | None = None
-) -> float | Tensor:
+def _step_sizes(lr: float, c: Tensor, fro_sq: Tensor, normalize: str, layer: Tensor | None = None) -> float | Tensor:
     """The step size of each block: ``lr`` (``"none"``), else ``lr`` divided by the block's normaliser ``(G,)``,
     at least :data:`MIN_DIVISOR`. Without a floor an input of little energy (a nearly dead channel:
     ``diag C ~ 1e-6``) would get a step a million times ``lr``, and the unit-variance term, which does not shrink

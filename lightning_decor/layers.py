@@ -7,7 +7,7 @@ valid) and gains a non-persistent buffer ``decor_R`` (``d x d``, identity at sta
 is one ordinary ``linear``/``conv2d`` call with the fused weight ``A = W @ R``, so autograd's weight gradient is
 ``delta.T @ z`` with ``z = R x``: backprop on the decorrelated input. During training it also keeps a small sample
 of its input rows, from which the engine (:class:`lightning_decor.Decorrelator`) moves ``R`` once per optimizer
-step.
+step, in the :class:`lightning_decor.rows.RowBuffer` the engine gives it (the layer's only other state).
 
 ``state_dict()`` of a patched layer is the plain layer's: ``weight`` holds the fused ``W @ R`` under its usual key,
 so checkpoints load into the unpatched model and predict the same.
@@ -16,7 +16,6 @@ so checkpoints load into the unpatched model and predict the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,19 +24,17 @@ from torch import Tensor, nn
 
 from lightning_decor.functional import decorrelate_rows, fuse_weight, identity_blocks, stats_dtype
 from lightning_decor.rows import (
-    Generators,
+    RowBuffer,
+    Sampling,
     conv_output_positions,
     conv_output_sizes,
     conv_patch_index,
     conv_patch_rows,
-    generator_for,
     kept_count,
     sample_conv_patch_rows,
-    uniform_sample_update,
 )
 
 __all__ = [
-    "PENDING_FORWARDS",
     "DecorrelatedConv1d",
     "DecorrelatedConv2d",
     "DecorrelatedConv3d",
@@ -46,11 +43,6 @@ __all__ = [
     "DecorrelatedLinear",
     "LastDimRows",
 ]
-
-
-# Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
-# of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
-PENDING_FORWARDS = 64
 
 
 def _checkpoint_recomputation() -> bool:
@@ -87,15 +79,8 @@ class DecorrelatedLayer(nn.Module):
         decor_form: How the layer applies ``R``: ``"fused"`` (one layer call with ``W @ R``), ``"input"`` (``R`` on
             the input rows, then the plain layer) or ``"identity"`` (the plain layer: only while ``R`` is still the
             identity, e.g. before a plan is made). All three compute ``W (R x)``.
-        decor_collect: Whether training forwards keep a sample of their input rows.
-        decor_observer: Called as ``decor_observer(layer, input)`` by every training forward while set (the
-            planner's hook: it records what the layer sees while the plain step is measured, and is removed once
-            the plan is made).
-        decor_sample_fraction: Fraction of the batch's samples (images; for Linear, rows over all leading
-            dimensions) kept.
-        decor_max_rows: At most this many rows are kept per forward (random subset), ``None`` for all.
-        decor_generator: Random generator for the row subset: a :class:`Generators` (one per device, the engine's),
-            a ``torch.Generator`` on the input's device, or ``None`` (torch's global one).
+        decor_buffer: Where training forwards report (:class:`lightning_decor.rows.RowBuffer`: the rows kept for
+            the next update, the planner's observer), given by the engine; ``None``: nothing is kept.
     """
 
     _decor_base: type[nn.Module]
@@ -103,26 +88,20 @@ class DecorrelatedLayer(nn.Module):
     bias: Tensor | None
     decor_R: Tensor
     decor_form: str
-    decor_collect: bool
-    decor_observer: Callable[[DecorrelatedLayer, Any], None] | None
-    decor_sample_fraction: float
-    decor_max_rows: int | None
-    decor_generator: torch.Generator | Generators | None
-    _decor_rows: list[Tensor]
-    _decor_seen: int
-    _decor_largest: int
+    decor_buffer: RowBuffer | None
 
     def _decor_init(self, block: int | None = None) -> None:
         self.register_buffer("decor_R", torch.empty(0), persistent=False)
         self.decor_set_layout_(block, "fused")
-        self.decor_collect = False
-        self.decor_observer = None
-        self.decor_sample_fraction = 1.0
-        self.decor_max_rows = None
-        self.decor_generator = None
-        self._decor_rows = []
-        self._decor_seen = 0  # rows captured since the last update (more than are kept once sampling began)
-        self._decor_largest = 0  # the largest capture since the last update
+        self.decor_buffer = None
+
+    def decor_unpatch_(self) -> None:
+        """Back to the plain class, every ``decor_*`` attribute removed (the weight as it is: :func:`fold` writes
+        ``W @ R`` into it first)."""
+        del self.decor_R
+        for name in [n for n in vars(self) if n.startswith(("decor_", "_decor_"))]:
+            del self.__dict__[name]
+        self.__class__ = self._decor_base  # type: ignore[assignment]
 
     def decor_check_layout(self, block: int | None, form: str) -> int:
         """The block size of a valid layout (``block`` features per block, ``None``: one dense block per group, in
@@ -181,85 +160,45 @@ class DecorrelatedLayer(nn.Module):
         return self.weight.dim() <= 4 and self.decor_groups == 1
 
     @property
-    def decor_block(self) -> int:
+    def decor_block_size(self) -> int:
         """Features per diagonal block of ``R`` (``d`` for a dense ``R``)."""
         return self.decor_R.shape[-1]
 
     @property
-    def decor_blocks(self) -> int:
+    def decor_block_count(self) -> int:
         """Number of diagonal blocks of ``R`` (1 for a dense ``R``)."""
         return 1 if self.decor_R.dim() == 2 else self.decor_R.shape[0]
 
     def _decor_keep(self, x: Tensor) -> bool:
-        # Rows belong to training steps (the engine sets decor_collect for them), not to `self.training`: a
-        # sub-network kept in eval() during training (frozen BatchNorm statistics) still trains its weights.
-        wanted = self.decor_collect or self.decor_observer is not None
-        return wanted and torch.is_grad_enabled() and x.shape[0] > 0
+        # Rows belong to training steps (the engine's Sampling.collect), not to `self.training`: a sub-network kept
+        # in eval() during training (frozen BatchNorm statistics) still trains its weights.
+        buffer = self.decor_buffer
+        return buffer is not None and buffer.wanted and torch.is_grad_enabled() and x.shape[0] > 0
 
-    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+    def decor_row_count(self, input: Any) -> int:  # noqa: A002 (torch's name)
         """Rows the layer multiplies in this forward (``N * L``: samples times output positions)."""
         raise NotImplementedError
 
-    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
-        """How many rows :meth:`decor_sample_rows` keeps from this forward of ``rows`` rows (without drawing)."""
+    def decor_drawn_count(self, input: Any, fraction: float, cap: int | None) -> int:  # noqa: A002
+        """How many rows :meth:`decor_rows` takes from this forward (without drawing them): those of the first
+        ``ceil(fraction * N)`` samples (for the last-dimension kinds: ``ceil(fraction * rows)`` rows over all
+        leading dimensions), at most ``cap``. The one place each kind counts its rows."""
         raise NotImplementedError
 
-    def _decor_n_samples(self, n: int) -> int:
-        return kept_count(self.decor_sample_fraction, n)
+    def decor_rows(self, input: Any, sampling: Sampling) -> Tensor:  # noqa: A002 (torch's name)
+        """The rows ``R`` acts on in one forward of ``input`` (the module's input, as a forward hook sees it),
+        detached, ``(n, decor_features)``: :meth:`decor_drawn_count` of them with ``sampling``'s fraction and cap,
+        drawn with its generator. Each layer kind says how its rows are taken (patches for a convolution)."""
+        raise NotImplementedError
 
     @torch.compiler.disable
-    def _decor_capture(self, input: Tensor) -> None:  # noqa: A002 (torch's name)
+    def _decor_capture(self, input: Any) -> None:  # noqa: A002 (torch's name)
         # Eager even inside torch.compile (one graph break): the growing list, the counters and the private
         # generator stay out of the graph and its guards, so a compiled model does not recompile as rows accumulate.
         if _checkpoint_recomputation():  # activation checkpointing: these rows were captured in the first forward
             return
-        if self.decor_observer is not None:
-            self.decor_observer(self, input)
-        if self.decor_collect:
-            self._decor_store(self.decor_sample_rows(input))
-
-    def _decor_store(self, rows: Tensor) -> None:
-        """Keep ``rows`` for the next update; past ``PENDING_FORWARDS`` forwards' worth of rows (an optimizer that
-        steps outside the callback's sight, or never), keep a uniform sample of that many of all rows instead."""
-        n = rows.shape[0]
-        if n == 0:  # e.g. sequences of length 0: nothing to keep (an update needs at least one row)
-            return
-        self._decor_largest = max(self._decor_largest, n)
-        limit = PENDING_FORWARDS * self._decor_largest
-        seen, pending = self._decor_seen, self.decor_pending_rows()  # seen > pending once only a sample is kept
-        if seen == pending and seen + n <= limit:
-            self._decor_rows.append(rows)  # the usual case: every row waits for the update
-        elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
-            every = torch.cat([r.to(rows.dtype) for r in (*self._decor_rows, rows)])
-            generator = generator_for(self.decor_generator, every.device)
-            drawn = torch.randperm(every.shape[0], device=every.device, generator=generator)[:limit]
-            self._decor_rows = [every[drawn]]
-        else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
-            (kept,) = self._decor_rows
-            generator = generator_for(self.decor_generator, rows.device)
-            self._decor_rows = [uniform_sample_update(kept, seen, rows, generator)]
-        self._decor_seen = seen + n
-
-    def decor_sample_rows(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
-        """The raw input rows this layer keeps from one training forward (detached): :meth:`decor_rows` with the
-        layer's ``decor_sample_fraction``, ``decor_max_rows`` and ``decor_generator``."""
-        device = (input if isinstance(input, Tensor) else input[0]).device  # attention: (query, key, value)
-        rows = self.decor_rows(
-            input, self.decor_sample_fraction, self.decor_max_rows, generator_for(self.decor_generator, device)
-        )
-        # Rows that are a view of the input (every row of a Linear's input) are copied: the input may be an output of
-        # a CUDA graph (`torch.compile(mode="reduce-overhead")`), overwritten by the graph's next replay before the
-        # update reads it.
-        return rows.clone() if rows._base is not None else rows
-
-    def decor_rows(
-        self, input: Any, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
-    ) -> Tensor:
-        """The rows ``R`` acts on in one forward of ``input`` (the module's input, as a forward hook sees it),
-        detached, ``(n, decor_features)``: those of the first ``ceil(fraction * N)`` samples (for the last-dimension
-        kinds: ``ceil(fraction * rows)`` rows over all leading dimensions), at most ``cap`` of them drawn with
-        ``generator``. Each layer kind says how its rows are taken (patches for a convolution)."""
-        raise NotImplementedError
+        if self.decor_buffer is not None:
+            self.decor_buffer.capture(self, input)
 
     def _apply(self, fn: Any, recurse: bool = True) -> DecorrelatedLayer:
         # Casts (`model.half()`, Lightning's "16-true"/"bf16-true") keep R in its statistics dtype: steps of
@@ -283,23 +222,6 @@ class DecorrelatedLayer(nn.Module):
     def _decor_weight(self) -> Tensor:
         """The weight of the layer call: ``W @ R`` in the fused form, ``W`` itself otherwise."""
         return self.decor_fused_weight() if self.decor_form == "fused" else self.weight
-
-    def decor_pending_rows(self) -> int:
-        """Number of input rows kept for the next update (at most ``PENDING_FORWARDS`` forwards' worth)."""
-        return sum(r.shape[0] for r in self._decor_rows)
-
-    def decor_rows_seen(self) -> int:
-        """Number of input rows captured since the last update; more than :meth:`decor_pending_rows` once so many
-        waited that only a uniform sample of them is kept."""
-        return self._decor_seen
-
-    def decor_take_rows(self) -> Tensor | None:
-        """Remove and return the collected rows as one ``(n, d)`` tensor, or ``None`` when there are none."""
-        rows, self._decor_rows = self._decor_rows, []
-        self._decor_seen = self._decor_largest = 0
-        if not rows:
-            return None
-        return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A state dict holds the fused W @ R under "weight" (see _save_to_state_dict): loading it into W means the
@@ -334,28 +256,24 @@ class LastDimRows(DecorrelatedLayer):
     """Rows of a layer that multiplies the last dimension of its input (``nn.Linear``, Hugging Face's ``Conv1D``):
     one row per entry of the leading dimensions (samples and sequence positions alike)."""
 
-    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+    def decor_row_count(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         return input.numel() // input.shape[-1]
 
-    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
-        kept = self._decor_n_samples(rows)  # a fraction of all rows
-        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
+    def decor_drawn_count(self, input: Tensor, fraction: float, cap: int | None) -> int:  # noqa: A002
+        kept = kept_count(fraction, self.decor_row_count(input))  # a fraction of all rows
+        return kept if cap is None else min(kept, cap)
 
-    def decor_rows(
-        self, input: Tensor, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
-    ) -> Tensor:
-        """Every row when ``ceil(fraction * rows)`` (at most ``cap``) covers them all, otherwise that many rows
-        drawn uniformly, with replacement, over all leading dimensions (samples and sequence positions alike: the
-        first rows in memory order would all come from the first sequences)."""
+    def decor_rows(self, input: Tensor, sampling: Sampling) -> Tensor:  # noqa: A002 (torch's name)
+        """Every row when the count covers them all, otherwise that many rows drawn uniformly, with replacement,
+        over all leading dimensions (samples and sequence positions alike: the first rows in memory order would all
+        come from the first sequences)."""
         x = input.detach()
         lead = x.shape[:-1]  # (N, T, ...): one row per entry
         total = math.prod(lead)
-        keep = kept_count(fraction, total)
-        if cap is not None:
-            keep = min(keep, cap)
+        keep = self.decor_drawn_count(x, sampling.fraction, sampling.max_rows)
         if keep >= total:
             return x.reshape(-1, x.shape[-1])  # (N * T, in_features)
-        drawn = torch.randint(total, (keep,), device=x.device, generator=generator)
+        drawn = torch.randint(total, (keep,), device=x.device, generator=sampling.generator_on(x.device))
         # The multi-index of each drawn row by integer division with host ints (torch.unravel_index would copy the
         # shape to the device: two blocking copies per forward on a GPU); then (keep, in_features) gathered row by
         # row: O(keep * in_features), no copy of the whole activation.
@@ -430,33 +348,35 @@ class DecorrelatedConvNd(DecorrelatedLayer):
     def _decor_batched(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name)
         return input if input.dim() == self.weight.dim() else input.unsqueeze(0)  # unbatched input: one sample
 
-    def decor_rows_per_forward(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
+    def _decor_positions(self, x: Tensor) -> int:
+        """Output positions per sample (one patch row each) of the batched input ``x``."""
+        return conv_output_positions(self._decor_conv_input(x[:1]), self.kernel_size, **self._decor_geometry())
+
+    def decor_row_count(self, input: Tensor) -> int:  # noqa: A002 (torch's name)
         x = self._decor_batched(input)
-        positions = conv_output_positions(self._decor_conv_input(x[:1]), self.kernel_size, **self._decor_geometry())
-        return x.shape[0] * positions
+        return x.shape[0] * self._decor_positions(x)
 
-    def decor_stat_rows(self, input: Tensor, rows: int) -> int:  # noqa: A002 (torch's name)
-        samples = self._decor_batched(input).shape[0]
-        kept = self._decor_n_samples(samples) * (rows // max(samples, 1))  # a fraction of the samples, all patches
-        return kept if self.decor_max_rows is None else min(kept, self.decor_max_rows)
+    def decor_drawn_count(self, input: Tensor, fraction: float, cap: int | None) -> int:  # noqa: A002
+        x = self._decor_batched(input)
+        kept = kept_count(fraction, x.shape[0]) * self._decor_positions(x)  # a fraction of the samples, all patches
+        return kept if cap is None else min(kept, cap)
 
-    def decor_rows(
-        self, input: Tensor, fraction: float, cap: int | None, generator: torch.Generator | None  # noqa: A002
-    ) -> Tensor:
+    def decor_rows(self, input: Tensor, sampling: Sampling) -> Tensor:  # noqa: A002 (torch's name)
         """The im2col patches (``d = C_in / groups * prod(kernel_size)``, the groups side by side) of the first
-        ``ceil(fraction * N)`` samples, at most ``cap`` of them drawn uniformly with replacement."""
+        ``ceil(fraction * N)`` samples; a uniform draw with replacement when the cap keeps fewer."""
         x = self._decor_batched(input)
-        x = self._decor_conv_input(x[: kept_count(fraction, x.shape[0])].detach())  # samples, then pad
+        samples = kept_count(sampling.fraction, x.shape[0])
+        n = self.decor_drawn_count(x, sampling.fraction, sampling.max_rows)
+        every = n == samples * self._decor_positions(x)
+        x = self._decor_conv_input(x[:samples].detach())  # samples, then pad
         geometry = self._decor_geometry()
-        if cap is not None and cap < x.shape[0] * conv_output_positions(x, self.kernel_size, **geometry):
-            # (cap, d), gathered without unfolding, with index tables kept for this input shape
-            key = (tuple(x.shape), x.device)
-            cached = self.__dict__.get("_decor_index")
-            if cached is None or cached[0] != key:
-                index = conv_patch_index(tuple(x.shape), self.kernel_size, device=x.device, **{
-                    k: v for k, v in geometry.items() if k != "padding_mode"})  # fmt: skip
-                cached = self.__dict__["_decor_index"] = (key, index)
-            return sample_conv_patch_rows(x, cap, self.kernel_size, generator=generator, index=cached[1], **geometry)
+        if not every:  # (n, d), gathered without unfolding
+            plain = {k: v for k, v in geometry.items() if k != "padding_mode"}
+            key = (tuple(x.shape), x.device, self.kernel_size, *plain.values())
+            index = sampling.index_tables(key, lambda: conv_patch_index(tuple(x.shape), self.kernel_size,
+                                                                        device=x.device, **plain))  # fmt: skip
+            generator = sampling.generator_on(x.device)
+            return sample_conv_patch_rows(x, n, self.kernel_size, generator=generator, index=index, **geometry)
         return conv_patch_rows(x, self.kernel_size, **geometry)  # (k * L_out, d)
 
 

@@ -357,10 +357,4 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
     its plain class again. Containers around it keep their routing; :func:`fold` restores those."""
     if layer.decor_form != "identity":  # "identity": R = I computed as the plain layer, W is the function already
         layer.weight.copy_(layer.decor_fused_weight())
-    del layer.decor_R
-    for attr in (
-        "decor_form", "decor_collect", "decor_observer", "decor_sample_fraction", "decor_max_rows",
-        "decor_generator", "_decor_rows", "_decor_index", "_decor_seen", "_decor_largest",
-    ):  # fmt: skip
-        layer.__dict__.pop(attr, None)
-    layer.__class__ = layer._decor_base  # type: ignore[assignment]
+    layer.decor_unpatch_()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.rows import Sampling
 
 __all__ = [
     "TensorBoardPictures",
@@ -88,7 +89,7 @@ def picture_rows(layer: DecorrelatedLayer, x: Tensor) -> Tensor:
     ``x`` (the layer kind's own rows: im2col patches for a convolution, all groups side by side), drawn with a fixed
     seed so that pictures do not move the training RNG."""
     generator = torch.Generator(device=x.device).manual_seed(0)
-    return layer.decor_rows(x, 1.0, _PICTURE_ROWS, generator)
+    return layer.decor_rows(x, Sampling(1.0, _PICTURE_ROWS, generator))
 
 
 class TensorBoardPictures:

@@ -503,5 +503,3 @@ class Planner:
         self.plain_seconds = None  # timed in another run: this run measures its own, or takes the plan's
         self._seen, self._last_seen = {}, {}
         self.restart()
-
-

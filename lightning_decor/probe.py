@@ -36,6 +36,7 @@ from lightning_decor.functional import block_decorrelation_step, identity_blocks
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_side_seconds, measure_costs
 from lightning_decor.planner import LayerInfo, PlanCache, Planner
+from lightning_decor.rows import Sampling
 
 __all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates"]
 
@@ -88,9 +89,7 @@ def _update_seconds(
     R = identity_blocks(g, b, dtype, device).reshape(g, b, b)
     x = torch.randn(g, n, b, dtype=dtype, device=device, generator=gen)
     counts = torch.full((g,), n, device=device)
-    return _timer(device)(
-        lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5, normalize=normalize)
-    ) / g
+    return _timer(device)(lambda: block_decorrelation_step(R, x, counts, lr=1e-4, kappa=0.5, normalize=normalize)) / g
 
 
 def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> float:
@@ -118,8 +117,7 @@ def _input_seconds(
     w = layer.weight.detach()
     twin = copy.copy(layer)  # shares the parameters; its own layout, no rows kept
     twin._buffers = dict(layer._buffers)
-    twin.__dict__["_decor_rows"] = []
-    twin.decor_collect, twin.decor_observer = False, None
+    twin.decor_buffer = None
     twin.decor_set_layout_(b if b is not None else layer.decor_unit, "input" if b is not None else "identity")
     x = _random_input(shape, fmt, w, gen).requires_grad_(True)
     params = [p for p in (twin.weight, twin.bias) if p is not None]
@@ -135,16 +133,12 @@ def _input_seconds(
 
 
 def _sample_seconds(
-    layer: DecorrelatedLayer, shape: tuple[int, ...], gen: torch.Generator, fmt: Format = _PLAIN
+    layer: DecorrelatedLayer, shape: tuple[int, ...], sampling: Sampling, gen: torch.Generator, fmt: Format = _PLAIN
 ) -> float:
     w = layer.weight.detach()
     x = _random_input(shape, fmt, w, gen)
-    saved = layer.decor_generator
-    layer.decor_generator = gen  # the layer's own generator (part of a checkpoint) does not move
-    try:
-        return _timer(w.device)(lambda: layer.decor_sample_rows(x))
-    finally:
-        layer.decor_generator = saved
+    own = Sampling(sampling.fraction, sampling.max_rows, gen)  # the engine's generators (in a checkpoint) stay
+    return _timer(w.device)(lambda: own.rows(layer, x))
 
 
 def measure_candidates(
@@ -159,6 +153,7 @@ def measure_candidates(
     normalize: str = "none",
     costs: Costs | None = None,
     formats: dict[str, Format] | None = None,
+    sampling: Sampling | None = None,
 ) -> dict[str, list[tuple[str, float]]]:
     """Measured ``(form, seconds per step)`` of each layer's candidates, in the order of its block ladder
     (:func:`lightning_decor.plan.block_ladder`), for :func:`lightning_decor.plan.make_plan`'s ``measured``.
@@ -186,7 +181,9 @@ def measure_candidates(
         formats: Per layer, how training ran it (:data:`Format`: its input's dtype, the autocast dtype,
             channels-last), so that ``bf16-mixed`` and channels-last layers are timed as they run; ``None``: in
             the weight's dtype, without autocast, contiguous.
+        sampling: How training draws rows (its fraction and cap; ``None``: every row).
     """
+    sampling = sampling if sampling is not None else Sampling()
     start = time.perf_counter()
     gen: dict[torch.device, torch.Generator] = {}
     cache: dict[tuple[Any, ...], float] = {}
@@ -216,8 +213,7 @@ def measure_candidates(
         probeable = shape is not None  # a layer of one input tensor (not attention's query, key, value)
         sample = 0.0
         if probeable:
-            sample = cached(("sample", sig, shape, fmt, layer.decor_sample_fraction, layer.decor_max_rows),
-                            _sample_seconds, layer, shape, g, fmt)  # fmt: skip
+            sample = cached(("sample", sig, shape, fmt), _sample_seconds, layer, shape, sampling, g, fmt)
         b = ladders[name][k]
         fuse = cached(("fuse", sig, b), _fuse_seconds, layer, b, g) * s.forwards
         form, cost = "fused", fuse
@@ -281,19 +277,19 @@ def environment(model: nn.Module, device: torch.device, normalize: str) -> dict[
 
 
 class Observer:
-    """A patched layer's ``decor_observer`` while the plain step is measured: tells ``planner`` the rows each training
-    forward multiplies and keeps, its input's shape, dtype, autocast dtype and memory format (the probe times the
-    layer as training runs it)."""
+    """A patched layer's observer (:attr:`lightning_decor.rows.RowBuffer.observer`) while the plain step is measured:
+    tells ``planner`` the rows each training forward multiplies and keeps with ``sampling``, its input's shape,
+    dtype, autocast dtype and memory format (the probe times the layer as training runs it)."""
 
-    def __init__(self, planner: Planner, name: str) -> None:
-        self.planner, self.name = planner, name
+    def __init__(self, planner: Planner, name: str, sampling: Sampling) -> None:
+        self.planner, self.name, self.sampling = planner, name, sampling
 
     def __call__(self, layer: DecorrelatedLayer, input: Any) -> None:  # noqa: A002 (torch's name)
-        rows = layer.decor_rows_per_forward(input)
         single = isinstance(input, Tensor)  # attention passes (query, key, value)
         kind = (input if single else input[0]).device.type
         self.planner.observe(
-            self.name, rows=rows, stat_rows=layer.decor_stat_rows(input, rows),
+            self.name, rows=layer.decor_row_count(input),
+            stat_rows=layer.decor_drawn_count(input, self.sampling.fraction, self.sampling.max_rows),
             input_shape=tuple(input.shape) if single else None, dtype=str(input.dtype) if single else "",
             autocast=str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "",
             channels_last=single and input.dim() == 4 and not input.is_contiguous()
@@ -314,18 +310,24 @@ def make_planner(
     """The planner of ``layers`` (fresh, ``R = I``), measuring on ``device()`` (looked up when it measures: under
     Lightning the model moves to its device after the engine is made), with ``config``'s budget and the plan cache,
     ``agree`` taking the ``leader``'s decisions on every process."""
+    sampling = Sampling(config.sample_fraction, config.max_rows)
     infos = [
         LayerInfo(
-            name=name, d=layer.decor_group_features, unit=layer.decor_unit, c_out=layer.decor_out_features,
-            groups=layer.decor_groups, input_side=layer.decor_input_side, conv=layer.weight.dim() > 2,
-            max_block=layer.decor_block,  # decorrelate() gave it its largest allowed block
+            name=name,
+            d=layer.decor_group_features,
+            unit=layer.decor_unit,
+            c_out=layer.decor_out_features,
+            groups=layer.decor_groups,
+            input_side=layer.decor_input_side,
+            conv=layer.weight.dim() > 2,
+            max_block=layer.decor_block_size,  # decorrelate() gave it its largest allowed block
         )  # fmt: skip
         for name, layer in layers.items()
     ]
 
     def probe(shapes: Any, inputs: Any, estimates: Any, **kw: Any) -> dict[str, list[tuple[str, float]]]:
         return measure_candidates(layers, shapes, inputs, estimates, update_every=config.update_every,
-                                  normalize=config.normalize, **kw)  # fmt: skip
+                                  normalize=config.normalize, sampling=sampling, **kw)  # fmt: skip
 
     def sync() -> None:
         if device().type == "cuda":

@@ -1,20 +1,27 @@
 """The rows ``R`` acts on: a convolution's im2col patch geometry, drawing rows (uniformly, with a private generator per
-device) and keeping a uniform sample of rows that wait too long. Pure functions on tensors and one small class; the
-patched layers (:mod:`lightning_decor.layers`) say which rows they take.
+device), and the state of sampling kept off the layers: one :class:`Sampling` shared by an engine's layers (whether
+training forwards keep rows now, how many, with which generators) and one :class:`RowBuffer` per layer (the rows
+waiting for its next update, a uniform sample of them once too many wait). The patched layers
+(:mod:`lightning_decor.layers`) say which rows they take (``decor_rows``) and how many (``decor_drawn_count``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "PENDING_FORWARDS",
     "Generators",
+    "RowBuffer",
+    "RowSource",
+    "Sampling",
     "conv_output_positions",
     "conv_output_sizes",
     "conv_patch_index",
@@ -44,6 +51,11 @@ def uniform_sample_update(kept: Tensor, seen: int, new: Tensor, generator: torch
     owner.scatter_reduce_(0, slot, torch.arange(q, device=dev), reduce="amax")
     owner = owner[:k]
     return torch.where((owner >= 0)[:, None], new[owner.clamp(min=0)].to(kept.dtype), kept)
+
+
+# Rows of at most this many forwards' worth (of the largest one) wait per layer for an update: an accumulation window
+# of up to 64 micro-batches keeps every row; beyond (steps that never reach the callback) a uniform sample is kept.
+PENDING_FORWARDS = 64
 
 
 def new_generator(device: torch.device) -> torch.Generator:
@@ -101,6 +113,130 @@ class Generators:
 def generator_for(generator: torch.Generator | Generators | None, device: torch.device) -> torch.Generator | None:
     """The generator to draw with on ``device``."""
     return generator(device) if isinstance(generator, Generators) else generator
+
+
+class RowSource(Protocol):
+    """What a layer kind says of its rows (:class:`lightning_decor.layers.DecorrelatedLayer` and its kinds)."""
+
+    def decor_rows(self, input: Any, sampling: Sampling) -> Tensor: ...  # noqa: A002 (torch's name)
+
+
+_INDEX_TABLES = 256  # per-shape index tables a Sampling keeps (a few KiB each), dropped all at once beyond
+
+
+class Sampling:
+    """How the patched layers of one engine draw rows, shared by all of them (one object, read by every forward).
+
+    Attributes:
+        fraction: Fraction of a forward's samples (images; for the last-dimension kinds, rows over all leading
+            dimensions) whose rows are kept, in ``(0, 1]``.
+        max_rows: At most this many rows per forward (a uniform draw), ``None`` for all.
+        generator: A :class:`Generators` (one per device), a ``torch.Generator`` on the input's device, or ``None``
+            (torch's global one).
+        collect: Whether training forwards keep rows now (the engine switches it per step; a compiled model
+            recompiles when it flips, so it flips only where the plan's cadence says).
+    """
+
+    def __init__(
+        self,
+        fraction: float = 1.0,
+        max_rows: int | None = None,
+        generator: torch.Generator | Generators | None = None,
+        *,
+        collect: bool = False,
+    ) -> None:
+        self.fraction, self.max_rows, self.generator, self.collect = fraction, max_rows, generator, collect
+        self._tables: dict[Any, Any] = {}
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The generator to draw with on ``device``."""
+        return generator_for(self.generator, device)
+
+    def index_tables(self, key: Any, make: Callable[[], Any]) -> Any:
+        """Index tables of one input geometry (``key``), made by ``make()`` once and kept (see
+        :func:`conv_patch_index`)."""
+        tables = self._tables.get(key)
+        if tables is None:
+            if len(self._tables) >= _INDEX_TABLES:  # many input shapes (variable resolution): start afresh
+                self._tables.clear()
+            tables = self._tables[key] = make()
+        return tables
+
+    def rows(self, layer: RowSource, input: Any) -> Tensor:  # noqa: A002 (torch's name)
+        """The raw input rows ``layer`` keeps from one training forward of ``input`` (detached, ``(n, D)``)."""
+        rows = layer.decor_rows(input, self)
+        # Rows that are a view of the input (every row of a Linear's input) are copied: the input may be an output of
+        # a CUDA graph (`torch.compile(mode="reduce-overhead")`), overwritten by the graph's next replay before the
+        # update reads it.
+        return rows.clone() if rows._base is not None else rows
+
+
+class RowBuffer:
+    """The rows one patched layer keeps for its next update: every row of up to :data:`PENDING_FORWARDS` forwards'
+    worth (of the largest forward), then a uniform sample of that many of all rows (an optimizer that steps outside
+    the engine's sight, or never).
+
+    Attributes:
+        sampling: The engine's shared :class:`Sampling`.
+        observer: Called as ``observer(layer, input)`` by every training forward while set (the planner's
+            :class:`lightning_decor.probe.Observer` while the plain step is measured).
+    """
+
+    def __init__(self, sampling: Sampling, observer: Callable[[Any, Any], None] | None = None) -> None:
+        self.sampling, self.observer = sampling, observer
+        self._rows: list[Tensor] = []
+        self._seen = 0  # rows captured since the last update (more than are kept once sampling began)
+        self._largest = 0  # the largest capture since the last update
+
+    @property
+    def wanted(self) -> bool:
+        """Whether training forwards report to this buffer now (read inside the forward: a compiled model guards it)."""
+        return self.sampling.collect or self.observer is not None
+
+    def capture(self, layer: RowSource, input: Any) -> None:  # noqa: A002 (torch's name)
+        """One training forward of ``layer`` on ``input``: tell the observer, keep its rows while collecting."""
+        if self.observer is not None:
+            self.observer(layer, input)
+        if self.sampling.collect:
+            self.store(self.sampling.rows(layer, input))
+
+    def store(self, rows: Tensor) -> None:
+        """Keep ``rows`` ``(n, D)`` for the next update (past the limit: the uniform sample, see the class)."""
+        n = rows.shape[0]
+        if n == 0:  # e.g. sequences of length 0: nothing to keep (an update needs at least one row)
+            return
+        self._largest = max(self._largest, n)
+        limit = PENDING_FORWARDS * self._largest
+        seen, pending = self._seen, self.pending_count  # seen > pending once only a sample is kept
+        if seen == pending and seen + n <= limit:
+            self._rows.append(rows)  # the usual case: every row waits for the update
+        elif seen == pending:  # the first overflow: `limit` rows drawn from all so far
+            every = torch.cat([r.to(rows.dtype) for r in (*self._rows, rows)])
+            generator = self.sampling.generator_on(every.device)
+            drawn = torch.randperm(every.shape[0], device=every.device, generator=generator)[:limit]
+            self._rows = [every[drawn]]
+        else:  # a uniform sample already (seen > kept): reservoir sampling keeps it one
+            (kept,) = self._rows
+            self._rows = [uniform_sample_update(kept, seen, rows, self.sampling.generator_on(rows.device))]
+        self._seen = seen + n
+
+    @property
+    def pending_count(self) -> int:
+        """Rows kept for the next update (at most :data:`PENDING_FORWARDS` forwards' worth)."""
+        return sum(r.shape[0] for r in self._rows)
+
+    @property
+    def seen_count(self) -> int:
+        """Rows captured since the last update; more than :attr:`pending_count` once only a sample is kept."""
+        return self._seen
+
+    def take(self) -> Tensor | None:
+        """Remove and return the kept rows as one ``(n, D)`` tensor, or ``None`` when there are none."""
+        rows, self._rows = self._rows, []
+        self._seen = self._largest = 0
+        if not rows:
+            return None
+        return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------- convolution patches

@@ -126,8 +126,8 @@ class BatchedUpdate:
         stacks = []
         for members in by_key.values():
             members_layers = [layers[name] for _, name in members]
-            counts = [layer.decor_blocks for layer in members_layers]
-            stack = torch.cat([layer.decor_R.reshape(-1, layer.decor_block, layer.decor_block)
+            counts = [layer.decor_block_count for layer in members_layers]
+            stack = torch.cat([layer.decor_R.reshape(-1, layer.decor_block_size, layer.decor_block_size)
                                for layer in members_layers])  # fmt: skip
             offsets = [sum(counts[:k]) for k in range(len(counts))]
             for layer, o, g in zip(members_layers, offsets, counts, strict=True):

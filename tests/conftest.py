@@ -108,3 +108,18 @@ def plan_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     folder = tmp_path_factory.mktemp("plan_cache")
     monkeypatch.setenv("LIGHTNING_DECOR_CACHE", str(folder))
     return folder
+
+
+def collect_rows(
+    *layers: nn.Module, fraction: float = 1.0, max_rows: int | None = None, generator: torch.Generator | None = None
+) -> list:
+    """Give patched layers row buffers that keep their training forwards' rows, sharing one sampling (as an engine
+    does); returns the buffers (``lightning_decor.rows.RowBuffer``)."""
+    from lightning_decor.rows import RowBuffer, Sampling
+
+    sampling = Sampling(fraction, max_rows, generator, collect=True)
+    buffers = []
+    for layer in layers:
+        layer.decor_buffer = RowBuffer(sampling)
+        buffers.append(layer.decor_buffer)
+    return buffers

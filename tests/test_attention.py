@@ -26,7 +26,7 @@ from lightning_decor.functional import guarded_decorrelation_update_
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.patching import eligible_layers
 
-from conftest import quiet_trainer
+from conftest import collect_rows, quiet_trainer
 
 GRAD_MODES: dict[str, Callable[[], object]] = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -231,10 +231,11 @@ def test_attention_computes_with_decorrelated_projections_on_every_path(
     padding[1, 4:] = True
     training, grad_mode = MODES[mode]
     mha.train(training), plain.train(training)
+    buffers = collect_rows(mha, mha.out_proj)
     for masks in ({}, {"key_padding_mask": padding}, {"attn_mask": causal}):
         for need_weights in (True, False):
             for collect in (False, True):  # sampling rows: out_proj is called on the attention output
-                mha.decor_collect = mha.out_proj.decor_collect = collect
+                buffers[0].sampling.collect = collect
                 kwargs: dict = dict(need_weights=need_weights, **masks)
                 with grad_mode():
                     got, got_weights = mha(x, memory, memory, **kwargs)
@@ -245,7 +246,7 @@ def test_attention_computes_with_decorrelated_projections_on_every_path(
                     torch.testing.assert_close(got_weights, weights, rtol=0, atol=1e-6)  # softmax in [0, 1]
                 else:
                     assert got_weights is None
-                mha.decor_take_rows(), mha.out_proj.decor_take_rows()
+                buffers[0].take(), buffers[1].take()
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -259,9 +260,9 @@ def test_attention_samples_the_rows_of_each_input_and_updates_each_r_from_its_ow
     randomise_r(mha)
     Rs, R_out = per_input(mha), mha.out_proj.decor_R.clone()
     x, memory = attention_inputs(batch_first, cross)
-    mha.decor_collect = mha.out_proj.decor_collect = True
+    buffers = collect_rows(mha, mha.out_proj)
     mha(x, memory, memory, need_weights=False)
-    rows, out_rows = mha.decor_take_rows(), mha.out_proj.decor_take_rows()
+    rows, out_rows = buffers[0].take(), buffers[1].take()
     q_rows, kv_rows = x.reshape(-1, E), memory.reshape(-1, E)  # every (position, sample) row of each input
     assert rows.shape == (15, 3 * E)  # 15 query rows; the 18 key/value rows are sampled down to 15
     torch.testing.assert_close(rows[:, :E], q_rows, rtol=0, atol=0)

@@ -75,7 +75,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
 
     class Spy(DecorrelationCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            seen.append(self._layers["net.0"].decor_pending_rows())  # when the update is queued (on a GPU, beside
+            seen.append(self._layers["net.0"].decor_buffer.pending_count)  # when the update is queued (on a GPU, beside
             super().on_before_optimizer_step(trainer, pl_module, optimizer)  # the optimizer step) from them
 
     cb = Spy(sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
@@ -83,7 +83,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
     trainer.fit(model)
     assert trainer.global_step == 2 and cb.updates == 2
     assert seen == [4 * 32, 4 * 32]  # rows of all four micro-batches pooled into each update
-    assert cb._layers["net.0"].decor_pending_rows() == 0  # and taken by it
+    assert cb._layers["net.0"].decor_buffer.pending_count == 0  # and taken by it
 
 
 def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:
@@ -167,10 +167,16 @@ def test_nan_batch_is_skipped_with_a_warning(tmp_path) -> None:
         ({"kappa": 1.5}, ValueError, r"Expected `kappa` in \[0, 1\], but got 1.5"),
         ({"kappa": float("nan")}, ValueError, r"Expected `kappa` in \[0, 1\], but got nan"),
         ({"kappa": [0.5]}, TypeError, r"Expected `kappa` to be a float, but got list: \[0.5\]"),
-        ({"normalize": "l2"}, ValueError,
-         r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got 'l2'"),
-        ({"normalize": None}, ValueError,
-         r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got None"),
+        (
+            {"normalize": "l2"},
+            ValueError,
+            r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got 'l2'",
+        ),
+        (
+            {"normalize": None},
+            ValueError,
+            r"Expected `normalize` in \('none', 'trace', 'spectral', 'layer'\), but got None",
+        ),
         ({"sample_fraction": 0.0}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 0.0"),
         ({"sample_fraction": 1.2}, ValueError, r"Expected `sample_fraction` in \(0, 1\], but got 1.2"),
         ({"max_rows": 0}, ValueError, r"Expected `max_rows` to be >= 1 or None, but got 0"),
@@ -208,7 +214,7 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
 
     class Spy(DecorrelationCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.rows = self._layers["net.0"].decor_pending_rows()  # before the update is queued from them
+            self.rows = self._layers["net.0"].decor_buffer.pending_count  # before the update is queued from them
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         def update_(self, pl_module):
@@ -304,7 +310,7 @@ class RawOptimizerSteps(TinyModule):
         opt.zero_grad()
         self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
         opt.step()
-        self.pending.append(self.net[0].decor_pending_rows())
+        self.pending.append(self.net[0].decor_buffer.pending_count)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(correlated_data(), batch_size=4, shuffle=True)  # 64 batches of 4 rows per epoch
@@ -318,7 +324,7 @@ def test_rows_waiting_for_steps_that_bypass_lightning_stay_bounded(tmp_path) -> 
     assert cb.updates == 0  # R never moves: no step went through Lightning
     assert len(model.pending) == 128 and max(model.pending) == 64 * 4  # 512 rows captured, at most 256 kept
     assert model.pending[:64] == [4 * (i + 1) for i in range(64)]  # every row kept up to 64 forwards' worth
-    assert model.net[0].decor_pending_rows() == 0  # released at fit end
+    assert model.net[0].decor_buffer.pending_count == 0  # released at fit end
 
 
 class TwoOptimizersManual(TinyModule):
@@ -440,7 +446,7 @@ def test_the_plan_table_lists_the_layers_left_plain_with_why(tmp_path, caplog) -
     cb = DecorrelationCallback(max_overhead=100.0, exclude=["net.6"])
     with caplog.at_level("INFO"), pytest.warns(UserWarning, match="leaves these layers plain"):
         quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(MixedModule())
-    table = caplog.text[caplog.text.index("Decorrelation plan ("):]
+    table = caplog.text[caplog.text.index("Decorrelation plan (") :]
     rows = {line.split()[0]: line for line in table.splitlines()[2:6]}
     assert set(rows) == {"net.0", "net.2", "net.4", "net.6"}
     assert "(a subclass of nn.Linear (test_callback.ScaledLinear): its forward may compute otherwise" in rows["net.2"]

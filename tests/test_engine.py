@@ -139,10 +139,10 @@ def test_plan_is_made_after_the_plain_measured_steps_and_r_moves_from_a_fixed_st
     train(model, dec, batches[CALIBRATION_STEPS - 1 : CALIBRATION_STEPS])
     assert dec.plan is not None and dec.updates == 0 and not dec.planner.done
     assert {n: (p.form, p.block) for n, p in dec.plan.layers.items()} == {
-        n: (layer.decor_form, layer.decor_block) for n, layer in dec.layers.items()
+        n: (layer.decor_form, layer.decor_block_size) for n, layer in dec.layers.items()
     }
     assert all(p.form in ("fused", "input") and p.block == p.d for p in dec.plan.layers.values())
-    assert all(layer.decor_observer is None for layer in dec.layers.values())  # the planner's hooks are gone
+    assert all(layer.decor_buffer.observer is None for layer in dec.layers.values())  # the observers are gone
     train(model, dec, batches[CALIBRATION_STEPS : plain_steps()])  # the check: the plan's forms with R = I
     assert dec.updates == 0 and dec.planner.done and dec.overhead is not None
     assert dec.plan.measured_overhead == dec.overhead

@@ -104,7 +104,7 @@ def test_every_linear_projection_of_bert_llama_and_vit_is_decorrelated(name: str
     logits = out.logits
     logits.float().pow(2).mean().backward()
     dec.step()
-    assert dec.updates == 1 and all(layer.decor_rows_seen() == 0 for layer in dec.layers.values())  # all taken
+    assert dec.updates == 1 and all(layer.decor_buffer.seen_count == 0 for layer in dec.layers.values())  # all taken
     assert torch.isfinite(dec.last_losses).all()  # every layer saw rows: each one's forward is called
 
 

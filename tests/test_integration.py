@@ -168,8 +168,9 @@ def test_resume_continues_exactly(tmp_path: Path, stop: str, plan: bool) -> None
     first = IndexedData()
     if stop == "epoch_boundary":  # a finished run of one epoch
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        trainer = quiet_trainer(tmp_path, callbacks=[callback(**options), ckpt], enable_checkpointing=True,
-                                **{**kwargs, "max_epochs": 2})  # fmt: skip (8 steps: the plan is being checked)
+        trainer = quiet_trainer(
+            tmp_path, callbacks=[callback(**options), ckpt], enable_checkpointing=True, **{**kwargs, "max_epochs": 2}
+        )  # fmt: skip (8 steps: the plan is being checked)
         trainer.fit(first)
         path = tmp_path / "ckpt" / "last.ckpt"
     else:  # checkpoint after optimizer step 5 (epoch 1, batch 1), crash three batches later
@@ -490,8 +491,10 @@ def test_compiled_model_recompiles_once_for_the_plan(tmp_path: Path) -> None:
     # Compiled in the first batch (layers plain while the step is measured), once more when the plan gives the
     # layers their forms (after the fifth step, so the sixth batch compiles), then never again.
     c = CALIBRATION_STEPS
-    assert frames[1 : c + 1] == [frames[1]] * c and frames[c + 1] > frames[c] and frames[c + 1 :] == [frames[c + 1]] * (
-        24 - c - 1
+    assert (
+        frames[1 : c + 1] == [frames[1]] * c
+        and frames[c + 1] > frames[c]
+        and frames[c + 1 :] == [frames[c + 1]] * (24 - c - 1)
     )
     for name, value in states[False].items():
         torch.testing.assert_close(states[True][name], value, rtol=0, atol=SAME_OPS_ATOL, msg=name)
@@ -685,7 +688,11 @@ def test_exception_mid_fit_leaves_a_usable_model(tmp_path: Path, fold_on_fit_end
     layers = [m for m in model.modules() if isinstance(m, DecorrelatedLayer)]
     assert len(layers) == (0 if fold_on_fit_end else 2)
     for layer in layers:  # still patched: no longer collecting, nothing pending, R finite
-        assert not layer.decor_collect and layer.decor_pending_rows() == 0 and torch.isfinite(layer.decor_R).all()
+        assert (
+            not layer.decor_buffer.wanted
+            and layer.decor_buffer.pending_count == 0
+            and torch.isfinite(layer.decor_R).all()
+        )
     x = correlated_data(16, seed=3).tensors[0]
     torch.testing.assert_close(eval_outputs(model, x), eval_outputs(plain_copy(model), x), rtol=0, atol=SAME_OPS_ATOL)
     plain = FullModule()
@@ -769,7 +776,7 @@ def test_activation_checkpointing_matches_a_run_without_it(tmp_path: Path, use_r
 
         class Spy(DecorrelationCallback):
             def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # where the update is queued
-                pending[mode].append(self._layers["net.0"].decor_pending_rows())  # noqa: B023 (called in this loop)
+                pending[mode].append(self._layers["net.0"].decor_buffer.pending_count)  # noqa: B023 (called in this loop)
                 super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         pl.seed_everything(0)

@@ -19,6 +19,9 @@ from lightning_decor import decorrelate, decorrelation_matrices, decorrelation_u
 from lightning_decor.functional import guarded_decorrelation_update_
 from lightning_decor.layers import DecorrelatedConv2d, DecorrelatedLinear
 from lightning_decor.patching import eligible_layers
+from lightning_decor.rows import Sampling
+
+from conftest import collect_rows
 
 
 def random_R(d: int, seed: int = 0) -> torch.Tensor:
@@ -152,23 +155,25 @@ def test_rows_collected_only_when_asked_and_with_grad() -> None:
     lin = nn.Linear(4, 2)
     decorrelate(lin)
     x = torch.randn(10, 4)
+    lin(x)  # no buffer until an engine gives one: nothing kept
+    (buffer,) = collect_rows(lin, fraction=0.3)
+    buffer.sampling.collect = False
     lin(x)
-    assert lin.decor_pending_rows() == 0  # collection is off until the callback switches it on
-    lin.decor_collect = True
-    lin.decor_sample_fraction = 0.3
+    assert buffer.pending_count == 0  # collection is off until the engine switches it on
+    buffer.sampling.collect = True
     lin(x)
     with torch.no_grad():
         lin(x)  # validation, inference: no rows
-    assert lin.decor_pending_rows() == 3  # ceil(0.3 * 10), from the one forward with grad
+    assert buffer.pending_count == 3  # ceil(0.3 * 10), from the one forward with grad
     lin.eval()
     lin(x)  # a sub-network kept in eval() during training (frozen statistics) still trains: its rows count
-    assert lin.decor_pending_rows() == 6
-    lin.decor_take_rows()
+    assert buffer.pending_count == 6
+    buffer.take()
     lin.train()
     lin(x)
-    rows = lin.decor_take_rows()
+    rows = buffer.take()
     assert rows is not None and all((x == row).all(dim=1).any() for row in rows)  # drawn from the batch's rows
-    assert lin.decor_take_rows() is None
+    assert buffer.take() is None
 
 
 def test_update_skips_non_finite() -> None:
@@ -232,10 +237,8 @@ def test_sampled_rows_of_conv1d_conv3d_are_patch_rows(conv: nn.Module) -> None:
     decorrelate(conv)
     x = torch.randn(2, 2, *([5] * (conv.weight.dim() - 2)), dtype=torch.float64)
     conv.double()
-    full = conv.decor_sample_rows(x)  # every row (no cap)
-    conv.decor_max_rows = 7
-    conv.decor_generator = torch.Generator().manual_seed(0)
-    sampled = conv.decor_sample_rows(x)
+    full = Sampling().rows(conv, x)  # every row (no cap)
+    sampled = Sampling(max_rows=7, generator=torch.Generator().manual_seed(0)).rows(conv, x)
     assert sampled.shape == (7, full.shape[1]) and full.shape[0] > 7
     dist = torch.cdist(sampled, full, compute_mode="donot_use_mm_for_euclid_dist")  # direct differences
     assert dist.min(dim=1).values.max() < 1e-12  # copies of patch rows: exact zeros (measured 0)
@@ -276,11 +279,11 @@ def test_tied_weights_and_frozen_layers_stay_plain() -> None:
 def test_layer_called_twice_pools_both_calls() -> None:
     lin = nn.Linear(3, 3)
     decorrelate(lin)
-    lin.decor_collect = True
+    (buffer,) = collect_rows(lin)
     x1, x2 = torch.randn(4, 3), torch.randn(5, 3)
     lin(lin(x1))
     lin(x2)
-    rows = lin.decor_take_rows()
+    rows = buffer.take()
     assert rows is not None and rows.shape == (4 + 4 + 5, 3)
     torch.testing.assert_close(rows[:4], x1)  # copies: exact
     torch.testing.assert_close(rows[8:], x2)
@@ -290,7 +293,7 @@ def test_block_diagonal_r_for_wide_layers() -> None:
     conv = nn.Conv2d(8, 5, 3, padding=1).double()  # d = 72
     w, b = conv.weight.detach().clone(), conv.bias.detach().clone()
     decorrelate(conv, block_size=20)  # whole channels per block: 2 channels * 9 = 18 <= 20 -> 4 blocks
-    assert conv.decor_R.shape == (4, 18, 18) and conv.decor_blocks == 4 and conv.decor_features == 72
+    assert conv.decor_R.shape == (4, 18, 18) and conv.decor_block_count == 4 and conv.decor_features == 72
     for g in range(4):
         conv.decor_R[g].copy_(random_R(18, seed=g).double())
     dense = torch.block_diag(*conv.decor_R)  # the (72, 72) matrix the blocks stand for
@@ -359,9 +362,8 @@ def test_a_linear_wider_than_max_features_without_an_equal_split_stays_plain() -
 def test_strided_conv_cap_between_patches_and_pixels_keeps_distinct_patches() -> None:
     conv = nn.Conv2d(1, 1, 2, stride=2)  # 4x4 input: 16 pixels but only 4 patches per image
     decorrelate(conv)
-    conv.decor_max_rows = 10
     x = torch.randn(2, 1, 4, 4)
-    rows = conv.decor_sample_rows(x)
+    rows = Sampling(max_rows=10).rows(conv, x)
     assert rows.shape == (8, 4)  # all 2 * 4 patches, fewer than the cap: no draws with replacement
     torch.testing.assert_close(rows, F.unfold(x, 2, stride=2).transpose(1, 2).reshape(-1, 4))  # copies: exact
 
@@ -387,8 +389,7 @@ def test_linear_rows_of_sequences_are_drawn_uniformly_over_samples_and_positions
     n_seq, n_pos = 8, 16
     lin = nn.Linear(2, 3)
     decorrelate(lin)
-    lin.decor_collect, lin.decor_sample_fraction, lin.decor_max_rows = True, 0.25, max_rows
-    lin.decor_generator = torch.Generator().manual_seed(0)
+    (buffer,) = collect_rows(lin, fraction=0.25, max_rows=max_rows, generator=torch.Generator().manual_seed(0))
     # every row says where it comes from: (sequence, position); stored (T, N, d) and transposed, so not contiguous
     where = torch.stack(torch.meshgrid(torch.arange(n_seq), torch.arange(n_pos), indexing="ij"), dim=-1).float()
     x = where.transpose(0, 1).contiguous().transpose(0, 1)  # (N, T, 2)
@@ -396,7 +397,7 @@ def test_linear_rows_of_sequences_are_drawn_uniformly_over_samples_and_positions
     for f in range(forwards):
         lin(x)
         if f % 50 == 49:  # an update every 50 forwards, as training takes them (64 forwards' worth may wait)
-            parts.append(lin.decor_take_rows())
+            parts.append(buffer.take())
     rows = torch.cat(parts)
     per_forward = 32 if max_rows is None else 24  # ceil(0.25 * 128) rows, at most max_rows
     assert rows is not None and rows.shape == (forwards * per_forward, 2)
@@ -414,14 +415,14 @@ def test_linear_rows_of_sequences_are_drawn_uniformly_over_samples_and_positions
 def test_rows_waiting_past_64_forwards_are_a_uniform_sample_of_all() -> None:
     lin = nn.Linear(3, 2)
     decorrelate(lin)
-    lin.decor_collect, lin.decor_generator = True, torch.Generator().manual_seed(0)
+    (buffer,) = collect_rows(lin, generator=torch.Generator().manual_seed(0))
     forwards, per_forward = 1000, 4  # no update in between: e.g. an optimizer that steps outside the callback's sight
     for f in range(forwards):
         x = torch.stack([torch.full((per_forward,), float(f)), torch.arange(per_forward).float(), torch.zeros(4)], 1)
         lin(x)  # rows (forward, position, 0)
-        assert lin.decor_pending_rows() <= 64 * per_forward  # bounded at every step, not only at the end
-    assert lin.decor_rows_seen() == forwards * per_forward
-    rows = lin.decor_take_rows()
+        assert buffer.pending_count <= 64 * per_forward  # bounded at every step, not only at the end
+    assert buffer.seen_count == forwards * per_forward
+    rows = buffer.take()
     assert rows is not None and rows.shape == (64 * per_forward, 3)
     assert len({(f, p) for f, p, _ in rows.tolist()}) == len(rows)  # distinct rows: a sample without replacement
     # Which forwards they come from, in 10 bins of 100: uniform sampling gives 25.6 per bin and chi2 ~ 9 +- 4.2
@@ -430,7 +431,7 @@ def test_rows_waiting_past_64_forwards_are_a_uniform_sample_of_all() -> None:
     counts = torch.bincount((rows[:, 0] // 100).long(), minlength=10).double()
     chi2 = ((counts - 25.6) ** 2 / 25.6).sum().item()
     assert chi2 < 35, chi2  # measured: 12.6; over 200 seeds 8.3 +- 3.5, at most 20.7
-    assert lin.decor_rows_seen() == 0 and lin.decor_take_rows() is None  # the count restarts after an update
+    assert buffer.seen_count == 0 and buffer.take() is None  # the count restarts after an update
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -442,12 +443,12 @@ def test_activation_checkpointing_captures_rows_once(use_reentrant: bool) -> Non
         net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         decorrelate(net)
         generator = torch.Generator().manual_seed(1)
-        for layer in (net[0], net[2]):  # 5 of the 16 rows drawn at random: the draws must not repeat either
-            layer.decor_collect, layer.decor_max_rows, layer.decor_generator = True, 5, generator
+        # 5 of the 16 rows drawn at random: the draws must not repeat either
+        buffers = collect_rows(net[0], net[2], max_rows=5, generator=generator)
         x = torch.randn(16, 4, requires_grad=True)
         out = checkpoint(net, x, use_reentrant=use_reentrant) if checkpointed else net(x)
         out.sum().backward()  # the checkpointed run computes its forward again here
-        return {"0": net[0].decor_take_rows(), "2": net[2].decor_take_rows()}
+        return {"0": buffers[0].take(), "2": buffers[1].take()}
 
     expected, got = rows_of(False), rows_of(True)
     for name in expected:  # the rows of one forward, as without checkpointing: the recompute adds none
@@ -459,19 +460,18 @@ def test_activation_checkpointing_captures_rows_once(use_reentrant: bool) -> Non
 def test_forwards_past_the_cap_keep_its_worth_of_rows_and_count_every_row() -> None:
     lin = nn.Linear(3, 2)
     decorrelate(lin)
-    lin.decor_collect, lin.decor_generator = True, torch.Generator().manual_seed(0)
+    (buffer,) = collect_rows(lin, generator=torch.Generator().manual_seed(0))
     for _ in range(100):  # no update takes them: past 64 forwards' worth, a uniform sample of that many is kept
         lin(torch.randn(4, 3))
-    assert lin.decor_pending_rows() == 64 * 4 and lin.decor_rows_seen() == 400
+    assert buffer.pending_count == 64 * 4 and buffer.seen_count == 400
 
 
 def test_a_sequence_of_length_zero_keeps_no_rows() -> None:
     lin = nn.Linear(3, 2)
     decorrelate(lin)
-    lin.decor_collect = True
+    (buffer,) = collect_rows(lin)
     lin(torch.randn(4, 0, 3))  # (N, T = 0, d): no rows at all
-    assert lin.decor_take_rows() is None  # nothing waits, so no update on an empty set of rows
-
+    assert buffer.take() is None  # nothing waits, so no update on an empty set of rows
 
 
 # ------------------------------------------------------------------ every form of R, against two explicit steps
@@ -548,12 +548,12 @@ def test_grouped_conv_update_moves_each_group_by_its_own_rows() -> None:
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
     decorrelate(conv)
     assert conv.decor_R.shape == (2, 18, 18)  # one dense R per group of 2 channels x 3 x 3
-    conv.decor_collect, conv.decor_sample_fraction = True, 1.0
+    (buffer,) = collect_rows(conv)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     x[:, 1] += x[:, 0]  # correlated channels inside the first group
     conv.train()
     conv(x)
-    rows = conv.decor_take_rows()
+    rows = buffer.take()
     explicit, _, _ = explicit_conv_rows(x, conv)
     torch.testing.assert_close(rows, explicit)  # all patches of all channels, groups side by side
     R0 = conv.decor_R.clone()

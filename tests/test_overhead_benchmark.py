@@ -25,8 +25,10 @@ def test_steps_that_leave_fewer_than_three_timed_steps_are_refused() -> None:
 def test_a_warm_up_shorter_than_the_plan_needs_is_refused() -> None:
     # the planning steps, through Trainer.fit or with the steps interleaved: R moves only after them
     message = refused("--models", "mlp", "--methods", "BP", "DBP defaults", "--steps", "26", "--warmup", "16")
-    assert "--warmup must be >= 17 for the cost plan: R moves after its planning steps (5 measure the plain step, " \
+    assert (
+        "--warmup must be >= 17 for the cost plan: R moves after its planning steps (5 measure the plain step, "
         "the rest check the plan)" in message
+    )
     # update_every=2 checks the plan over windows of two steps: 27 planning steps
     message = refused("--models", "mlp", "--methods", "BP", "DBP update_every=2", "--steps", "36", "--warmup", "17")
     assert "--warmup must be >= 27 for the cost plan" in message

@@ -16,6 +16,8 @@ from lightning_decor.patching import decorrelated_layers
 from lightning_decor.plan import Costs, LayerShape, block_ladder, candidate_costs, make_plan
 from lightning_decor.probe import measure_candidates
 
+from conftest import collect_rows
+
 COSTS = Costs(seconds_per_flop=1e-9, seconds_per_op=1e-5)
 
 
@@ -44,16 +46,16 @@ def test_measured_candidates_follow_the_ladder_and_leave_model_and_rngs_untouche
     model = conv_net()
     decorrelate(model)
     layers = decorrelated_layers(model)
-    for layer in layers.values():
-        layer.decor_max_rows, layer.decor_generator = 16, torch.Generator().manual_seed(5)
+    buffers = collect_rows(*layers.values(), max_rows=16, generator=torch.Generator().manual_seed(5))
+    sampling = buffers[0].sampling
     shapes, inputs = shapes_of(model, batch=8)
     estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
     before = copy.deepcopy(model.state_dict())
     Rs = {n: layer.decor_R.clone() for n, layer in layers.items()}
     forms = {n: layer.decor_form for n, layer in layers.items()}
-    rng, gens = torch.get_rng_state(), {n: layer.decor_generator.get_state() for n, layer in layers.items()}
+    rng, gen = torch.get_rng_state(), sampling.generator.get_state()
 
-    measured = measure_candidates(layers, shapes, inputs, estimates, budget=10.0, time_limit=10.0)
+    measured = measure_candidates(layers, shapes, inputs, estimates, budget=10.0, time_limit=10.0, sampling=sampling)
 
     for s in shapes:
         entries = measured[s.name]
@@ -66,8 +68,8 @@ def test_measured_candidates_follow_the_ladder_and_leave_model_and_rngs_untouche
     assert {n: layer.decor_form for n, layer in layers.items()} == forms
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)  # data order and dropout are not shifted
-    assert all(torch.equal(layers[n].decor_generator.get_state(), g) for n, g in gens.items())
-    assert not any(layer._decor_rows for layer in layers.values())
+    assert torch.equal(sampling.generator.get_state(), gen)  # the training's sampling state is not moved
+    assert all(buffer.seen_count == 0 for buffer in buffers)  # the probe's draws are not kept
 
 
 @pytest.mark.parametrize("limits", [dict(budget=0.0, time_limit=10.0), dict(budget=10.0, time_limit=0.0)])
@@ -89,8 +91,11 @@ def test_the_input_side_form_is_timed_only_where_its_flop_estimate_beats_the_mea
     estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
     timed = []
     real = probe_module._input_seconds
-    monkeypatch.setattr(probe_module, "_input_seconds", lambda layer, shape, b, gen, fmt: timed.append(b) or real(
-        layer, shape, b, gen, fmt))
+    monkeypatch.setattr(
+        probe_module,
+        "_input_seconds",
+        lambda layer, shape, b, gen, fmt: timed.append(b) or real(layer, shape, b, gen, fmt),
+    )
     layers = decorrelated_layers(model)
     kw = dict(budget=10.0, time_limit=10.0)
     # One second per flop: the input form's estimate exceeds any measured fused time, so it is never timed.

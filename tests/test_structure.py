@@ -22,7 +22,8 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "averaging": ({"layers", "patching"}, False),
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
-    "probe": ({"config", "functional", "layers", "plan", "planner"}, False),  # and the planner's bridge to modules
+    # the probe, and the planner's bridge to modules
+    "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
@@ -30,9 +31,21 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
-    "pictures": ({"functional", "layers"}, True),
+    "pictures": ({"functional", "layers", "rows"}, True),
     "callback": (
-        {"checks", "config", "engine", "functional", "layers", "metric", "patching", "pictures", "plan", "planner"},
+        {
+            "checks",
+            "config",
+            "engine",
+            "functional",
+            "layers",
+            "metric",
+            "patching",
+            "pictures",
+            "plan",
+            "planner",
+            "rows",
+        },
         True,
     ),
 }

@@ -16,6 +16,8 @@ from lightning_decor import Decorrelator, decorrelate, fold  # noqa: E402
 from lightning_decor.layers import DecorrelatedLayer  # noqa: E402
 from lightning_decor.patching import eligible_layers  # noqa: E402
 
+from conftest import collect_rows  # noqa: E402
+
 
 @pytest.mark.parametrize("form", ["fused", "input"])
 def test_conv2d_same_pads_as_timm_and_computes_with_w_r(form: str) -> None:
@@ -33,9 +35,9 @@ def test_conv2d_same_pads_as_timm_and_computes_with_w_r(form: str) -> None:
     layer.decor_form = form
     x = torch.randn(2, 3, 9, 11, generator=g)
     torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-5)
-    layer.decor_collect, layer.decor_sample_fraction = True, 1.0
+    (buffer,) = collect_rows(layer)
     layer(x)
-    rows = layer.decor_take_rows()  # the padded input's patches: as many as the output has positions
+    rows = buffer.take()  # the padded input's patches: as many as the output has positions
     assert rows is not None and rows.shape == (2 * plain(x).shape[-2] * plain(x).shape[-1], 27)
     fold(layer)
     assert type(layer) is Conv2dSame
@@ -87,9 +89,9 @@ def test_standardised_convs_standardise_w_r_and_train_w_through_it(name: str) ->
     torch.testing.assert_close(layer.weight.grad, grad_w, rtol=1e-5, atol=1e-5)  # measured 2.3e-7 relative (fp32)
     with pytest.raises(ValueError, match=r"Expected `form` 'fused' or 'identity' for Decorrelated" + name):
         layer.decor_set_layout_(None, "input")  # R on the input rows would compute std(W) R x: another function
-    layer.decor_collect, layer.decor_sample_fraction = True, 1.0
+    (buffer,) = collect_rows(layer)
     layer(x)
-    rows = layer.decor_take_rows()  # the patches the convolution multiplies
+    rows = buffer.take()  # the patches the convolution multiplies
     assert rows is not None and rows.shape == (2 * y.shape[-2] * y.shape[-1], d)
     fused = layer.state_dict()["weight"]
     fold(layer)

@@ -182,8 +182,14 @@ def test_a_sub_network_in_eval_during_training_is_decorrelated(tmp_path, recwarn
 def test_decor_loss_is_monitorable_like_any_logged_metric(tmp_path, logger: bool) -> None:
     stop = EarlyStopping(monitor="decor/loss", patience=100, check_on_train_epoch_end=True)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="decor/loss", save_top_k=1)
-    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback(), stop, ckpt], logger=logger,
-                            log_every_n_steps=50, enable_checkpointing=True)  # fmt: skip (50 > 8 steps an epoch)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_epochs=2,
+        callbacks=[callback(), stop, ckpt],
+        logger=logger,
+        log_every_n_steps=50,
+        enable_checkpointing=True,
+    )  # fmt: skip (50 > 8 steps an epoch)
     trainer.fit(TinyModule())
     value = trainer.callback_metrics["decor/loss"]
     assert torch.isfinite(value) and value > 0

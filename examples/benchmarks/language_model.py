@@ -180,7 +180,7 @@ def interleaved_ratio(args: argparse.Namespace) -> float:
             step(name, i)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup, warmup + args.interleave_steps):
-        for name in (("BP", "DBP") if i % 2 else ("DBP", "BP")):
+        for name in ("BP", "DBP") if i % 2 else ("DBP", "BP"):
             times[name].append(step(name, i))
     return statistics.median(times["DBP"]) / statistics.median(times["BP"])
 

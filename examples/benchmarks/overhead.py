@@ -32,6 +32,7 @@ from lightning_decor import DecorrelationCallback, Decorrelator, decorrelate
 from lightning_decor.functional import block_decorrelation_step
 from lightning_decor.patching import decorrelated_layers
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
+from lightning_decor.rows import Sampling
 
 from common import StepTimer, fresh_plan_cache, machine, write_json
 from models import ImageClassifier
@@ -184,16 +185,16 @@ def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwarg
         return (time.perf_counter() - t) / reps * 1e3
 
     rows_out = []
+    sampling = Sampling(cb.sample_fraction, cb.max_rows, gen)
     for name, layer in decorrelated_layers(module).items():
-        layer.decor_sample_fraction, layer.decor_max_rows, layer.decor_generator = cb.sample_fraction, cb.max_rows, gen
         x = inputs[name]
 
         def fuse() -> None:
             layer.weight.grad = None
             (layer.decor_fused_weight() * 1.0).sum().backward()
 
-        rows = layer.decor_sample_rows(x)
-        b = layer.decor_block
+        rows = sampling.rows(layer, x)
+        b = layer.decor_block_size
         stacked = layer.decor_R.reshape(-1, b, b)
         blocks = rows.reshape(rows.shape[0], -1, b).transpose(0, 1).to(stacked.dtype)  # (G, n, b), as the engine
         counts = torch.full((stacked.shape[0],), rows.shape[0], device=dev)
@@ -208,7 +209,7 @@ def layer_breakdown(model_name: str, batch: int, args: argparse.Namespace, kwarg
                 "c_out": layer.weight.shape[0],
                 "rows": rows.shape[0],
                 "fuse_ms": timed(fuse),
-                "sample_ms": timed(lambda: layer.decor_sample_rows(x)),
+                "sample_ms": timed(lambda: sampling.rows(layer, x)),
                 "update_ms": timed(update),
             }
         )

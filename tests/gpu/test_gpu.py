@@ -232,8 +232,9 @@ def test_resume_on_the_gpu_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     def fit(max_epochs: int, ckpt: str | None = None, save: bool = False) -> nn.Module:
         pl.seed_everything(0, verbose=False)
         model = CNNModule()
-        callbacks: list[pl.Callback] = [DecorrelationCallback(fold_on_fit_end=False, sample_fraction=0.5,
-                                                              max_rows=64)]  # random row sampling on the GPU
+        callbacks: list[pl.Callback] = [
+            DecorrelationCallback(fold_on_fit_end=False, sample_fraction=0.5, max_rows=64)
+        ]  # random row sampling on the GPU
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True))
         trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, deterministic=True,
