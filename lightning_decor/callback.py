@@ -17,7 +17,6 @@ from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, grad_scale
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
-from lightning_decor.patching import eligible_layers, matches
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
 from lightning_decor.rows import PENDING_FORWARDS
@@ -264,25 +263,20 @@ class DecorrelationCallback(Configured, Callback):
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
-        eligible = eligible_layers(pl_module, self.config.max_features, self.config.block_size)
-        plain = {  # every layer a user may expect DBP in (not the frozen ones, not an average's copies)
-            name: why for name, why in eligible.items()
-            if why is not None and not why.startswith(("frozen", "inside the torch.optim.swa_utils.AveragedModel"))
-        }  # fmt: skip
-        if plain:
-            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {plain}.")
-        for arg, patterns in (("include", self.config.include), ("exclude", self.config.exclude)):
-            for pattern in patterns or []:
-                if not any(matches(name, [pattern]) for name in eligible):
-                    rank_zero_warn(
-                        f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
-                        f"Eligible layers: {sorted(eligible)}."
-                    )
         if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
             self._past_updates += 0 if self._engine is None else self._engine.updates
             # patches in place; layers patched before (a refit without folding) keep their R
             pinned = self._pinned if self._pinned is not None else "auto"
             self._engine = Decorrelator.from_config(pl_module, self.config, plan=pinned)
+        report = self._engine.report
+        if report.unexpected:  # every layer a user may expect DBP in (not frozen, not an average's copy)
+            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {report.unexpected}.")
+        for arg, patterns in report.unmatched.items():
+            for pattern in patterns:
+                rank_zero_warn(
+                    f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
+                    f"Eligible layers: {sorted(report.eligible)}."
+                )
         if not self._layers:
             rank_zero_warn(
                 "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
@@ -450,17 +444,17 @@ class DecorrelationCallback(Configured, Callback):
         engine = self._engine
         if engine is None or engine.skipped is None:
             return None
-        total = engine.skipped.sum()
-        skipped = int(total)  # at log intervals and epoch ends only, where the logger reads anyway
+        layers = engine.skipped_layers()  # at log intervals and epoch ends only, where the logger reads anyway
+        skipped = sum(layers.values())
         if skipped > self._warned_skips:
-            names = [n for n, k in zip(engine.layers, engine.skipped.tolist()) if k > 0]
+            names = list(layers)
             rank_zero_warn(
                 f"DecorrelationCallback skipped {skipped - self._warned_skips} decorrelation update(s) that "
                 f"would have made R non-finite (NaN/Inf input or a too large `decor_lr`={self.config.decor_lr}); "
                 f"R was kept. Layers: {names}."
             )
             self._warned_skips = skipped
-        return total.float()
+        return torch.tensor(float(skipped), device=engine.skipped.device)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -46,14 +46,17 @@ from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.patching import (
-    apply_routing,
+    apply_plan,
+    current_plan,
     decorrelate,
     decorrelated_layers,
     eligible_layers,
     fold_layer,
+    layout_fits,
+    patch_report,
     restore_routing,
 )
-from lightning_decor.plan import LayerPlan, Plan
+from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
 from lightning_decor.rows import Generators, RowBuffer, Sampling
@@ -179,12 +182,8 @@ class Decorrelator(Configured):
         new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
                           block_size=config.block_size)  # fmt: skip
         self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
-        # Every layer of a known kind (or a subclass of one) left plain, with why: the plan table lists them.
-        self.left_plain: dict[str, str] = {
-            name: why or "left out by `include` / `exclude`"
-            for name, why in eligible.items()
-            if name not in self.layers
-        }
+        # What patching left plain, with why, and patterns that matched nothing: as data, for the table and warnings.
+        self.report = patch_report(eligible, new, config.include, config.exclude)
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by pooling rows instead.
         ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self.layers})  # type: ignore[assignment]
@@ -222,8 +221,13 @@ class Decorrelator(Configured):
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
                 self._buffers[name].observer = Observer(self.planner, name, self._sampling)
         else:
-            self._set_plan(self._static_plan())
+            self._set_plan(current_plan(self.layers))
         self.start(self._device)
+
+    @property
+    def left_plain(self) -> dict[str, str]:
+        """Every layer of a known kind (or a subclass of one) left plain, with why: the plan table lists them."""
+        return self.report.left_plain
 
     @property
     def overhead(self) -> float | None:
@@ -239,6 +243,12 @@ class Decorrelator(Configured):
     def skipped(self) -> Tensor | None:
         """Per layer, the updates skipped because they would have made ``R`` non-finite."""
         return self._skipped
+
+    def skipped_layers(self) -> dict[str, int]:
+        """The layers with skipped updates and how many (one host read of :attr:`skipped`)."""
+        if self._skipped is None:
+            return {}
+        return {name: k for name, k in zip(self.layers, self._skipped.tolist()) if k > 0}
 
     def _plan_arguments(self) -> dict[str, Any]:
         """What shaped the plan, as a checkpoint keeps it (checked on resume by :meth:`DecorConfig.check_resume`)."""
@@ -435,39 +445,10 @@ class Decorrelator(Configured):
         dist.broadcast_object_list(box, src=0, group=self._counts_group)
         return box[0]
 
-    def _static_plan(self) -> Plan:
-        """Without a budget: every layer as it is now (as :func:`decorrelate` made it: largest allowed block,
-        fused, unless it was patched and planned before this engine)."""
-        layers = {}
-        for name, layer in self.layers.items():
-            layers[name] = LayerPlan(
-                name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
-                block=layer.decor_block_size, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
-                groups=layer.decor_groups, cost=0.0,
-            )  # fmt: skip
-        return Plan(layers)
-
     def _set_plan(self, plan: Plan) -> None:
-        """Give every layer its planned form with ``R`` the identity in the planned layout (the planner applies
-        plans only while ``R`` has not moved, and a restored state writes ``R`` afterwards); fold the plain ones.
-        Warns when the plan leaves every layer plain."""
-        order = [n for n, _ in self.model.named_modules() if n in self.layers or n in plan.layers]
-        static = self._static_plan().layers  # layers patched before this engine keep their form
-        for name, p in plan.layers.items():
-            layer = self.layers.get(name)
-            if layer is None:
-                continue
-            if p.form == "plain":
-                fold_layer(layer)
-                del self.layers[name], self._buffers[name]
-            elif (p.block, p.form) != (layer.decor_block_size, layer.decor_form):
-                layer.decor_set_layout_(p.block, p.form)
-        plan.layers = {name: plan.layers.get(name) or static[name] for name in order}  # in model order
-        for layer in self.layers.values():
-            if layer.decor_form == "identity":  # not in the plan (a restored plan from fewer layers): fused
-                layer.decor_form = "fused"
-        apply_routing(self.model)  # e.g. an attention whose in-projection is plain now and out_proj is not
-        restore_routing(self.model)  # containers left without a patched layer
+        """Apply ``plan`` (:func:`lightning_decor.patching.apply_plan`); warn when it leaves every layer plain."""
+        for name in apply_plan(self.model, self.layers, plan):
+            del self.layers[name], self._buffers[name]
         if plan.layers and not self.layers and _rank_zero():
             if plan.source == "pinned":
                 why = "(a pinned plan)"
@@ -561,7 +542,7 @@ class Decorrelator(Configured):
             entry = None if plan is None else plan.layers.get(name)
             if entry is not None and entry.form == "plain":
                 continue
-            if R is None or raw is None or raw.shape != layer.weight.shape or not self._fits(layer, R, entry):
+            if R is None or raw is None or raw.shape != layer.weight.shape or not layout_fits(layer, R, entry):
                 skipped.append(name)
                 continue
             restorable[name] = (R, raw)
@@ -593,11 +574,3 @@ class Decorrelator(Configured):
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])
         self.start(self._device)
-
-    @staticmethod
-    def _fits(layer: DecorrelatedLayer, R: Tensor, entry: Any) -> bool:
-        if entry is not None:
-            blocks = layer.decor_groups * (layer.decor_group_features // entry.block)
-            shape = (entry.block, entry.block) if blocks == 1 else (blocks, entry.block, entry.block)
-            return tuple(R.shape) == shape
-        return tuple(R.shape) == tuple(layer.decor_R.shape)

@@ -26,12 +26,15 @@ from lightning_decor.layers import (
     DecorrelatedLayer,
     DecorrelatedLinear,
 )
-from lightning_decor.plan import block_ladder
+from lightning_decor.plan import LayerPlan, Plan, block_ladder
 
 __all__ = [
     "LayerKind",
+    "PatchReport",
     "Routing",
+    "apply_plan",
     "apply_routing",
+    "current_plan",
     "decorrelate",
     "decorrelated_layers",
     "decorrelation_matrices",
@@ -39,7 +42,9 @@ __all__ = [
     "fold",
     "fold_layer",
     "layer_kind",
+    "layout_fits",
     "matches",
+    "patch_report",
     "patched_subclass",
     "register_kind",
     "register_routing",
@@ -47,6 +52,9 @@ __all__ = [
 ]
 
 
+_FROZEN = "frozen (weight.requires_grad is False)"
+_AVERAGED = "inside the torch.optim.swa_utils.AveragedModel"
+_LEFT_OUT = "left out by `include` / `exclude`"
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their subclasses are plain unless a kind names them
 
@@ -205,7 +213,7 @@ def _skip_reason(
             f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
         )
     if not weight.requires_grad:
-        return "frozen (weight.requires_grad is False)"
+        return _FROZEN
     if largest_block(types.SimpleNamespace(weight=weight), max_features, block_size) is None:
         return f"d = {d} > max_features = {max_features}, and no equal split into blocks of at most {block_size} fits"
     return None
@@ -247,7 +255,7 @@ def eligible_layers(
             )
         owner = next((a for a in averaged if matches(name, [a])), None)
         if name in reasons and owner is not None:  # lightning_decor.averaging averages W @ R into it
-            reasons[name] = f"inside the torch.optim.swa_utils.AveragedModel {owner!r} (an average, not trained)"
+            reasons[name] = f"{_AVERAGED} {owner!r} (an average, not trained)"
     return reasons
 
 
@@ -312,6 +320,41 @@ def decorrelate(
     return patched
 
 
+@dataclass(frozen=True)
+class PatchReport:
+    """What patching a model left as it was, as data (``Decorrelator.report``; the callback warns from it).
+
+    Attributes:
+        eligible: Every layer of a known kind (or a subclass of one) that was plain before, by qualified name.
+        left_plain: Those left plain, with why (``include`` / ``exclude`` too): the plan table lists them.
+        unmatched: Per argument (``"include"``, ``"exclude"``), its patterns that match no eligible layer.
+    """
+
+    eligible: list[str]
+    left_plain: dict[str, str]
+    unmatched: dict[str, list[str]]
+
+    @property
+    def unexpected(self) -> dict[str, str]:
+        """The layers left plain where a user may expect DBP: not frozen, not an average's copy, not left out."""
+        return {n: why for n, why in self.left_plain.items() if not why.startswith((_FROZEN, _AVERAGED, _LEFT_OUT))}
+
+
+def patch_report(
+    eligible: dict[str, str | None], patched: Sequence[str], include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> PatchReport:  # fmt: skip
+    """The :class:`PatchReport` of a model whose :func:`eligible_layers` were ``eligible`` before ``patched`` were
+    patched with the patterns ``include`` and ``exclude``."""
+    done = set(patched)
+    left = {name: why or _LEFT_OUT for name, why in eligible.items() if name not in done}
+    unmatched = {
+        arg: [p for p in patterns or [] if not any(matches(name, [p]) for name in eligible)]
+        for arg, patterns in (("include", include), ("exclude", exclude))
+    }
+    return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
+
+
 def decorrelated_layers(model: nn.Module) -> dict[str, DecorrelatedLayer]:
     """The patched layers of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, DecorrelatedLayer)}
@@ -358,3 +401,52 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
     if layer.decor_form != "identity":  # "identity": R = I computed as the plain layer, W is the function already
         layer.weight.copy_(layer.decor_fused_weight())
     layer.decor_unpatch_()
+
+
+# ---------------------------------------------------------------------------------------------- plans on layers
+def current_plan(layers: dict[str, DecorrelatedLayer]) -> Plan:
+    """The plan of ``layers`` as they are now (as :func:`decorrelate` made them: largest allowed block, fused; a
+    layer still computing its plain function, ``R = I`` before a plan, counts as fused)."""
+    return Plan({
+        name: LayerPlan(
+            name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
+            block=layer.decor_block_size, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
+            groups=layer.decor_groups, cost=0.0,
+        )
+        for name, layer in layers.items()
+    })  # fmt: skip
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, layers: dict[str, DecorrelatedLayer], plan: Plan) -> list[str]:
+    """Give every layer of ``model`` in ``plan`` its planned form with ``R`` the identity in the planned layout (so
+    only while ``R`` has not moved, or before a saved ``R`` is written); fold the ones planned plain. ``plan.layers``
+    becomes the plan of every layer in model order (layers it does not name keep :func:`current_plan`'s entry, a
+    layer still computing plainly is fused). Returns the names folded."""
+    order = [n for n, _ in model.named_modules() if n in layers or n in plan.layers]
+    current = current_plan(layers).layers
+    folded = []
+    for name, p in plan.layers.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        if p.form == "plain":
+            fold_layer(layer)
+            folded.append(name)
+        elif (p.block, p.form) != (layer.decor_block_size, layer.decor_form):
+            layer.decor_set_layout_(p.block, p.form)
+    plan.layers = {name: plan.layers.get(name) or current[name] for name in order}
+    for name, layer in layers.items():
+        if name not in folded and layer.decor_form == "identity":  # not in the plan (a plan from fewer layers)
+            layer.decor_form = "fused"
+    apply_routing(model)  # e.g. an attention whose in-projection is plain now and out_proj is not
+    restore_routing(model)  # containers left without a patched layer
+    return folded
+
+
+def layout_fits(layer: DecorrelatedLayer, R: Tensor, entry: LayerPlan | None) -> bool:
+    """Whether a saved ``R`` fits ``layer`` in the layout of its plan ``entry`` (``None``: its layout now)."""
+    if entry is None:
+        return tuple(R.shape) == tuple(layer.decor_R.shape)
+    blocks = layer.decor_groups * (layer.decor_group_features // entry.block)
+    return tuple(R.shape) == ((entry.block, entry.block) if blocks == 1 else (blocks, entry.block, entry.block))
