@@ -25,16 +25,14 @@ kept in the plan cache from an earlier run, pinned, or the analytic model under 
 ``max_overhead=None`` without a pinned plan skips all this: every layer keeps its largest allowed block, fused into
 the weight, and ``R`` moves from the first step.
 
-**The update.** Layers whose blocks have the same size share one stacked tensor (each layer's ``decor_R`` is a view
-into it) and move together in one batched step (:func:`lightning_decor.functional.block_decorrelation_step`): a
-few kernels per block size instead of a few dozen per layer.
+**The update** (:mod:`lightning_decor.update`) moves the ``R`` of all layers with equal block sizes in one batched
+step.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,31 +50,19 @@ from lightning_decor.patching import (
     decorrelated_layers,
     eligible_layers,
     fold_layer,
-    layout_fits,
-    patch_report,
     restore_routing,
+    saved_layers,
 )
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
+from lightning_decor.reports import DirectReads, all_plain_warning, patch_report
 from lightning_decor.rows import Generators, RowBuffer, Sampling
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
-
-
-def _grad_mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
-    """Which ``.grad`` tensor ``param`` holds (weakly: a stale gradient may still be freed) and its version."""
-    grad = param.grad
-    return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
-
-
-def _got_grad(param: Tensor, mark: tuple[weakref.ref[Tensor] | None, int]) -> bool:
-    """Whether a backward reached ``param`` since ``mark``: a new ``.grad`` tensor, or the old one accumulated into."""
-    grad, (old, version) = param.grad, mark
-    return grad is not None and (old is None or old() is not grad or grad._version != version)
 
 
 def grad_scale(scaler: Any) -> Tensor | None:
@@ -207,7 +193,7 @@ class Decorrelator(Configured):
             layer.decor_buffer = self._buffers[name]
         self._pool = False
         self._counts_group: Any = None
-        self._weight_marks: dict[str, tuple[weakref.ref[Tensor] | None, int]] | None = None
+        self._direct_reads: DirectReads | None = None
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
         self._suspended = False
@@ -274,37 +260,23 @@ class Decorrelator(Configured):
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         self._collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
-        self._weight_marks = {name: _grad_mark(layer.weight) for name, layer in self.layers.items()}
+        self._direct_reads = DirectReads(self.layers)
         if self.planner is not None:
             self.planner.restart()  # the plain step is measured within one run, never across a pause between two
 
     def check_direct_weight_reads(self) -> None:
         """Once after :meth:`start` (at the first :meth:`step`, or earlier, right after the first backward): warn
-        about layers whose weight got a gradient while their forward was not called, i.e. code read ``.weight``
-        directly (``F.linear(x, layer.weight)``) and so computed with the raw ``W`` instead of ``W @ R``, and ``R``
-        cannot move."""
-        marks, self._weight_marks = self._weight_marks, None
-        if not marks:
+        about layers whose weight got a gradient while their forward was not called (:class:`DirectReads`)."""
+        reads, self._direct_reads = self._direct_reads, None
+        if reads is None:
             return
         planner = self.planner
-        bypassed = [
-            name
-            for name, layer in self.layers.items()
-            if name in marks
-            and self._buffers[name].wanted  # its forwards note themselves this step
-            and self._buffers[name].seen_count == 0
-            and (planner is None or planner.forwards_seen(name) == 0)
-            and _got_grad(layer.weight, marks[name])
-        ]
+        bypassed = reads.found(self.layers, noted=lambda name: (
+            not self._buffers[name].wanted  # its forwards do not note themselves this step
+            or self._buffers[name].seen_count > 0 or (planner is not None and planner.forwards_seen(name) > 0)
+        ))  # fmt: skip
         if bypassed and _rank_zero():
-            warnings.warn(
-                f"Decorrelator: the weights of {bypassed} received a gradient in the first training batch, but their "
-                "forward was not called: code that reads `.weight` directly (e.g. `F.linear(x, layer.weight)`) "
-                "computes with the raw W instead of W @ R, and R does not move. Call the layer instead, or leave it "
-                "out with `exclude`. (A penalty on the weights of a layer that this batch did not use gives such a "
-                "gradient too; then there is nothing to fix.)",
-                stacklevel=3,
-            )
+            warnings.warn(DirectReads.message(bypassed), stacklevel=3)
 
     def stop(self) -> None:
         """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
@@ -450,24 +422,7 @@ class Decorrelator(Configured):
         for name in apply_plan(self.model, self.layers, plan):
             del self.layers[name], self._buffers[name]
         if plan.layers and not self.layers and _rank_zero():
-            if plan.source == "pinned":
-                why = "(a pinned plan)"
-            else:
-                step = "" if plan.step_seconds is None else f" of the measured {plan.step_seconds * 1e3:.1f} ms step"
-                why = (f"decorrelating any of them would cost more than `max_overhead`={plan.max_overhead}{step} "
-                       f"({plan.source} costs)")  # fmt: skip
-            hint = (
-                " Under deterministic mode the plan comes from the analytic model, which counts only the planned "
-                "layers' own work in the step: run once without deterministic mode (its measured costs are kept in "
-                "the plan cache for later runs) or pin a plan."
-                if plan.source == "analytic"
-                else ""
-            )
-            warnings.warn(
-                f"Decorrelator: the plan leaves every layer plain: {why}. Training continues as plain "
-                f"backpropagation; raise `max_overhead`, or set it to None for a dense R everywhere.{hint}",
-                stacklevel=3,
-            )
+            warnings.warn(all_plain_warning(plan), stacklevel=3)
         self.plan = plan
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
         self._update.build(self.layers)
@@ -535,17 +490,7 @@ class Decorrelator(Configured):
         self._update.drop()  # an update launched on the side stream still reads R: dropped, R restored below
         self.config.check_resume(state["arguments"], None if self._pinned is None else self._pinned.layouts())
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
-        skipped = []
-        restorable = {}
-        for name, layer in self.layers.items():
-            R, raw = state["R"].get(name), state["raw_weight"].get(name)
-            entry = None if plan is None else plan.layers.get(name)
-            if entry is not None and entry.form == "plain":
-                continue
-            if R is None or raw is None or raw.shape != layer.weight.shape or not layout_fits(layer, R, entry):
-                skipped.append(name)
-                continue
-            restorable[name] = (R, raw)
+        restorable, skipped = saved_layers(self.layers, state["R"], state["raw_weight"], plan)
         if skipped:
             warnings.warn(
                 f"Decorrelator: the saved state has no R of matching layout for {skipped}; these layers keep their "

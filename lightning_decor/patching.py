@@ -29,8 +29,10 @@ from lightning_decor.layers import (
 from lightning_decor.plan import LayerPlan, Plan, block_ladder
 
 __all__ = [
+    "AVERAGED",
+    "FROZEN",
+    "LEFT_OUT",
     "LayerKind",
-    "PatchReport",
     "Routing",
     "apply_plan",
     "apply_routing",
@@ -42,19 +44,19 @@ __all__ = [
     "fold",
     "fold_layer",
     "layer_kind",
-    "layout_fits",
     "matches",
-    "patch_report",
     "patched_subclass",
     "register_kind",
     "register_routing",
     "restore_routing",
+    "saved_layers",
 ]
 
 
-_FROZEN = "frozen (weight.requires_grad is False)"
-_AVERAGED = "inside the torch.optim.swa_utils.AveragedModel"
-_LEFT_OUT = "left out by `include` / `exclude`"
+# Why a layer stays plain where a user expects it to (reports.PatchReport.unexpected leaves these out).
+FROZEN = "frozen (weight.requires_grad is False)"
+AVERAGED = "inside the torch.optim.swa_utils.AveragedModel"
+LEFT_OUT = "left out by `include` / `exclude`"
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their subclasses are plain unless a kind names them
 
@@ -213,7 +215,7 @@ def _skip_reason(
             f"d = {d} > max_features = {max_features} (R would take {mib:.0f} MiB); raise `max_features` to include it"
         )
     if not weight.requires_grad:
-        return _FROZEN
+        return FROZEN
     if largest_block(types.SimpleNamespace(weight=weight), max_features, block_size) is None:
         return f"d = {d} > max_features = {max_features}, and no equal split into blocks of at most {block_size} fits"
     return None
@@ -255,7 +257,7 @@ def eligible_layers(
             )
         owner = next((a for a in averaged if matches(name, [a])), None)
         if name in reasons and owner is not None:  # lightning_decor.averaging averages W @ R into it
-            reasons[name] = f"{_AVERAGED} {owner!r} (an average, not trained)"
+            reasons[name] = f"{AVERAGED} {owner!r} (an average, not trained)"
     return reasons
 
 
@@ -318,41 +320,6 @@ def decorrelate(
         patched.append(name)
     apply_routing(model)  # e.g. transformer fast paths that would bypass W @ R
     return patched
-
-
-@dataclass(frozen=True)
-class PatchReport:
-    """What patching a model left as it was, as data (``Decorrelator.report``; the callback warns from it).
-
-    Attributes:
-        eligible: Every layer of a known kind (or a subclass of one) that was plain before, by qualified name.
-        left_plain: Those left plain, with why (``include`` / ``exclude`` too): the plan table lists them.
-        unmatched: Per argument (``"include"``, ``"exclude"``), its patterns that match no eligible layer.
-    """
-
-    eligible: list[str]
-    left_plain: dict[str, str]
-    unmatched: dict[str, list[str]]
-
-    @property
-    def unexpected(self) -> dict[str, str]:
-        """The layers left plain where a user may expect DBP: not frozen, not an average's copy, not left out."""
-        return {n: why for n, why in self.left_plain.items() if not why.startswith((_FROZEN, _AVERAGED, _LEFT_OUT))}
-
-
-def patch_report(
-    eligible: dict[str, str | None], patched: Sequence[str], include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-) -> PatchReport:  # fmt: skip
-    """The :class:`PatchReport` of a model whose :func:`eligible_layers` were ``eligible`` before ``patched`` were
-    patched with the patterns ``include`` and ``exclude``."""
-    done = set(patched)
-    left = {name: why or _LEFT_OUT for name, why in eligible.items() if name not in done}
-    unmatched = {
-        arg: [p for p in patterns or [] if not any(matches(name, [p]) for name in eligible)]
-        for arg, patterns in (("include", include), ("exclude", exclude))
-    }
-    return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
 
 
 def decorrelated_layers(model: nn.Module) -> dict[str, DecorrelatedLayer]:
@@ -444,7 +411,26 @@ def apply_plan(model: nn.Module, layers: dict[str, DecorrelatedLayer], plan: Pla
     return folded
 
 
-def layout_fits(layer: DecorrelatedLayer, R: Tensor, entry: LayerPlan | None) -> bool:
+def saved_layers(
+    layers: dict[str, DecorrelatedLayer], R: dict[str, Tensor], raw: dict[str, Tensor], plan: Plan | None
+) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
+    """Which of ``layers`` a saved state can restore: ``{name: (R, raw W)}`` for those whose saved ``R`` and raw
+    weight fit their layout in the saved ``plan`` (``None``: their layout now), and the names of those that do not
+    fit (a layer patched now but not then). Layers the plan leaves plain are in neither."""
+    restorable, misfits = {}, []
+    for name, layer in layers.items():
+        entry = None if plan is None else plan.layers.get(name)
+        if entry is not None and entry.form == "plain":
+            continue
+        r, w = R.get(name), raw.get(name)
+        if r is None or w is None or w.shape != layer.weight.shape or not _layout_fits(layer, r, entry):
+            misfits.append(name)
+        else:
+            restorable[name] = (r, w)
+    return restorable, misfits
+
+
+def _layout_fits(layer: DecorrelatedLayer, R: Tensor, entry: LayerPlan | None) -> bool:
     """Whether a saved ``R`` fits ``layer`` in the layout of its plan ``entry`` (``None``: its layout now)."""
     if entry is None:
         return tuple(R.shape) == tuple(layer.decor_R.shape)

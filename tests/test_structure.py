@@ -22,12 +22,14 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "averaging": ({"layers", "patching"}, False),
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
+    "reports": ({"layers", "patching", "plan"}, False),
     # the probe, and the planner's bridge to modules
     "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
-        {"config", "distributed", "functional", "layers", "patching", "plan", "planner", "probe", "rows", "update"},
+        {"config", "distributed", "functional", "layers", "patching", "plan", "planner", "probe", "reports", "rows",
+         "update"},
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning

@@ -1,0 +1,112 @@
+"""What the engine reports as data, for its front-ends to warn and log from: what patching left plain and why
+(:class:`PatchReport`), a plan that leaves every layer plain (:func:`all_plain_warning`), and layers whose weight a
+backward reached without their forward (:class:`DirectReads`)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.patching import AVERAGED, FROZEN, LEFT_OUT, matches
+from lightning_decor.plan import Plan
+
+__all__ = ["DirectReads", "PatchReport", "all_plain_warning", "patch_report"]
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """What patching a model left as it was, as data (``Decorrelator.report``; the callback warns from it).
+
+    Attributes:
+        eligible: Every layer of a known kind (or a subclass of one) that was plain before, by qualified name.
+        left_plain: Those left plain, with why (``include`` / ``exclude`` too): the plan table lists them.
+        unmatched: Per argument (``"include"``, ``"exclude"``), its patterns that match no eligible layer.
+    """
+
+    eligible: list[str]
+    left_plain: dict[str, str]
+    unmatched: dict[str, list[str]]
+
+    @property
+    def unexpected(self) -> dict[str, str]:
+        """The layers left plain where a user may expect DBP: not frozen, not an average's copy, not left out."""
+        return {n: why for n, why in self.left_plain.items() if not why.startswith((FROZEN, AVERAGED, LEFT_OUT))}
+
+
+def patch_report(
+    eligible: dict[str, str | None], patched: Sequence[str], include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> PatchReport:  # fmt: skip
+    """The :class:`PatchReport` of a model whose :func:`eligible_layers` were ``eligible`` before ``patched`` were
+    patched with the patterns ``include`` and ``exclude``."""
+    done = set(patched)
+    left = {name: why or LEFT_OUT for name, why in eligible.items() if name not in done}
+    unmatched = {
+        arg: [p for p in patterns or [] if not any(matches(name, [p]) for name in eligible)]
+        for arg, patterns in (("include", include), ("exclude", exclude))
+    }
+    return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
+
+
+def all_plain_warning(plan: Plan) -> str:
+    """Why ``plan`` leaves every layer plain, and what to do."""
+    if plan.source == "pinned":
+        why = "(a pinned plan)"
+    else:
+        step = "" if plan.step_seconds is None else f" of the measured {plan.step_seconds * 1e3:.1f} ms step"
+        why = (f"decorrelating any of them would cost more than `max_overhead`={plan.max_overhead}{step} "
+               f"({plan.source} costs)")  # fmt: skip
+    hint = (
+        " Under deterministic mode the plan comes from the analytic model, which counts only the planned layers' own "
+        "work in the step: run once without deterministic mode (its measured costs are kept in the plan cache for "
+        "later runs) or pin a plan."
+        if plan.source == "analytic"
+        else ""
+    )
+    return (
+        f"Decorrelator: the plan leaves every layer plain: {why}. Training continues as plain backpropagation; raise "
+        f"`max_overhead`, or set it to None for a dense R everywhere.{hint}"
+    )
+
+
+class DirectReads:
+    """Tells which patched layers' weights got a gradient while their forward was not called: code that reads
+    ``.weight`` directly (``F.linear(x, layer.weight)``) computes with the raw ``W`` instead of ``W @ R``, and ``R``
+    cannot move. Made before a backward, asked after it."""
+
+    def __init__(self, layers: dict[str, DecorrelatedLayer]) -> None:
+        # Which .grad tensor each weight holds (weakly: a stale gradient may still be freed) and its version.
+        self._marks = {name: self._mark(layer.weight) for name, layer in layers.items()}
+
+    @staticmethod
+    def _mark(param: Tensor) -> tuple[weakref.ref[Tensor] | None, int]:
+        grad = param.grad
+        return (None, 0) if grad is None else (weakref.ref(grad), grad._version)
+
+    def found(self, layers: dict[str, DecorrelatedLayer], noted: Callable[[str], bool]) -> list[str]:
+        """The layers whose weight a backward reached since this was made (a new ``.grad`` tensor, or the old one
+        accumulated into) and whose forwards ``noted`` nothing."""
+        found = []
+        for name, layer in layers.items():
+            grad, mark = layer.weight.grad, self._marks.get(name)
+            if mark is None or grad is None or noted(name):
+                continue
+            old, version = mark
+            if old is None or old() is not grad or grad._version != version:
+                found.append(name)
+        return found
+
+    @staticmethod
+    def message(names: list[str]) -> str:
+        """The warning naming ``names``."""
+        return (
+            f"Decorrelator: the weights of {names} received a gradient in the first training batch, but their "
+            "forward was not called: code that reads `.weight` directly (e.g. `F.linear(x, layer.weight)`) "
+            "computes with the raw W instead of W @ R, and R does not move. Call the layer instead, or leave it "
+            "out with `exclude`. (A penalty on the weights of a layer that this batch did not use gives such a "
+            "gradient too; then there is nothing to fix.)"
+        )
