@@ -40,37 +40,22 @@ class DecorrelationCallback(Configured, Callback):
     The work is done by a :class:`lightning_decor.Decorrelator` (``callback.engine``); the callback decides when it
     runs and where its numbers are logged.
 
-    **The cost plan** (``max_overhead``, default 0.1): the first five optimizer steps run plain (``R`` is the
-    identity) and measure the training step and the shapes each layer sees; then every layer gets the cheapest
-    form that fits the budget (``R`` fused into the weight or applied to the input rows; a block-diagonal ``R`` for
-    layers whose dense ``R`` would cost too much; plain for layers not worth their cost), printed as a table
-    (``callback.plan``) and saved in checkpoints; the next steps check it against the real step (logged as
-    ``decor/overhead``; a plan over budget is made again), and ``R`` moves from step 18 on
-    (:func:`lightning_decor.planner.plain_steps`). What a run measures is kept in the plan cache, so later runs on
-    the same machine plan identically without timing: runs with the same seed are bit-identical, and under
-    deterministic mode nothing timed decides. ``plan=`` pins a plan file. ``max_overhead=None`` skips the plan:
-    every layer keeps a dense ``R`` (or blocks of ``block_size``) fused into its weight from the first step. See
-    docs/TUNING.md for how the plan decides.
+    **The cost plan** (``max_overhead``, default 0.1): the first five optimizer steps run plain and measure the
+    training step and each layer's shapes; then every layer gets the cheapest form that fits the budget (``R`` fused
+    into the weight or applied to the input rows, dense or block-diagonal, or plain), printed as a table
+    (``callback.plan``) and saved in checkpoints; the next steps check it against the real step (``decor/overhead``),
+    and ``R`` moves from step 18 on (:func:`lightning_decor.planner.plain_steps`). Measured costs are kept in the
+    plan cache, so later runs plan identically without timing. ``plan=`` pins a plan file; ``max_overhead=None``
+    skips the plan (every layer fused, dense or in blocks of ``block_size``, from the first step). docs/TUNING.md
+    says how the plan decides.
 
-    During training each decorrelated layer keeps a sample of its input rows; once per optimizer step (at the end
-    of the training batch that steps, so gradient accumulation pools the micro-batches) every ``R`` moves by the
-    decorrelation rule of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block sizes in
-    one batched step. Under automatic optimisation the update is queued in ``on_before_optimizer_step`` (on CUDA on a
-    side stream, beside the optimizer step, which reads only ``W`` and its gradient while the update reads only ``R``
-    and the rows) and written into ``R`` at the end of the batch, on the main stream after waiting for the side
-    stream on the device: every later hook, validation, checkpoint and forward reads the new ``R``, everything before
-    the old one. Under ``16-mixed`` an optimizer step the ``GradScaler`` skips leaves ``R`` as it is too. No host
-    synchronisation happens per layer or per step, except when metrics are logged.
-
-    With the rest of the Trainer (each behaviour is tested; the README's "Works with" table names the tests):
-    ``R`` moves in ``on_train_batch_end`` of a batch whose optimizer stepped (``on_before_optimizer_step`` notes it
-    and, under automatic optimisation, queues the update), once per optimizer step, from the rows of the whole
-    accumulation window and after every optimizer of a GAN has stepped; under DDP the rows of all ranks are pooled
-    before each update, so ``R`` stays identical; sharded strategies and weight averaging are refused in ``setup``;
-    ``R`` and the statistics stay float32 under every precision; ``torch.compile`` recompiles only when the plan is
-    applied; checkpoints hold the fused ``W @ R`` (plain-loadable), and the callback's state (plan, ``R``, raw
-    weights, sampling RNG) makes ``fit(ckpt_path=...)`` continue exactly; layers built in ``configure_model`` are
-    patched in ``setup``.
+    **When ``R`` moves**: once per optimizer step, at the end of the training batch that steps (gradient accumulation
+    pools the micro-batches; every optimizer of a GAN has stepped), from the rows each patched layer kept, by the rule
+    of :func:`lightning_decor.functional.decorrelation_update_`, layers with equal block sizes in one batched step.
+    Under automatic optimisation the update is queued in ``on_before_optimizer_step`` (on CUDA on a side stream,
+    beside the optimizer step) and written into ``R`` at the batch end on the main stream. A step the ``GradScaler``
+    skips leaves ``R`` as it is. Nothing is read back to the host per step, except when metrics are logged. How it
+    works with DDP, precision, ``torch.compile``, checkpoints and ``configure_model``: the README's "Works with".
 
     Logged metrics (through the Trainer's loggers, where Lightning writes step metrics: after every
     ``Trainer(log_every_n_steps)``-th training batch that steps, however many optimizers step in it):

@@ -15,8 +15,8 @@ these forms (each computes ``y = W (R x)`` exactly; see :mod:`lightning_decor.la
 
 The update of ``R`` adds, per step, ``6 n b D + 2 n^2 D`` flops (``n < b``, through the rows) or
 ``4 n b D + 2 b^2 D`` (``n >= b``) for ``n`` statistics rows, plus a number of small operations. Costs are turned
-into seconds with two constants measured on the device (:func:`measure_costs`): matrix-product throughput and the
-time of one small operation (which dominates small layers on a GPU and on busy CPUs).
+into seconds with two constants measured on the device (:func:`lightning_decor.probe.measure_costs`): matrix-product
+throughput and the time of one small operation (which dominates small layers on a GPU and on busy CPUs).
 
 :func:`make_plan` starts from the strongest form of every layer (its largest allowed block, each in its cheaper
 form) and, while the estimated total exceeds the budget, gives up the decorrelation that is cheapest to give up:
@@ -32,14 +32,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 __all__ = [
     "Costs",
@@ -52,7 +49,6 @@ __all__ = [
     "candidate_costs",
     "input_side_seconds",
     "make_plan",
-    "measure_costs",
 ]
 
 # Small operations per part, counted in layers.py / functional.py / engine.py (launches, not flops).
@@ -81,7 +77,8 @@ class Costs:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the planner knows of one layer, from one training step.
+    """What the planner knows of one layer: what it is, and what one training step showed (``rows``, ``forwards``
+    and ``stat_rows`` stay 0 before the planner sees a step).
 
     Attributes:
         name: Qualified module name.
@@ -102,10 +99,10 @@ class LayerShape:
     unit: int
     c_out: int
     groups: int
-    rows: int
-    forwards: int
-    stat_rows: int
-    input_side: bool
+    rows: int = 0
+    forwards: int = 0
+    stat_rows: int = 0
+    input_side: bool = False
     conv: bool = False
     max_block: int | None = None
 
@@ -366,7 +363,7 @@ def make_plan(
 
     Args:
         shapes: The layers, in model order.
-        costs: The device constants (:func:`measure_costs`).
+        costs: The device constants (:func:`lightning_decor.probe.measure_costs`).
         step_seconds: The measured plain training step the budget refers to (``None`` with ``max_overhead=None``).
         max_overhead: The budget: estimated seconds of all DBP parts as a fraction of ``step_seconds``; ``None``
             keeps every layer at its largest allowed block.
@@ -434,32 +431,8 @@ def make_plan(
                 source=source)  # fmt: skip
 
 
-def measure_costs(device: torch.device) -> Costs:
-    """Measure the two device constants in a few milliseconds: a matrix product's time per flop (best of three)
-    and a small elementwise operation's time (launch and dispatch), synchronising CUDA around each. The operands
-    come from a private generator: the global RNG (the data order, dropout) is not touched."""
-    size = 1024 if device.type == "cuda" else 256
-    a = torch.randn(size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
-    small = torch.zeros(8, device=device)
-
-    def timed(fn: Any, reps: int) -> float:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / reps
-
-    per_flop = min(timed(lambda: a @ a, 3) for _ in range(3)) / (2.0 * size**3)
-    per_op = min(timed(lambda: small.add_(1.0), 50) for _ in range(3))
-    return Costs(seconds_per_flop=per_flop, seconds_per_op=per_op)
-
-
 # Nominal device constants of the analytic model (nothing timed): a mid-sized matrix product's throughput and one
-# small operation's launch, round figures of what measure_costs gives on a 2-core CPU and on an H100.
+# small operation's launch, round figures of what probe.measure_costs gives on a 2-core CPU and on an H100.
 _ANALYTIC_COSTS = {
     "cpu": Costs(seconds_per_flop=1.0 / 50e9, seconds_per_op=5e-6),
     "cuda": Costs(seconds_per_flop=1.0 / 50e12, seconds_per_op=1e-5),

@@ -24,8 +24,9 @@ different sources (timed now, kept from an earlier run, pinned) follow the same 
    of every check goes to the cache, and a run that took its costs from there replays it instead of timing.
 4. ``R`` moves from call :func:`plain_steps` ``+ 1`` on: the model's function never jumps at a plan change.
 
-The planner knows nothing of modules: layers are :class:`LayerInfo` records, the probe, the device constants, the
-clock and the agreement between processes are callables, so its tests run on a fake clock and a fake probe.
+The planner knows nothing of modules: layers are :class:`lightning_decor.plan.LayerShape` records (what they are;
+the planner fills in what a step shows), the probe, the device constants, the clock and the agreement between
+processes are callables, so its tests run on a fake clock and a fake probe.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ from lightning_decor.plan import (
 __all__ = [
     "CALIBRATION_STEPS",
     "CHECK_WINDOWS",
-    "LayerInfo",
     "PlanCache",
     "Planner",
     "PlannerStep",
@@ -82,20 +82,6 @@ def plain_steps(update_every: int = 1) -> int:
     """Steps before ``R`` first moves when a plan is made: calibration and room for every check (17 for
     ``update_every=1``). ``R`` moves from the next one on, whatever the plan's source and however many checks ran."""
     return CALIBRATION_STEPS + REPLANS * (CHECK_WINDOWS * update_every + 1)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the planner knows of a layer before it sees a step (see :class:`lightning_decor.plan.LayerShape`)."""
-
-    name: str
-    d: int
-    unit: int
-    c_out: int
-    groups: int
-    input_side: bool
-    conv: bool
-    max_block: int | None
 
 
 @dataclass
@@ -197,7 +183,7 @@ class Planner:
         probe: ``probe(shapes, input_shapes, estimates, budget=, time_limit=, costs=, formats=)`` measures each
             candidate
             (:func:`lightning_decor.probe.measure_candidates` with the layers bound).
-        device_costs: Measures the two device constants (:func:`lightning_decor.plan.measure_costs`).
+        device_costs: Measures the two device constants (:func:`lightning_decor.probe.measure_costs`).
         clock: Seconds, monotonic (default ``time.perf_counter``).
         sync: Waits for the device (CUDA) before the clock is read.
         deterministic: Whether nothing timed may decide (``torch.are_deterministic_algorithms_enabled``).
@@ -207,7 +193,7 @@ class Planner:
 
     def __init__(
         self,
-        layers: Sequence[LayerInfo],
+        layers: Sequence[LayerShape],
         *,
         max_overhead: float | None,
         update_every: int = 1,
@@ -343,9 +329,7 @@ class Planner:
         out = []
         for info in self.layers:
             seen = self._last_seen.get(info.name, _Seen())
-            out.append(LayerShape(name=info.name, d=info.d, unit=info.unit, c_out=info.c_out, groups=info.groups,
-                                  rows=seen.rows, forwards=seen.forwards, stat_rows=seen.stat_rows,
-                                  input_side=info.input_side, conv=info.conv, max_block=info.max_block))  # fmt: skip
+            out.append(replace(info, rows=seen.rows, forwards=seen.forwards, stat_rows=seen.stat_rows))
         return out
 
     def key(self) -> dict[str, Any]:

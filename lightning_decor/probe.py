@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from lightning_decor.config import DecorConfig
 from lightning_decor.functional import block_decorrelation_step, identity_blocks, matmul_precision, stats_dtype
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_side_seconds, measure_costs
-from lightning_decor.planner import LayerInfo, PlanCache, Planner
+from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_side_seconds
+from lightning_decor.planner import PlanCache, Planner
 from lightning_decor.rows import Sampling
 
-__all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates"]
+__all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates", "measure_costs"]
 
 _PROBE_NUMBERS = 1 << 18  # numbers per timed update: enough blocks to reach the batched throughput
 _REPEATS = 3
@@ -63,21 +63,38 @@ def _autocast(fmt: Format, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=_dtype(fmt[1], torch.bfloat16), enabled=bool(fmt[1]))
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+def _timer(device: torch.device, calls: int = 1) -> Callable[[Callable[[], Any]], float]:
+    """The probe's one timer: seconds per call of ``fn``, the best of a few runs of ``calls`` calls each after a
+    warm-up (allocations, kernels, caches), synchronising CUDA around each run (so a busy machine inflates it less
+    than the step it is compared with)."""
+
     def timed(fn: Callable[[], Any]) -> float:
-        fn()  # warm-up: allocations, kernels, caches
+        fn()
         best = float("inf")
         for _ in range(_REPEATS):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, (time.perf_counter() - start) / calls)
         return best
 
     return timed
+
+
+def measure_costs(device: torch.device) -> Costs:
+    """Measure the cost model's two device constants (:class:`lightning_decor.plan.Costs`) in a few milliseconds: a
+    matrix product's time per flop and a small elementwise operation's time (launch and dispatch). The operands come
+    from a private generator: the global RNG (the data order, dropout) is not touched."""
+    size = 1024 if device.type == "cuda" else 256
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    small = torch.zeros(8, device=device)
+    per_flop = _timer(device, calls=3)(lambda: a @ a) / (2.0 * size**3)
+    per_op = _timer(device, calls=50)(lambda: small.add_(1.0))
+    return Costs(seconds_per_flop=per_flop, seconds_per_op=per_op)
 
 
 @torch.no_grad()
@@ -312,7 +329,7 @@ def make_planner(
     ``agree`` taking the ``leader``'s decisions on every process."""
     sampling = Sampling(config.sample_fraction, config.max_rows)
     infos = [
-        LayerInfo(
+        LayerShape(
             name=name,
             d=layer.decor_group_features,
             unit=layer.decor_unit,

@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_decor import Decorrelator, decorrelation_matrices, functional
 from lightning_decor import plan as plan_module
+from lightning_decor import probe as probe_module
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, plain_steps
@@ -414,5 +415,5 @@ def test_a_plan_that_leaves_every_layer_plain_is_saved_and_restored() -> None:
 
 def test_measuring_the_device_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
-    plan_module.measure_costs(torch.device("cpu"))
+    probe_module.measure_costs(torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)

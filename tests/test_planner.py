@@ -10,21 +10,20 @@ from typing import Any
 
 import pytest
 
-from lightning_decor.plan import Costs, LayerPlan, Plan
+from lightning_decor.plan import Costs, LayerPlan, LayerShape, Plan
 from lightning_decor.planner import (
     CALIBRATION_STEPS,
     CHECK_WINDOWS,
     MAX_CORRECTION,
-    LayerInfo,
     PlanCache,
     Planner,
     plain_steps,
 )
 
 LAYERS = [
-    LayerInfo("a", d=32, unit=1, c_out=64, groups=1, input_side=True, conv=False, max_block=32),
-    LayerInfo("b", d=64, unit=1, c_out=64, groups=1, input_side=True, conv=False, max_block=64),
-    LayerInfo("c", d=64, unit=1, c_out=2, groups=1, input_side=True, conv=False, max_block=64),
+    LayerShape("a", d=32, unit=1, c_out=64, groups=1, input_side=True, conv=False, max_block=32),
+    LayerShape("b", d=64, unit=1, c_out=64, groups=1, input_side=True, conv=False, max_block=64),
+    LayerShape("c", d=64, unit=1, c_out=2, groups=1, input_side=True, conv=False, max_block=64),
 ]
 FREE = Costs(seconds_per_flop=0.0, seconds_per_op=0.0)  # device constants: only the probe's figures count
 
