@@ -63,15 +63,12 @@ __all__ = [
 ]
 
 CALIBRATION_STEPS = 5
-"""Steps that measure the plain step before the plan is made: four intervals, the shortest counts. (With two, a
-slow spell of a shared machine during them made the plain step, and so the budget, half again as large as it was:
-measured on ResNet-18 at 32x32, a plan made against 168 ms for a 110 ms step.)"""
+"""Steps that measure the plain step before the plan is made: four intervals, the shortest counts (why four:
+docs/TUNING.md, "How the plan decides")."""
 
 CHECK_WINDOWS = 5  # windows of update_every steps timed to check a plan; the fastest one counts
 REPLANS = 2  # a plan is made again at most this many times
-TOLERANCE = 1.2  # a plan is remade when its measured extra time exceeds this many times the budget (the parts timed
-# alone run ~1.5-2.5x slower inside a real step; at 1.5, plans ran at 1.17x and 1.22x a BP step, measured with the
-# steps interleaved, for a budget of 10 %)
+TOLERANCE = 1.2  # a plan is remade when its measured extra time exceeds this many times the budget (docs/TUNING.md)
 MAX_CORRECTION = 3.0  # one check scales the costs by at most this: the candidates are measured, so a larger
 # discrepancy is timing noise (a busy machine) rather than a wrong estimate
 PROBE_STEPS = 3.0  # the probe may take this many plain steps
