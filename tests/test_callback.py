@@ -75,15 +75,16 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None
 
     class Spy(DecorrelationCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            seen.append(self._layers["net.0"].decor_buffer.pending_count)  # when the update is queued (on a GPU, beside
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)  # the optimizer step) from them
+            # the rows waiting when the update is queued from them (on a GPU, beside the optimizer step)
+            seen.append(self.engine.layers["net.0"].decor_buffer.pending_count)
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     cb = Spy(sample_fraction=1.0, fold_on_fit_end=False, max_overhead=None)
     trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[cb], accumulate_grad_batches=4)
     trainer.fit(model)
     assert trainer.global_step == 2 and cb.updates == 2
     assert seen == [4 * 32, 4 * 32]  # rows of all four micro-batches pooled into each update
-    assert cb._layers["net.0"].decor_buffer.pending_count == 0  # and taken by it
+    assert cb.engine.layers["net.0"].decor_buffer.pending_count == 0  # and taken by it
 
 
 def test_setup_twice_and_fit_twice_are_harmless(tmp_path) -> None:
@@ -214,7 +215,7 @@ def test_update_every_k_steps_samples_and_updates_only_those_steps(tmp_path) -> 
 
     class Spy(DecorrelationCallback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.rows = self._layers["net.0"].decor_buffer.pending_count  # before the update is queued from them
+            self.rows = self.engine.layers["net.0"].decor_buffer.pending_count  # before the update is queued from them
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         def update_(self, pl_module):

@@ -776,7 +776,8 @@ def test_activation_checkpointing_matches_a_run_without_it(tmp_path: Path, use_r
 
         class Spy(DecorrelationCallback):
             def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # where the update is queued
-                pending[mode].append(self._layers["net.0"].decor_buffer.pending_count)  # noqa: B023 (called in this loop)
+                buffer = self.engine.layers["net.0"].decor_buffer
+                pending[mode].append(buffer.pending_count)  # noqa: B023 (called in this loop)
                 super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
         pl.seed_everything(0)

@@ -28,8 +28,19 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
-        {"config", "distributed", "functional", "layers", "patching", "plan", "planner", "probe", "reports", "rows",
-         "update"},
+        {
+            "config",
+            "distributed",
+            "functional",
+            "layers",
+            "patching",
+            "plan",
+            "planner",
+            "probe",
+            "reports",
+            "rows",
+            "update",
+        },
         False,
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
