@@ -17,6 +17,7 @@ from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator, grad_scale
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
+from lightning_decor.patching import decorrelate
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
 from lightning_decor.rows import PENDING_FORWARDS
@@ -24,8 +25,9 @@ from lightning_decor.rows import PENDING_FORWARDS
 __all__ = ["DecorrelationCallback"]
 
 
-# Strategies that shard parameters (by class name, so subclasses and other namespaces are caught too).
-_SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"}
+# Strategies that shard parameters in their own wrappers (by class name, so subclasses and other namespaces are caught
+# too); ModelParallelStrategy (the user's fully_shard, FSDP2) is supported.
+_SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy"}
 # Callbacks that average parameters (by class name: WeightAveraging is new in Lightning 2.6; EMAWeightAveraging is
 # one). They average the raw W and R apart, not the fused W @ R the model computes with.
 _AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
@@ -179,6 +181,7 @@ class DecorrelationCallback(Configured, Callback):
         self._pinned = Plan.pinned(plan)  # read and checked now: a bad file fails before the Trainer starts
         # Runtime state; no tensors, streams or devices here so the callback pickles for ddp_spawn.
         self._engine: Decorrelator | None = None
+        self._sharded = False  # ModelParallelStrategy: the engine is made once the model is sharded
         self._past_updates = 0  # updates of engines of earlier fits (a fit after folding makes a new engine)
         # Every rank computes the same losses from the same pooled rows, so the metric needs no sync of its own.
         self._metric = DecorrelationLoss(kappa=self.config.kappa, sync_on_compute=False)
@@ -220,11 +223,12 @@ class DecorrelationCallback(Configured, Callback):
         if stage != "fit":
             return
         strategies = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        self._sharded = False
         if strategies & _SHARDED_STRATEGIES:
             raise ValueError(
-                f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: it shards the "
-                "weights, while each R needs its layer's whole weight and input rows. Use a single device, "
-                "'ddp' or 'ddp_spawn'."
+                f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: its wrappers "
+                "shard the weights where R cannot be fused into them. For sharded training use ModelParallelStrategy "
+                "(FSDP2: `fully_shard` in `configure_model`); otherwise a single device, 'ddp' or 'ddp_spawn'."
             )
         averaging = [
             type(cb).__name__
@@ -238,6 +242,19 @@ class DecorrelationCallback(Configured, Callback):
                 "an average of the trained functions W @ R. Remove one of the two; to average a DBP run, average the "
                 "weights its checkpoints hold (their state_dict holds the fused W @ R)."
             )
+        if "ModelParallelStrategy" in strategies:
+            tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
+            if tensor_parallel > 1:  # a layer's input rows would be split or repeated across the TP ranks
+                raise ValueError(
+                    "DecorrelationCallback supports ModelParallelStrategy for data parallelism (FSDP2) only: expected "
+                    f"`tensor_parallel_size=1`, but got {tensor_parallel}."
+                )
+            # `configure_model` shards the layers (fully_shard): patch the ones built in `__init__` before it, make
+            # the engine in on_fit_start, once the model is sharded (it adopts layers patched in `configure_model`).
+            decorrelate(pl_module, include=self.config.include, exclude=self.config.exclude,
+                        max_features=self.config.max_features, block_size=self.config.block_size)  # fmt: skip
+            self._sharded = True
+            return
         if is_overridden("configure_model", pl_module):
             # Layers built there do not exist yet: build them now, in the contexts Lightning uses, so that they are
             # patched before the checkpoint restore, the DDP wrap, the optimizers and the first compiled call (as
@@ -248,6 +265,11 @@ class DecorrelationCallback(Configured, Callback):
                 trainer.precision_plugin.module_init_context(),
             ):
                 pl_module.configure_model()
+        self._make_engine(pl_module)
+
+    def _make_engine(self, pl_module: LightningModule) -> None:
+        """The engine of ``pl_module`` (patched in place; layers patched before keep their ``R``), and the warnings
+        from its report."""
         if self._engine is None or not self._engine.layers or self._engine.model is not pl_module:
             self._past_updates += 0 if self._engine is None else self._engine.updates
             # patches in place; layers patched before (a refit without folding) keep their R
@@ -271,6 +293,13 @@ class DecorrelationCallback(Configured, Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sharded and (self._engine is None or self._engine.model is not pl_module):
+            self._make_engine(pl_module)  # refuses layers sharded before they were patched
+            if self.config.max_overhead is not None:
+                rank_zero_info(
+                    "DecorrelationCallback: under ModelParallelStrategy no cost plan is made (yet): every layer keeps "
+                    "its largest allowed block, fused into its weight (as with max_overhead=None)."
+                )
         modules = dict(pl_module.named_modules())
         replaced = sorted(name for name, layer in self._layers.items() if modules.get(name) is not layer)
         if replaced:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
@@ -197,7 +198,7 @@ class Decorrelator(Configured):
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
         self._suspended = False
-        if self._fresh and (config.max_overhead is not None or pinned is not None):
+        if self._fresh and (config.max_overhead is not None or pinned is not None) and not self._sharded():
             self.planner = make_planner(
                 model, {name: self.layers[name] for name in self._fresh}, config, pinned=pinned,
                 device=lambda: self._device, agree=self._agreed, leader=_rank_zero(),
@@ -327,6 +328,16 @@ class Decorrelator(Configured):
         planner = self.planner
         if self._update.launched:  # launched early by launch(): write it now
             self._commit(skip)
+        elif planner is not None and not planner.done and self._sharded():  # sharded after the engine was made
+            warnings.warn(
+                "Decorrelator: the layers are sharded (fully_shard); no cost plan is made for sharded layers yet: "
+                "every layer keeps its largest allowed block, fused into its weight (as with max_overhead=None).",
+                stacklevel=2,
+            )
+            self.planner = None
+            self._end_observing()
+            self._set_plan(current_plan(self.layers))
+            self.update_(skip=skip)
         elif planner is not None and not planner.done:
             action = planner.step()
             if not planner.observing:  # the observers go once the plan is made
@@ -366,6 +377,10 @@ class Decorrelator(Configured):
         self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
         self._launch(side=True)
         return self._update.launched
+
+    def _sharded(self) -> bool:
+        """Whether FSDP2 shards the layers' weights (``DTensor`` outside the forward)."""
+        return any(isinstance(layer.weight, DTensor) for layer in self.layers.values())
 
     def _follow_device(self) -> None:
         device = next(iter(self.layers.values())).weight.device

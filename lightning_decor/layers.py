@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fully_shard import get_cls_to_fsdp_cls
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_decor.functional import decorrelate_rows, fuse_weight, identity_blocks, stats_dtype
 from lightning_decor.rows import (
@@ -97,11 +100,29 @@ class DecorrelatedLayer(nn.Module):
 
     def decor_unpatch_(self) -> None:
         """Back to the plain class, every ``decor_*`` attribute removed (the weight as it is: :func:`fold` writes
-        ``W @ R`` into it first)."""
+        ``W @ R`` into it first). A layer sharded by ``fully_shard`` after it was patched (its class FSDP's subclass
+        of the patched one) gets FSDP's subclass of the plain class."""
         del self.decor_R
         for name in [n for n in vars(self) if n.startswith(("decor_", "_decor_"))]:
             del self.__dict__[name]
-        self.__class__ = self._decor_base  # type: ignore[assignment]
+        base = self._decor_base
+        if isinstance(self, FSDPModule) and not issubclass(base, FSDPModule):
+            wrappers = get_cls_to_fsdp_cls()
+            if base not in wrappers:  # as fully_shard makes it for a plain layer of this class
+                wrappers[base] = type(
+                    f"FSDP{base.__name__}", (FSDPModule, base), {"__deepcopy__": type(self).__deepcopy__}
+                )
+            base = wrappers[base]
+        self.__class__ = base  # type: ignore[assignment]
+
+    def reset_parameters(self) -> None:
+        """The plain layer's initialisation, and ``R`` back to the identity: a model built on the meta device is
+        materialised this way (``to_empty``, then ``reset_parameters``; Lightning's ``ModelParallelStrategy``)."""
+        reset = getattr(super(), "reset_parameters", None)
+        if reset is not None:
+            reset()
+        if "decor_R" in self._buffers:
+            self.decor_reset_()
 
     def decor_check_layout(self, block: int | None, form: str) -> int:
         """The block size of a valid layout (``block`` features per block, ``None``: one dense block per group, in
@@ -216,8 +237,21 @@ class DecorrelatedLayer(nn.Module):
         return fuse_weight(weight, R, self.decor_groups)
 
     def decor_fused_weight(self) -> Tensor:
-        """``A = W @ R`` in the weight's shape and dtype (differentiable in ``W``)."""
-        return self.decor_fuse(self.weight, self.decor_R)
+        """``A = W @ R`` in the weight's shape and dtype (differentiable in ``W``). A weight sharded by FSDP2 (a
+        ``DTensor`` outside the forward) gives ``W @ R`` sharded alike."""
+        weight = self.weight
+        if not isinstance(weight, DTensor):
+            return self.decor_fuse(weight, self.decor_R)
+        placements = weight.placements
+        rows_apart = type(self).decor_fuse is DecorrelatedLayer.decor_fuse and self.decor_groups == 1
+        if rows_apart and all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in placements):
+            # Row shards of W times R are the row shards of W @ R: no communication.
+            local = self.decor_fuse(weight.to_local(), self.decor_R)
+            return DTensor.from_local(local, weight.device_mesh, placements, shape=weight.shape,
+                                      stride=weight.stride())  # fmt: skip
+        # Another layout (groups, a transposed weight, another sharded dimension): fused whole, sharded again.
+        fused = self.decor_fuse(weight.full_tensor(), self.decor_R)
+        return distribute_tensor(fused, weight.device_mesh, placements, src_data_rank=None)
 
     def _decor_weight(self) -> Tensor:
         """The weight of the layer call: ``W @ R`` in the fused form, ``W`` itself otherwise."""

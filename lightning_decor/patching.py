@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -32,6 +33,7 @@ __all__ = [
     "AVERAGED",
     "FROZEN",
     "LEFT_OUT",
+    "SHARDED",
     "LayerKind",
     "Routing",
     "apply_plan",
@@ -57,6 +59,7 @@ __all__ = [
 FROZEN = "frozen (weight.requires_grad is False)"
 AVERAGED = "inside the torch.optim.swa_utils.AveragedModel"
 LEFT_OUT = "left out by `include` / `exclude`"
+SHARDED = "sharded by torch.distributed.fsdp.fully_shard before it was patched"
 _LAZY = (nn.LazyLinear, nn.LazyConv1d, nn.LazyConv2d, nn.LazyConv3d)
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their subclasses are plain unless a kind names them
 
@@ -249,6 +252,8 @@ def eligible_layers(
                 f"an uninitialised {type(m).__name__}: its shape is known after its first forward; call the model "
                 "once on an example batch before fit"
             )
+        elif isinstance(m, _BASES) and isinstance(m, FSDPModule) and not isinstance(m, DecorrelatedLayer):
+            reasons[name] = SHARDED
         elif isinstance(m, _BASES) and not isinstance(m, DecorrelatedLayer):
             base = next(b for b in _BASES if isinstance(m, b))
             reasons[name] = (
@@ -308,7 +313,17 @@ def decorrelate(
     max_features = check_positive_int("max_features", max_features)
     block_size = check_positive_int("block_size", block_size)
     patched: list[str] = []
-    for name, reason in eligible_layers(model, max_features, block_size).items():
+    eligible = eligible_layers(model, max_features, block_size)
+    sharded = [name for name, reason in eligible.items() if reason == SHARDED]
+    if sharded:
+        raise ValueError(
+            f"Expected the layers patched before `fully_shard`, but {sharded} are sharded already (FSDP's subclass of "
+            "their class; R could not be fused into their weight). Patch the model first, then shard it: "
+            "`Decorrelator(model)` (or `lightning_decor.decorrelate(model)`), then `fully_shard`; under Lightning's "
+            "ModelParallelStrategy build the layers in `__init__` (the callback patches them before "
+            "`configure_model`), or call `lightning_decor.decorrelate` in `configure_model` before `fully_shard`."
+        )
+    for name, reason in eligible.items():
         if reason is not None or (inc is not None and not matches(name, inc)) or (exc and matches(name, exc)):
             continue
         module = model.get_submodule(name)

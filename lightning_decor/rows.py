@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "INDEX_TABLES",
     "PENDING_FORWARDS",
     "Generators",
     "RowBuffer",
@@ -121,7 +122,7 @@ class RowSource(Protocol):
     def decor_rows(self, input: Any, sampling: Sampling) -> Tensor: ...  # noqa: A002 (torch's name)
 
 
-_INDEX_TABLES = 256  # per-shape index tables a Sampling keeps (a few KiB each), dropped all at once beyond
+INDEX_TABLES = 256  # per-shape index tables a Sampling keeps (a few KiB each), dropped all at once beyond
 
 
 class Sampling:
@@ -157,10 +158,15 @@ class Sampling:
         :func:`conv_patch_index`)."""
         tables = self._tables.get(key)
         if tables is None:
-            if len(self._tables) >= _INDEX_TABLES:  # many input shapes (variable resolution): start afresh
+            if len(self._tables) >= INDEX_TABLES:  # many input shapes (variable resolution): start afresh
                 self._tables.clear()
             tables = self._tables[key] = make()
         return tables
+
+    @property
+    def tables_kept(self) -> int:
+        """How many input geometries' index tables are kept now (at most :data:`INDEX_TABLES`)."""
+        return len(self._tables)
 
     def rows(self, layer: RowSource, input: Any) -> Tensor:  # noqa: A002 (torch's name)
         """The raw input rows ``layer`` keeps from one training forward of ``input`` (detached, ``(n, D)``)."""

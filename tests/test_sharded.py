@@ -1,0 +1,147 @@
+"""Sharded training (FSDP2, ``fully_shard``) on the CPU: two gloo processes (tests/sharded_run.py) against one process
+on the same global batch, written out in the test; the fused and folded weights of sharded layers; a distributed
+checkpoint loaded into the plain model; the wrong order (sharded, then patched) refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sharded_run
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_decor import Decorrelator, decorrelation_matrices
+
+from conftest import checkout_env
+
+WORLD = 2
+
+
+def run_ranks(tmp_path: Path) -> list[dict]:
+    """Train on WORLD processes; what each rank wrote."""
+    init = tmp_path / "init"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, sharded_run.__file__, str(rank), str(WORLD), str(init), str(tmp_path)],
+            env=checkout_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(WORLD)
+    ]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)[-4000:]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def reference() -> tuple[nn.Module, Decorrelator]:
+    """One process, the whole global batch, the same steps: the plain loop of the README."""
+    model = sharded_run.make_model()
+    dec = Decorrelator(model, **sharded_run.ARGUMENTS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(sharded_run.STEPS):
+        x, y = sharded_run.batch(step)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        dec.step()
+        optimizer.step()
+    return model, dec
+
+
+# float32: the sharded gradient is a sum of two half-batch sums (reduce-scatter), the reference one sum over the
+# batch, and the pooled rows reach the statistics in the same order; differences are rounding, measured <= 6e-8 here
+TOL = dict(rtol=0, atol=1e-5)
+
+
+def test_fully_shard_trains_as_one_process_on_the_global_batch_and_folds(tmp_path: Path) -> None:
+    ranks = run_ranks(tmp_path)
+    model, dec = reference()
+    matrices = decorrelation_matrices(model)
+    assert all(r["updates"] == sharded_run.STEPS == dec.updates for r in ranks)
+    for name, R in matrices.items():
+        assert torch.equal(ranks[0]["R"][name], ranks[1]["R"][name]), name  # identical on every rank
+        torch.testing.assert_close(ranks[0]["R"][name], R, **TOL, msg=name)
+        assert (R - torch.eye(R.shape[-1])).abs().max() > 1e-2, name  # R moved
+    for name, layer in dec.layers.items():  # W @ R of the sharded weights, gathered: the reference's
+        torch.testing.assert_close(ranks[0]["fused"][name], layer.decor_fused_weight().detach(), **TOL, msg=name)
+    plain_state = model.state_dict()  # the plain layers' keys, weight = W @ R
+    assert set(ranks[0]["state"]) == set(plain_state)
+    for key, value in plain_state.items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, **TOL, msg=key)
+    folded = dict(model.named_parameters())
+    dec.fold()
+    for name, p in model.named_parameters():  # fold on the shards: the same plain weights
+        torch.testing.assert_close(ranks[0]["folded"][name], p.detach(), **TOL, msg=name)
+        torch.testing.assert_close(ranks[1]["folded"][name], ranks[0]["folded"][name], rtol=0, atol=0)
+    assert folded.keys() == dict(model.named_parameters()).keys()
+    classes = ranks[0]["classes"]  # plain again, and still sharded where fully_shard put them
+    assert classes["head"] == "Linear" and classes["blocks.0.up"] == "Linear"
+    assert classes["blocks.0"] == "FSDPBlock" and classes[""] == "FSDPNet"
+
+
+def test_model_parallel_strategy_trains_as_one_process_and_folds_the_shards(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, sharded_run.__file__, "lightning", str(tmp_path)], env=checkout_env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    ranks = [torch.load(tmp_path / f"lightning_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    model, dec = reference()
+    assert all(r["updates"] == dec.updates for r in ranks)
+    for name, R in decorrelation_matrices(model).items():
+        assert torch.equal(ranks[0]["R"][name], ranks[1]["R"][name]), name
+        torch.testing.assert_close(ranks[0]["R"][name], R, **TOL, msg=f"net.{name}")
+    dec.fold()
+    for name, p in model.named_parameters():  # folded by the callback at the end of fit, on the shards
+        torch.testing.assert_close(ranks[0]["folded"][name], p.detach(), **TOL, msg=name)
+    assert ranks[0]["classes"]["head"] == "Linear" and ranks[0]["classes"]["blocks.1"] == "FSDPBlock"
+
+
+def test_a_distributed_checkpoint_of_a_sharded_run_loads_into_the_plain_model(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    run_ranks(tmp_path)
+    model, _ = reference()
+    plain = sharded_run.make_model()  # never patched
+    state = plain.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    plain.load_state_dict(state)
+    x, _ = sharded_run.batch(99)
+    torch.testing.assert_close(plain(x), model(x).detach(), **TOL)  # the decorrelated model's function
+
+
+def test_patching_after_fully_shard_is_refused_with_the_order_to_use() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = sharded_run.make_model()
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model.head, mesh=mesh)  # the layer itself sharded: FSDP's subclass of nn.Linear
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(ValueError, match=r"Expected the layers patched before `fully_shard`, but \['head'\]"):
+            Decorrelator(model, max_overhead=None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallelism_is_refused_naming_the_size() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_decor import DecorrelationCallback
+
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # as setup_environment makes it
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[])
+    with pytest.raises(
+        ValueError, match=r"data parallelism \(FSDP2\) only: expected `tensor_parallel_size=1`, but got 2"
+    ):
+        DecorrelationCallback().setup(trainer, sharded_run.make_model(), "fit")  # type: ignore[arg-type]
