@@ -110,6 +110,11 @@ class DecorrelationCallback(Configured, Callback):
         max_overhead: The cost plan's budget: the estimated extra time of all DBP parts (forming or applying ``R``,
             sampling rows, the update) as a fraction of the measured plain training step, > 0. ``None``: no plan,
             every layer at its largest allowed block, fused into the weight, from the first step.
+        max_memory: The plan's memory budget: every ``R`` and the update's workspace (its second moments and new
+            ``R``, of the largest set of layers sharing a block size) take at most this many times the bytes of the
+            model's parameters in one process (its shard under FSDP2), and are always allowed 1 GiB; layers that do
+            not fit get smaller blocks (the ones that save the most bytes per decorrelation lost first), or stay
+            plain. The plan table shows each layer's bytes and the total. ``None``: no limit.
         update_every: Update ``R`` on every k-th training batch that steps only (several optimizers stepping in one
             batch count once; rows are sampled only for those batches), which divides the sampling and update cost
             by k; fusing ``W @ R`` still happens every step.
@@ -150,6 +155,7 @@ class DecorrelationCallback(Configured, Callback):
         max_features: int | None = DEFAULTS["max_features"],
         block_size: int | None = DEFAULTS["block_size"],
         max_overhead: float | None = DEFAULTS["max_overhead"],
+        max_memory: float | None = DEFAULTS["max_memory"],
         update_every: int = DEFAULTS["update_every"],
         log_per_layer: bool = False,
         use_cuda_stream: bool = DEFAULTS["use_cuda_stream"],
@@ -163,8 +169,8 @@ class DecorrelationCallback(Configured, Callback):
         self.config = DecorConfig(
             decor_lr=decor_lr, kappa=kappa, normalize=normalize, sample_fraction=sample_fraction, max_rows=max_rows,
             include=include, exclude=exclude, max_features=max_features, block_size=block_size,
-            max_overhead=max_overhead, update_every=update_every, use_cuda_stream=use_cuda_stream,
-            plan_cache=plan_cache,
+            max_overhead=max_overhead, max_memory=max_memory, update_every=update_every,
+            use_cuda_stream=use_cuda_stream, plan_cache=plan_cache,
         )  # fmt: skip
         self.log_per_layer = check_bool("log_per_layer", log_per_layer)
         self.fold_on_fit_end = check_bool("fold_on_fit_end", fold_on_fit_end)

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 from lightning_decor.checks import check_bool, check_choice, check_float, check_patterns, check_positive_int
 from lightning_decor.functional import NORMALIZE
 
-__all__ = ["DEFAULTS", "PLAN_ARGUMENTS", "Configured", "DecorConfig"]
+__all__ = ["DEFAULTS", "MIN_MEMORY", "PLAN_ARGUMENTS", "Configured", "DecorConfig"]
 
 # The arguments that shape a plan: a checkpoint's plan is kept only when they are unchanged (check_resume).
 PLAN_ARGUMENTS = (
     "max_overhead", "block_size", "max_features", "include", "exclude", "update_every", "sample_fraction", "max_rows",
+    "max_memory",
 )  # fmt: skip
+MIN_MEMORY = 2**30  # bytes the memory budget always allows: small models keep a dense R
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +36,7 @@ class DecorConfig:
     max_features: int | None = 8192  # wider layers get blocks of at most this many, or stay plain (None: no limit)
     block_size: int | None = None  # the largest block of any R (None: dense R allowed)
     max_overhead: float | None = 0.1  # the plan's budget, a fraction of the plain step (None: no plan)
+    max_memory: float | None = 4.0  # R and the update's workspace, times one process's parameter bytes (None: no limit)
     update_every: int = 1  # R moves on every k-th step
     use_cuda_stream: bool = True  # compute a launched update on a side CUDA stream
     plan_cache: bool = True  # keep measured costs on disk for later runs
@@ -41,6 +44,12 @@ class DecorConfig:
     def __post_init__(self) -> None:
         for field in fields(self):
             object.__setattr__(self, field.name, _CHECKS[field.name](getattr(self, field.name)))
+
+    def memory_budget(self, parameter_bytes: int) -> int | None:
+        """Bytes every ``R`` and the update's workspace may take, for a model whose parameters take
+        ``parameter_bytes`` in one process (its shard under FSDP2): ``max_memory`` times that, at least
+        :data:`MIN_MEMORY`; ``None`` without a limit."""
+        return None if self.max_memory is None else max(int(self.max_memory * parameter_bytes), MIN_MEMORY)
 
     def plan_arguments(self, pinned: dict[str, Any] | None) -> dict[str, Any]:
         """What shapes a plan, as a checkpoint keeps it: the fields of :data:`PLAN_ARGUMENTS` (patterns as lists) and
@@ -52,7 +61,7 @@ class DecorConfig:
         """Refuse (``ValueError`` naming the first that differs) a checkpoint whose plan was made with other
         :meth:`plan_arguments`."""
         for name, now in self.plan_arguments(pinned).items():
-            then = saved.get(name)
+            then = saved.get(name) if name in saved or name == "plan" else _saved(_DEFAULT_OF[name])  # older files
             if name == "plan" and isinstance(now, dict):
                 now = {n: list(v) for n, v in now.items()}
                 then = then if then == "auto" else {n: list(v) for n, v in (then or {}).items()}
@@ -79,6 +88,10 @@ def _overhead(value: Any) -> float | None:
     return None if value is None else check_float("max_overhead", value, 0.0, math.inf, low_open=True)
 
 
+def _memory(value: Any) -> float | None:
+    return None if value is None else check_float("max_memory", value, 0.0, math.inf, low_open=True)
+
+
 _CHECKS: dict[str, Any] = {
     "decor_lr": lambda v: check_float("decor_lr", v, 0.0, math.inf, low_open=True),
     "kappa": lambda v: check_float("kappa", v, 0.0, 1.0),
@@ -90,6 +103,7 @@ _CHECKS: dict[str, Any] = {
     "max_features": lambda v: check_positive_int("max_features", v),
     "block_size": lambda v: check_positive_int("block_size", v),
     "max_overhead": _overhead,
+    "max_memory": _memory,
     "update_every": lambda v: check_positive_int("update_every", v, optional=False),
     "use_cuda_stream": lambda v: check_bool("use_cuda_stream", v),
     "plan_cache": lambda v: check_bool("plan_cache", v),
@@ -97,6 +111,7 @@ _CHECKS: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(DecorConfig)}
 """The defaults of :class:`DecorConfig`, for the front-ends' signatures."""
+_DEFAULT_OF = DEFAULTS  # what a checkpoint written before an argument existed was made with
 
 
 class Configured:
@@ -115,6 +130,7 @@ class Configured:
         max_features: int | None
         block_size: int | None
         max_overhead: float | None
+        max_memory: float | None
         update_every: int
         use_cuda_stream: bool
         plan_cache: bool

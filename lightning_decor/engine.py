@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.nn.parameter import is_lazy
 
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import count_group, destroy_count_group
@@ -106,6 +107,9 @@ class Decorrelator(Configured):
         block_size: The largest block of any ``R`` (``None``: dense ``R`` allowed).
         max_overhead: The plan's budget: estimated cost of all DBP parts as a fraction of the measured plain
             training step (``None``: no plan, every layer at its largest allowed block, fused).
+        max_memory: Every ``R`` and the update's workspace take at most this many times the bytes of the model's
+            parameters in this process (its shard under FSDP2), and are always allowed 1 GiB; layers that do not fit
+            get smaller blocks, or stay plain (``None``: no limit).
         update_every: ``R`` moves on every k-th call of :meth:`step` (rows are sampled only for those steps).
         use_cuda_stream: Compute an update queued by :meth:`launch` on a side CUDA stream when the model is on a
             GPU (beside the optimizer step); ``R`` is written on the main stream either way.
@@ -135,6 +139,7 @@ class Decorrelator(Configured):
         max_features: int | None = DEFAULTS["max_features"],
         block_size: int | None = DEFAULTS["block_size"],
         max_overhead: float | None = DEFAULTS["max_overhead"],
+        max_memory: float | None = DEFAULTS["max_memory"],
         update_every: int = DEFAULTS["update_every"],
         use_cuda_stream: bool = DEFAULTS["use_cuda_stream"],
         plan: str | os.PathLike[str] | Plan = "auto",
@@ -143,8 +148,8 @@ class Decorrelator(Configured):
         config = DecorConfig(
             decor_lr=decor_lr, kappa=kappa, normalize=normalize, sample_fraction=sample_fraction, max_rows=max_rows,
             include=include, exclude=exclude, max_features=max_features, block_size=block_size,
-            max_overhead=max_overhead, update_every=update_every, use_cuda_stream=use_cuda_stream,
-            plan_cache=plan_cache,
+            max_overhead=max_overhead, max_memory=max_memory, update_every=update_every,
+            use_cuda_stream=use_cuda_stream, plan_cache=plan_cache,
         )  # fmt: skip
         self._init(model, config, plan)
 
@@ -201,6 +206,7 @@ class Decorrelator(Configured):
         if self._fresh and (config.max_overhead is not None or pinned is not None) and not self._sharded():
             self.planner = make_planner(
                 model, {name: self.layers[name] for name in self._fresh}, config, pinned=pinned,
+                max_memory=self.memory_budget(),
                 device=lambda: self._device, agree=self._agreed, leader=_rank_zero(),
             )  # fmt: skip
             for name in self._fresh:
@@ -208,7 +214,7 @@ class Decorrelator(Configured):
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
                 self._buffers[name].observer = Observer(self.planner, name, self._sampling)
         else:
-            self._set_plan(current_plan(self.layers))
+            self._set_plan(current_plan(self.layers, self.memory_budget()))
         self.start(self._device)
 
     @property
@@ -336,7 +342,7 @@ class Decorrelator(Configured):
             )
             self.planner = None
             self._end_observing()
-            self._set_plan(current_plan(self.layers))
+            self._set_plan(current_plan(self.layers, self.memory_budget()))
             self.update_(skip=skip)
         elif planner is not None and not planner.done:
             action = planner.step()
@@ -377,6 +383,12 @@ class Decorrelator(Configured):
         self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
         self._launch(side=True)
         return self._update.launched
+
+    def memory_budget(self) -> int | None:
+        """Bytes every ``R`` and the update's workspace may take (:meth:`DecorConfig.memory_budget` of the bytes of
+        the model's parameters in this process: its shards under FSDP2)."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if not is_lazy(p)]
+        return self.config.memory_budget(sum(p.numel() * p.element_size() for p in local))
 
     def _sharded(self) -> bool:
         """Whether FSDP2 shards the layers' weights (``DTensor`` outside the forward)."""

@@ -27,7 +27,7 @@ from lightning_decor.layers import (
     DecorrelatedLayer,
     DecorrelatedLinear,
 )
-from lightning_decor.plan import LayerPlan, Plan, block_ladder
+from lightning_decor.plan import LayerPlan, Plan, block_ladder, fit_memory, r_bytes
 
 __all__ = [
     "AVERAGED",
@@ -386,17 +386,27 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- plans on layers
-def current_plan(layers: dict[str, DecorrelatedLayer]) -> Plan:
+def current_plan(layers: dict[str, DecorrelatedLayer], max_memory: int | None = None) -> Plan:
     """The plan of ``layers`` as they are now (as :func:`decorrelate` made them: largest allowed block, fused; a
-    layer still computing its plain function, ``R = I`` before a plan, counts as fused)."""
-    return Plan({
-        name: LayerPlan(
-            name=name, form="fused" if layer.decor_form == "identity" else layer.decor_form,
-            block=layer.decor_block_size, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
-            groups=layer.decor_groups, cost=0.0,
-        )
-        for name, layer in layers.items()
-    })  # fmt: skip
+    layer still computing its plain function, ``R = I`` before a plan, counts as fused), with smaller blocks (or
+    plain) where ``R`` and the update's workspace would take more than ``max_memory`` bytes
+    (:func:`lightning_decor.plan.fit_memory`)."""
+    ladders = {n: block_ladder(m.decor_group_features, m.decor_unit, m.decor_block_size) for n, m in layers.items()}
+    choice = {name: 0 for name in layers}
+    if max_memory is not None:
+        shapes = {name: (m.decor_group_features, m.decor_groups) for name, m in layers.items()}
+        choice = fit_memory(choice, ladders, shapes, max_memory)
+    plan = Plan({}, max_memory=max_memory)
+    for name, layer in layers.items():
+        ladder, k = ladders[name], choice[name]
+        block = ladder[k] if k < len(ladder) else 0
+        form = "plain" if not block else "fused" if layer.decor_form == "identity" else layer.decor_form
+        plan.layers[name] = LayerPlan(
+            name=name, form=form, block=block, d=layer.decor_group_features, rows=0, c_out=layer.decor_out_features,
+            groups=layer.decor_groups, cost=0.0, note="over the memory budget" if not block else "",
+            memory=r_bytes(layer.decor_group_features, layer.decor_groups, block),
+        )  # fmt: skip
+    return plan
 
 
 @torch.no_grad()

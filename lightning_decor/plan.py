@@ -121,6 +121,7 @@ class LayerPlan:
     groups: int
     cost: float
     note: str = ""
+    memory: int = 0  # bytes of R (float32; 0 when plain)
 
 
 SOURCES = ("measured", "cache", "pinned", "analytic", "static")
@@ -149,6 +150,12 @@ class Plan:
     scale: float = 1.0  # every cost was multiplied by this (measured / estimated, from a check of the real step)
     source: str = "static"  # one of SOURCES
     measured_overhead: float | None = None  # DBP's share of the step, measured with this plan (None: not yet)
+    max_memory: int | None = None  # bytes R and the update's workspace may take (None: no limit)
+
+    @property
+    def memory(self) -> int:
+        """Bytes of every ``R`` and the update's workspace (:func:`memory_bytes`)."""
+        return memory_bytes([(p.block, p.memory) for p in self.layers.values() if p.form != "plain"])
 
     def layouts(self) -> dict[str, tuple[str, int]]:
         """``{layer: (form, block)}``: what the plan gives each layer."""
@@ -164,6 +171,7 @@ class Plan:
             "scale": self.scale,
             "source": self.source,
             "measured_overhead": self.measured_overhead,
+            "max_memory": self.max_memory,
         }
 
     @classmethod
@@ -182,6 +190,7 @@ class Plan:
             scale=float(state.get("scale", 1.0)),
             source=source,
             measured_overhead=None if overhead is None else float(overhead),
+            max_memory=state.get("max_memory"),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -263,20 +272,27 @@ class Plan:
             head = _SOURCE_TEXT[self.source]
         if self.measured_overhead is not None:
             head += f"; measured DBP cost {self.measured_overhead:.1%} of the plain step"
+        head += f"; R and the update's workspace {self.memory / 2**20:.1f} MiB"
+        if self.max_memory is not None:
+            head += f" of {self.max_memory / 2**20:.1f} MiB allowed"
         left_plain = dict(left_plain or {})
         width = max([len("layer"), *(len(n) for n in (*self.layers, *left_plain))])
         lines = [
             f"Decorrelation plan ({head}):",
-            f"{'layer':<{width}} {'d':>6} {'rows':>8} {'C_out':>6} {'groups':>6} {'form':>6} {'block':>6} {'share':>7}",
+            f"{'layer':<{width}} {'d':>6} {'rows':>8} {'C_out':>6} {'groups':>6} {'form':>6} {'block':>6} {'share':>7} "
+            f"{'R MiB':>7}",
         ]
         for name, p in self.layers.items():
             share = f"{p.cost / step:.2%}" if step else "-"
+            memory = f"{p.memory / 2**20:.2f}" if p.form != "plain" else "-"
             lines.append(
                 f"{name:<{width}} {p.d:>6} {p.rows:>8} {p.c_out:>6} {p.groups:>6} {p.form:>6} "
-                f"{p.block if p.block else '-':>6} {share:>7}" + (f"  ({p.note})" if p.note else "")
+                f"{p.block if p.block else '-':>6} {share:>7} {memory:>7}" + (f"  ({p.note})" if p.note else "")
             )
         for name, why in left_plain.items():
-            lines.append(f"{name:<{width}} {'-':>6} {'-':>8} {'-':>6} {'-':>6} {'plain':>6} {'-':>6} {'-':>7}  ({why})")
+            lines.append(
+                f"{name:<{width}} {'-':>6} {'-':>8} {'-':>6} {'-':>6} {'plain':>6} {'-':>6} {'-':>7} {'-':>7}  ({why})"
+            )
         return "\n".join(lines)
 
 
@@ -349,6 +365,52 @@ def _total(choice: dict[str, int], ladders: dict[str, list[int]], table: dict[st
     return total + len(blocks) * costs(0.0, _OPS_GROUP_UPDATE) / update_every
 
 
+R_ITEMSIZE = 4  # R and the statistics are float32
+
+
+def r_bytes(d: int, groups: int, block: int) -> int:
+    """Bytes of a layer's ``R``: ``groups * d / b`` blocks of ``b x b`` (``groups * d * b`` floats)."""
+    return R_ITEMSIZE * groups * d * block
+
+
+def memory_bytes(layers: list[tuple[int, int]]) -> int:
+    """Bytes of the ``R`` of ``layers`` (``(block, bytes of R)`` each) and the update's workspace: the update of the
+    layers sharing a block size forms their second moments and their new ``R`` at once, two more stacks the size of
+    theirs, so the largest such stack counts three times (the sampled rows are not counted)."""
+    stacks: Counter[int] = Counter()
+    for block, size in layers:
+        stacks[block] += size
+    return sum(stacks.values()) + 2 * max(stacks.values(), default=0)
+
+
+def fit_memory(
+    choice: dict[str, int], ladders: dict[str, list[int]], shapes: dict[str, tuple[int, int]], max_memory: int
+) -> dict[str, int]:
+    """The ladder positions (``len(ladder)``: plain) of ``choice`` moved down until :func:`memory_bytes` fits
+    ``max_memory``: each move takes the layer that saves the most bytes per unit of decorrelation it loses to its
+    next smaller block (or plain). ``shapes``: each layer's ``(d, groups)``."""
+    choice = dict(choice)
+
+    def entry(name: str, k: int) -> tuple[int, int]:
+        d, groups = shapes[name]
+        return (ladders[name][k], r_bytes(d, groups, ladders[name][k])) if k < len(ladders[name]) else (0, 0)
+
+    while memory_bytes([entry(n, k) for n, k in choice.items() if k < len(ladders[n])]) > max_memory:
+        best: tuple[float, str] | None = None
+        for name, k in choice.items():
+            ladder, d = ladders[name], shapes[name][0]
+            if k >= len(ladder):
+                continue
+            saved = entry(name, k)[1] - entry(name, k + 1)[1]
+            lost = _value(ladder[k], d) - (_value(ladder[k + 1], d) if k + 1 < len(ladder) else 0.0)
+            if best is None or saved / max(lost, 1e-12) > best[0]:
+                best = (saved / max(lost, 1e-12), name)
+        if best is None:
+            break
+        choice[best[1]] += 1
+    return choice
+
+
 def make_plan(
     shapes: list[LayerShape],
     *,
@@ -358,6 +420,7 @@ def make_plan(
     update_every: int = 1,
     measured: dict[str, list[tuple[str, float]]] | None = None,
     source: str = "measured",
+    max_memory: int | None = None,
 ) -> Plan:
     """The plan for ``shapes`` (see the module docstring).
 
@@ -371,6 +434,8 @@ def make_plan(
         measured: Per layer, measured ``(form, seconds per step)`` of each block of its ladder, in ladder order
             (:func:`lightning_decor.probe.measure_candidates`); they replace the flop estimates of those layers.
         source: Where ``costs`` and ``step_seconds`` come from (:data:`SOURCES`), for the table.
+        max_memory: Bytes every ``R`` and the update's workspace may take (:func:`fit_memory`, after the time
+            budget); ``None``: no limit.
     """
     ladders = {s.name: block_ladder(s.d, s.unit, s.max_block) for s in shapes}
     table = {s.name: candidate_costs(s, costs, update_every) for s in shapes}
@@ -416,19 +481,24 @@ def make_plan(
                 users[ladder[j]] += 1
             choice[name] = j
             total -= best[3]
+    timed = dict(choice)
+    if max_memory is not None:
+        choice = fit_memory(choice, ladders, {s.name: (s.d, s.groups) for s in shapes}, max_memory)
     layers = {}
     for s in shapes:
         k, ladder = choice[s.name], ladders[s.name]
         common = dict(name=s.name, d=s.d, rows=s.rows, c_out=s.c_out, groups=s.groups)
         if k >= len(ladder):
             note = "no allowed block size" if not ladder else "over budget"
+            note = "over the memory budget" if timed[s.name] < len(ladder) else note
             layers[s.name] = LayerPlan(form="plain", block=0, cost=0.0, note=note, **common)  # type: ignore[arg-type]
         else:
             form, cost = table[s.name][k]
-            layers[s.name] = LayerPlan(form=form, block=ladder[k], cost=cost, **common)  # type: ignore[arg-type]
+            memory = r_bytes(s.d, s.groups, ladder[k])
+            layers[s.name] = LayerPlan(form=form, block=ladder[k], cost=cost, memory=memory, **common)  # type: ignore[arg-type]
     estimate = _total(choice, ladders, table, costs, update_every)
     return Plan(layers, step_seconds=step_seconds, max_overhead=max_overhead, costs=costs, estimate=estimate,
-                source=source)  # fmt: skip
+                source=source, max_memory=max_memory)  # fmt: skip
 
 
 # Nominal device constants of the analytic model (nothing timed): a mid-sized matrix product's throughput and one

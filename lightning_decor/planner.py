@@ -172,6 +172,7 @@ class Planner:
     Args:
         layers: The layers to plan, in model order.
         max_overhead: The budget as a fraction of the plain step (``None`` only with ``pinned``).
+        max_memory: Bytes every ``R`` and the update's workspace may take (``None``: no limit).
         update_every: ``R`` moves every this many steps.
         pinned: A plan to apply instead of making one.
         cache: Where measured costs are kept (``None``: nowhere).
@@ -193,6 +194,7 @@ class Planner:
         layers: Sequence[LayerShape],
         *,
         max_overhead: float | None,
+        max_memory: int | None = None,
         update_every: int = 1,
         pinned: Plan | None = None,
         cache: PlanCache | None = None,
@@ -210,6 +212,7 @@ class Planner:
             raise ValueError("Expected `max_overhead` or a pinned plan: without either there is nothing to plan.")
         self.layers = list(layers)
         self.max_overhead = max_overhead
+        self.max_memory = max_memory
         self.update_every = update_every
         self.pinned = pinned
         self.cache = cache
@@ -341,6 +344,7 @@ class Planner:
             "layers": [asdict(s) for s in self.shapes()],
             "inputs": inputs,
             "max_overhead": self.max_overhead,
+            "max_memory": self.max_memory,
             "update_every": self.update_every,
         }
 
@@ -402,6 +406,7 @@ class Planner:
             costs=Costs(costs.seconds_per_flop * scale, costs.seconds_per_op * scale),
             step_seconds=planning["step"],
             max_overhead=self.max_overhead,
+            max_memory=self.max_memory,
             update_every=self.update_every,
             measured=None if measured is None else {n: [(f, c * scale) for f, c in v] for n, v in measured.items()},
             source=source,

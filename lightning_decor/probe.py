@@ -320,6 +320,7 @@ def make_planner(
     config: DecorConfig,
     *,
     pinned: Plan | None,
+    max_memory: int | None = None,
     device: Callable[[], torch.device],
     agree: Callable[[Any], Any],
     leader: bool,
@@ -353,6 +354,7 @@ def make_planner(
     return Planner(
         infos,
         max_overhead=config.max_overhead,
+        max_memory=max_memory,
         update_every=config.update_every,
         pinned=pinned,
         cache=PlanCache.default() if config.plan_cache else None,

@@ -417,3 +417,23 @@ def test_measuring_the_device_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
     probe_module.measure_costs(torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_without_a_time_budget_the_memory_budget_still_shapes_r(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_decor import config as config_module
+
+    monkeypatch.setattr(config_module, "MIN_MEMORY", 0)  # no floor: this tiny model's bytes decide
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2))
+    parameters = 4 * (64 * 8 + 8 + 8 * 2 + 2)  # 538 float32 numbers: 2152 bytes
+    dec = Decorrelator(model, max_overhead=None, max_memory=12.0)
+    budget = 12 * parameters  # 25824 bytes
+    assert dec.memory_budget() == budget and dec.plan is not None and dec.plan.memory <= budget
+    # R of 64 x 64 takes 16384 bytes, 49152 with the update's workspace; blocks of 32: 4 * 64 * 32 = 8192 bytes,
+    # 8192 + 256 (the narrow layer's 8 x 8) + 2 * 8192 = 24832 with the workspace, within the budget
+    assert dec.plan.layers["0"].block == 32 and dec.layers["0"].decor_R.shape == (2, 32, 32)
+    assert dec.plan.layers["2"].block == 8  # the narrow layer keeps its dense R
+    assert dec.plan.memory == 24832
+    tight = Decorrelator(nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2)), max_overhead=None, max_memory=4.0)
+    assert tight.plan is not None and tight.plan.layers["0"].form == "plain" and list(tight.layers) == ["2"]
+    free = Decorrelator(nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2)), max_overhead=None, max_memory=None)
+    assert free.plan is not None and free.plan.layers["0"].block == 64

@@ -65,6 +65,7 @@ CALLBACK_VALUES: dict[str, Any] = {
     "max_features": 4096,
     "block_size": 256,
     "max_overhead": 0.25,
+    "max_memory": 2.5,
     "update_every": 2,
     "include": ["net.*"],
     "exclude": ["net.19"],

@@ -81,10 +81,13 @@ def test_table_and_state_round_trip() -> None:
     assert lines[0].startswith(
         "Decorrelation plan (costs measured in this run; budget 10% of a 200.0 ms step; estimated DBP cost"
     )
-    assert lines[1].split() == ["layer", "d", "rows", "C_out", "groups", "form", "block", "share"]
+    assert lines[1].split() == ["layer", "d", "rows", "C_out", "groups", "form", "block", "share", "R", "MiB"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["features.0"][1:7] == ["27", "4096", "16", "1", plan.layers["features.0"].form, "27"]
     assert rows["fc"][6] == str(plan.layers["fc"].block) and rows["fc"][7].endswith("%")
+    b = plan.layers["fc"].block
+    assert plan.layers["fc"].memory == 4 * 512 * b and rows["fc"][8] == f"{4 * 512 * b / 2**20:.2f}"  # float32 R
+    assert plan.layers["features.0"].memory == 4 * 27 * 27
     again = Plan.from_state_dict(plan.state_dict())
     assert again.layers == plan.layers and again.table() == plan.table()
 
@@ -106,3 +109,20 @@ def test_max_overhead_errors(value: object, error: type, match: str) -> None:
         DecorrelationCallback(max_overhead=value)  # type: ignore[arg-type]
     with pytest.raises(error, match=match):
         Decorrelator(torch.nn.Linear(2, 2), max_overhead=value)  # type: ignore[arg-type]
+
+
+def test_the_plan_fits_its_memory_budget_giving_up_the_most_bytes_per_decorrelation_lost() -> None:
+    shapes = [shape("wide", 4096, 64, 64), shape("narrow", 256, 64, 64), shape("mid", 1024, 64, 64)]
+    free = dict(costs=COSTS, step_seconds=None, max_overhead=None)  # no time budget: only memory decides
+    dense = make_plan(shapes, **free)
+    r = {name: 4 * p.d * p.d for name, p in dense.layers.items()}  # float32 dense R, written out
+    assert {n: p.memory for n, p in dense.layers.items()} == r
+    assert dense.memory == sum(r.values()) + 2 * r["wide"]  # the largest stack's moments and new R once more
+    budget = 40 * 2**20  # the dense plan takes 64 + 0.25 + 4 + 2 * 64 = 196.25 MiB
+    plan = make_plan(shapes, **free, max_memory=budget)
+    assert plan.memory <= budget and plan.max_memory == budget
+    assert plan.layers["wide"].block < 4096 and plan.layers["narrow"].block == 256  # the widest R gives way first
+    assert "of 40.0 MiB allowed" in plan.table().splitlines()[0]
+    tiny = make_plan(shapes, **free, max_memory=1)  # nothing fits: every layer plain, and said why
+    assert all(p.form == "plain" and p.note == "over the memory budget" for p in tiny.layers.values())
+    assert tiny.memory == 0
