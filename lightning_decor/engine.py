@@ -60,6 +60,7 @@ from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
 from lightning_decor.reports import DirectReads, all_plain_warning, patch_report
 from lightning_decor.rows import Generators, RowBuffer, Sampling
+from lightning_decor.sharing import InputSharing
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
@@ -197,6 +198,8 @@ class Decorrelator(Configured):
         self._buffers = {name: RowBuffer(self._sampling) for name in self.layers}
         for name, layer in self.layers.items():
             layer.decor_buffer = self._buffers[name]
+        # Layers reading the same input share one R, found in the first training step (only fresh layers: R = I).
+        self._sharing = InputSharing(self._sampling, detect=len(self._fresh) > 1)
         self._pool = False
         self._counts_group: Any = None
         self._direct_reads: DirectReads | None = None
@@ -280,6 +283,7 @@ class Decorrelator(Configured):
         planner = self.planner
         bypassed = reads.found(self.layers, noted=lambda name: (
             not self._buffers[name].wanted  # its forwards do not note themselves this step
+            or name in self._sharing.followers
             or self._buffers[name].seen_count > 0 or (planner is not None and planner.forwards_seen(name) > 0)
         ))  # fmt: skip
         if bypassed and _rank_zero():
@@ -304,6 +308,7 @@ class Decorrelator(Configured):
                 names.append(name)
         restore_routing(self.model)  # transformer layers get their fast paths back, averages their plain update
         self.layers, self._buffers = {}, {}
+        self._sharing.followers, self._update.ties = {}, []
         self._update.build(self.layers)
         return names
 
@@ -330,6 +335,7 @@ class Decorrelator(Configured):
             return
         self._follow_device()
         self.check_direct_weight_reads()
+        self._share()
         self.steps += 1
         planner = self.planner
         if self._update.launched:  # launched early by launch(): write it now
@@ -381,8 +387,34 @@ class Decorrelator(Configured):
             return False
         self._follow_device()
         self.check_direct_weight_reads()  # before the rows are taken: it asks which layers captured some
+        self._share()
         self._launch(side=True)
         return self._update.launched
+
+    def _share(self) -> None:
+        """Before the first update takes rows: one R for the layers that read the same input (see
+        :mod:`lightning_decor.sharing`)."""
+        if self._sharing.resolve(self.layers, self._buffers, self._agreed, self._any_rank):
+            self._tie()
+
+    def _any_rank(self, flags: list[bool]) -> list[bool]:
+        """Each flag true where it is true on any process (a small CPU all-reduce when rows are pooled)."""
+        if not self._pool:
+            return flags
+        both = torch.tensor(flags, dtype=torch.uint8)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._counts_group)
+        return [bool(v) for v in both.tolist()]
+
+    def _tie(self) -> None:
+        """(Re)build the stacks of the updated layers, the layers sharing an ``R`` tied to it."""
+        self._update.ties = self._sharing.tie(self.layers, self._buffers, self.plan)
+        self._update.build(self._sharing.updated(self.layers))
+
+    @property
+    def shared(self) -> dict[str, str]:
+        """``{layer: the layer whose R it reads}``: layers that read the same input share one ``R`` (one sample, one
+        update, one memory), found in the first training step."""
+        return dict(self._sharing.followers)
 
     def memory_budget(self) -> int | None:
         """Bytes every ``R`` and the update's workspace may take (:meth:`DecorConfig.memory_budget` of the bytes of
@@ -452,7 +484,7 @@ class Decorrelator(Configured):
             warnings.warn(all_plain_warning(plan), stacklevel=3)
         self.plan = plan
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
-        self._update.build(self.layers)
+        self._tie()
 
     @torch.no_grad()
     def update_(self, commit: bool = True, *, skip: Tensor | None = None) -> None:
@@ -469,10 +501,11 @@ class Decorrelator(Configured):
         """Take every layer's rows and launch the batched update from them (:meth:`BatchedUpdate.launch`)."""
         # A layer whose weight does not train now (frozen during training, e.g. by BaseFinetuning) keeps its R, so
         # that it keeps its function W @ R; unfrozen, it moves again.
-        rows = [(taken if layer.weight.requires_grad else None) for name, layer in self.layers.items()
+        updated = self._sharing.updated(self.layers)
+        rows = [(taken if layer.weight.requires_grad else None) for name, layer in updated.items()
                 for taken in (self._buffers[name].take(),)]  # fmt: skip
         self._update.launch(
-            self.layers, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
+            updated, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
             side=side, pool=self._pool, counts_group=self._counts_group,
         )  # fmt: skip
 
@@ -481,7 +514,7 @@ class Decorrelator(Configured):
         results = self._update.commit(skip)
         if results is None:
             return
-        self._last_losses, skipped = results
+        self._last_losses, skipped = (self._sharing.expand(r, self.layers) for r in results)
         if self._skipped is None or self._skipped.shape != skipped.shape:
             self._skipped = torch.zeros_like(skipped)
         self._skipped += skipped
@@ -497,9 +530,12 @@ class Decorrelator(Configured):
             "arguments": self._plan_arguments(),
             "plan": None if self.plan is None else self.plan.state_dict(),
             "planner": None if self.planner is None else self.planner.state_dict(),
-            "R": {name: layer.decor_R.detach().cpu().clone() for name, layer in self.layers.items()},
+            "R": {
+                name: layer.decor_R.detach().cpu().clone() for name, layer in self._sharing.updated(self.layers).items()
+            },
             "raw_weight": {name: layer.weight.detach().cpu().clone() for name, layer in self.layers.items()},
             "generator": self._generators.state_dict(),
+            "sharing": self._sharing.state_dict(),
             "updates": self.updates,
             "steps": self.steps,
         }
@@ -517,7 +553,11 @@ class Decorrelator(Configured):
         self._update.drop()  # an update launched on the side stream still reads R: dropped, R restored below
         self.config.check_resume(state["arguments"], None if self._pinned is None else self._pinned.layouts())
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
-        restorable, skipped = saved_layers(self.layers, state["R"], state["raw_weight"], plan)
+        if state.get("sharing") is not None:
+            self._sharing.load_state_dict(state["sharing"], self._buffers)
+        restorable, skipped = saved_layers(self._sharing.updated(self.layers), state["R"], state["raw_weight"], plan)
+        restorable.update({name: (None, state["raw_weight"][name]) for name in self._sharing.followers
+                           if name in state["raw_weight"]})  # fmt: skip
         if skipped:
             warnings.warn(
                 f"Decorrelator: the saved state has no R of matching layout for {skipped}; these layers keep their "
@@ -534,9 +574,11 @@ class Decorrelator(Configured):
                 self.planner.plan = self.plan
         if self.planner is None or not self.planner.observing:
             self._end_observing()
+        self._tie()  # the restored groups' R tied (a plan above ties too)
         for name, (R, raw) in restorable.items():
             layer = self.layers[name]
-            layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
+            if R is not None:  # a follower's R is its leader's
+                layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
             layer.weight.copy_(raw)
         generator = state.get("generator")
         if isinstance(generator, Tensor):  # saved before generators were kept per device: a CPU run's (no GPU ran)

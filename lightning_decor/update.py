@@ -84,6 +84,8 @@ class BatchedUpdate:
     def __init__(self) -> None:
         self.device = torch.device("cpu")  # where the per-layer results live (the model's device)
         self.stacks: list[Stack] = []
+        # (layer, the layer whose R it reads): layers on the same input share one R, not updated on their own
+        self.ties: list[tuple[DecorrelatedLayer, DecorrelatedLayer]] = []
         self.stream: torch.cuda.Stream | None = None
         # A launched update: per stack the new R, per layer the losses and skips, and the event after which they are
         # complete (on the side stream).
@@ -148,13 +150,17 @@ class BatchedUpdate:
                 )
             )
         self.stacks = stacks
+        for layer, source in self.ties:  # the very tensor: one memory, and its update is theirs
+            layer.decor_R = source.decor_R
 
     def intact(self, layers: dict[str, DecorrelatedLayer]) -> bool:
         """Whether the stacks hold exactly ``layers`` and every layer's ``R`` is still a view into its stack (a device
         move or a new layout replaces it)."""
         stacked = [(name, stack) for stack in self.stacks for name in stack.names]
-        return len(stacked) == len(layers) and all(
-            name in layers and layers[name].decor_R._base is stack.R for name, stack in stacked
+        return (
+            len(stacked) == len(layers)
+            and all(name in layers and layers[name].decor_R._base is stack.R for name, stack in stacked)
+            and all(layer.decor_R is source.decor_R for layer, source in self.ties)
         )
 
     # ------------------------------------------------------------------ the two phases

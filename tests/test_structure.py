@@ -23,6 +23,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
     "reports": ({"layers", "patching", "plan"}, False),
+    "sharing": ({"layers", "plan", "rows", "update"}, False),
     # the probe, and the planner's bridge to modules
     "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
@@ -39,6 +40,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
             "probe",
             "reports",
             "rows",
+            "sharing",
             "update",
         },
         False,

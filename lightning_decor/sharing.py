@@ -1,0 +1,150 @@
+"""One ``R`` per input: layers whose forwards read the very same tensor (the q, k and v projections of an attention
+block, the gate and up projections of a gated MLP) see the same rows, compute the same statistics and would converge
+to the same ``R``. :class:`InputSharing` finds them from the first training step's forwards
+(:class:`lightning_decor.rows.SharedInputs`: by the tensor's identity, never by shape), gives each group one ``R``
+(the first layer's; the others' ``decor_R`` is that very tensor), one row sample and one update, and says so in the
+plan table. Every later step checks the group again: a layer called without the others (an auxiliary head used on
+some batches), or on another tensor, leaves its group with a copy of the ``R`` reached so far and moves on its own
+rows from then on (under DDP when any process saw it, so ``R`` stays equal on all). Folding is exact: each layer
+folds its own ``W`` with the shared ``R``.
+
+Only layers that take their rows from the last dimension (``nn.Linear``, Hugging Face's ``Conv1D``) with equal
+widths and blocks share; a plan that gives two of them different blocks separates them (each gets its own ``R``,
+still the identity then: plans are applied only before ``R`` moves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_decor.layers import DecorrelatedLayer, LastDimRows
+from lightning_decor.plan import Plan
+from lightning_decor.rows import RowBuffer, Sampling, SharedInputs
+from lightning_decor.update import device_runs
+
+__all__ = ["InputSharing"]
+
+
+class InputSharing:
+    """The groups of layers that share one ``R``, as ``followers`` (``{layer: the layer whose R it reads}``).
+
+    Args:
+        sampling: The engine's :class:`lightning_decor.rows.Sampling`; with ``detect``, every training forward's
+            input is noted there until :meth:`resolve`.
+        detect: Look for groups (only layers whose ``R`` is still the identity may share).
+    """
+
+    def __init__(self, sampling: Sampling, detect: bool) -> None:
+        self.followers: dict[str, str] = {}
+        self._sampling = sampling
+        self._formed = not detect  # groups are formed once, at the first step (R is still the identity then)
+        sampling.inputs = SharedInputs() if detect else None
+        self._expand: Tensor | None = None  # per layer, the position of the layer whose results are its own
+
+    def resolve(
+        self,
+        layers: dict[str, DecorrelatedLayer],
+        buffers: dict[str, RowBuffer],
+        agree: Callable[[Any], Any],
+        any_rank: Callable[[list[bool]], list[bool]],
+    ) -> bool:
+        """Before each update takes rows, from the forwards noted since the last call: at the first, form the groups
+        (``agree``: rank 0's on every rank); then check every group (``any_rank``: a layer leaves its group when any
+        process saw it called apart). Returns whether a group was formed or left."""
+        detector = self._sampling.inputs
+        if detector is None or not detector.noted:
+            return False
+        changed = False
+        if not self._formed:
+            self._formed = True
+            names = {id(buffer): name for name, buffer in buffers.items()}
+            groups = agree([[names[id(b)] for b in group if id(b) in names] for group in detector.groups()])
+            for members in groups:
+                for name in members[1:]:
+                    if _can_share(layers[name], layers[members[0]]):
+                        self.followers[name] = members[0]
+                        buffers[name].keeps = False
+                        buffers[name].take()  # the leader's rows are the same rows
+                        changed = True
+        apart = [not detector.together(buffers[name], buffers[leader]) for name, leader in self.followers.items()]
+        for name, leaves in zip(list(self.followers), any_rank(apart) if self.followers else [], strict=True):
+            if leaves:
+                self._leave(name, layers, buffers)
+                changed = True
+        detector.reset()
+        if not self.followers:  # nothing shared, nothing to check: forwards stop noting their inputs
+            self._sampling.inputs = None
+        return changed
+
+    def _leave(self, name: str, layers: dict[str, DecorrelatedLayer], buffers: dict[str, RowBuffer]) -> None:
+        """``name`` leaves its group with its own copy of the shared ``R`` (the values reached so far)."""
+        layer, source = layers.get(name), layers.get(self.followers.pop(name))
+        if layer is not None and source is not None and layer.decor_R is source.decor_R:
+            layer.decor_R = source.decor_R.clone()
+        buffers[name].keeps = True
+
+    def tie(
+        self, layers: dict[str, DecorrelatedLayer], buffers: dict[str, RowBuffer], plan: Plan | None
+    ) -> list[tuple[DecorrelatedLayer, DecorrelatedLayer]]:
+        """The ties for :attr:`lightning_decor.update.BatchedUpdate.ties` after the layers' layouts may have changed
+        (a plan): groups whose blocks now differ, or whose leader is gone, are separated (each layer its own
+        identity ``R``); the plan's entries of the others say whose ``R`` they read."""
+        ties = []
+        for name, leader in list(self.followers.items()):
+            layer, source = layers.get(name), layers.get(leader)
+            if layer is None or source is None or layer.decor_R.shape != source.decor_R.shape:
+                self._leave(name, layers, buffers)
+                continue
+            ties.append((layer, source))
+            if plan is not None and name in plan.layers:
+                plan.layers[name] = dataclasses.replace(plan.layers[name], memory=0, note=f"shares the R of {leader}")
+        self._expand = None
+        return ties
+
+    def updated(self, layers: dict[str, DecorrelatedLayer]) -> dict[str, DecorrelatedLayer]:
+        """The layers the update moves (every layer but the followers), in order."""
+        return {name: layer for name, layer in layers.items() if name not in self.followers}
+
+    def expand(self, values: Tensor, layers: dict[str, DecorrelatedLayer]) -> Tensor:
+        """Per-layer results of the updated layers (:meth:`updated`), for every layer: a follower gets its leader's."""
+        if not self.followers:
+            return values
+        if self._expand is None or self._expand.device != values.device:
+            order = {name: i for i, name in enumerate(self.updated(layers))}
+            index = [order[self.followers.get(name, name)] for name in layers]
+            self._expand = device_runs(index, range(len(index)), [1] * len(index), torch.long, values.device)
+        return values.index_select(0, self._expand)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"followers": dict(self.followers), "formed": self._formed}
+
+    def load_state_dict(self, state: dict[str, Any], buffers: dict[str, RowBuffer]) -> None:
+        """Restore the groups of a saved state (before the saved ``R`` are written)."""
+        self.followers = {n: leader for n, leader in state["followers"].items() if n in buffers and leader in buffers}
+        for name, buffer in buffers.items():
+            buffer.keeps = name not in self.followers
+        self._formed = bool(state.get("formed", True))
+        if self._formed and not self.followers:
+            self._sampling.inputs = None  # nothing to check
+        elif self._sampling.inputs is None:
+            self._sampling.inputs = SharedInputs()
+        self._expand = None
+
+
+def _can_share(layer: DecorrelatedLayer, leader: DecorrelatedLayer) -> bool:
+    """Whether ``layer`` can read ``leader``'s ``R``: both take last-dimension rows of equal width, in one group, with
+    ``R`` of the same layout, dtype and device, and train (or not) alike."""
+    return (
+        isinstance(layer, LastDimRows)
+        and isinstance(leader, LastDimRows)
+        and layer.decor_groups == leader.decor_groups == 1
+        and layer.decor_R.shape == leader.decor_R.shape
+        and layer.decor_R.dtype == leader.decor_R.dtype
+        and layer.decor_R.device == leader.decor_R.device
+        and layer.weight.requires_grad == leader.weight.requires_grad
+    )
