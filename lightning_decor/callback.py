@@ -14,13 +14,14 @@ from typing_extensions import override
 
 from lightning_decor.checks import check_bool, check_positive_int
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
-from lightning_decor.engine import Decorrelator, grad_scale
+from lightning_decor.engine import Decorrelator
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.patching import decorrelate
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
 from lightning_decor.rows import PENDING_FORWARDS
+from lightning_decor.update import SkipWatch
 
 __all__ = ["DecorrelationCallback"]
 
@@ -197,8 +198,7 @@ class DecorrelationCallback(Configured, Callback):
         self._stepped_batch: int | None = None
         self._plan_shown: Any = None
         self._update_due = False  # the stepping batch updates R at its end
-        self._scale: Tensor | None = None  # the GradScaler's scale before the batch's last optimizer step
-        self._scale_dropped: Tensor | None = None  # whether it fell between two optimizer steps of the batch
+        self._skips = SkipWatch()  # whether the GradScaler skipped an optimizer step of the batch (on the device)
         self._pictures = TensorBoardPictures(every, log_correlation_image, log_image_every_n_epochs)
 
     @property
@@ -364,7 +364,7 @@ class DecorrelationCallback(Configured, Callback):
         batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         if trainer.sanity_checking:
             return
-        self._note_scale(trainer)
+        self._skips.note(self._scaler(trainer))  # before each optimizer step: did the previous one of the batch skip?
         if self._stepped_batch == batch:
             return
         self._stepped_batch = batch
@@ -379,22 +379,9 @@ class DecorrelationCallback(Configured, Callback):
             # only W and its gradient), and written into R at the end of the batch.
             self._engine.launch()
 
-    def _note_scale(self, trainer: Trainer) -> None:
-        """Before each optimizer step under ``16-mixed``, and at the batch's end: the ``GradScaler``'s scale (on the
-        device), and whether it fell since the batch's previous step (that step was skipped)."""
-        scale = grad_scale(getattr(trainer.precision_plugin, "scaler", None))
-        if scale is not None and self._scale is not None:
-            dropped = scale < self._scale
-            self._scale_dropped = dropped if self._scale_dropped is None else self._scale_dropped | dropped
-        self._scale = scale
-
-    def _scaler_skipped(self, trainer: Trainer) -> Tensor | None:
-        """Whether the ``GradScaler`` skipped an optimizer step of this batch (a device tensor, never read on the host),
-        or ``None`` without a scaler: its scale fell after one of the batch's steps."""
-        self._note_scale(trainer)  # the scale after the batch's last step
-        dropped = self._scale_dropped
-        self._scale = self._scale_dropped = None
-        return dropped
+    @staticmethod
+    def _scaler(trainer: Trainer) -> Any:
+        return getattr(trainer.precision_plugin, "scaler", None)  # a GradScaler under 16-mixed
 
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
@@ -406,7 +393,7 @@ class DecorrelationCallback(Configured, Callback):
         if engine is None:
             return
         before, overhead = engine.updates, engine.overhead
-        engine.step(skip=self._scaler_skipped(pl_module.trainer))
+        engine.step(skip=self._skips.take(self._scaler(pl_module.trainer)))
         if engine.plan is not None and self._plan_shown is not engine.plan:  # after every (re)plan
             self._plan_shown = engine.plan
             rank_zero_info(engine.plan.table(engine.left_plain))

@@ -6,12 +6,13 @@ No Lightning here: plain ``torch.distributed`` on the default (or a given) proce
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_rows", "count_group", "destroy_count_group"]
+__all__ = ["agree", "all_gather_rows", "any_rank", "count_group", "destroy_count_group"]
 
 
 def count_group() -> dist.ProcessGroup | None:
@@ -24,6 +25,21 @@ def count_group() -> dist.ProcessGroup | None:
         return None
     group = dist.new_group(backend="gloo")  # every rank is a member
     return group if isinstance(group, dist.ProcessGroup) else None
+
+
+def agree(decision: Any, group: dist.ProcessGroup | None) -> Any:
+    """Rank 0's ``decision`` (any picklable object) on every rank of ``group``. Collective."""
+    box = [decision]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def any_rank(flags: list[bool], group: dist.ProcessGroup | None) -> list[bool]:
+    """Each flag true where it is true on any rank of ``group`` (a small CPU all-reduce: ``group`` is gloo).
+    Collective."""
+    both = torch.tensor(flags, dtype=torch.uint8)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in both.tolist()]
 
 
 def destroy_count_group(group: dist.ProcessGroup | None) -> None:

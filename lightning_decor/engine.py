@@ -17,16 +17,10 @@ PyTorch::
 ``DecorrelationCallback`` is the Lightning front-end of the same engine: it decides when ``step`` runs and where
 the losses are logged.
 
-**The plan.** With ``max_overhead`` set (the default) or a pinned ``plan``, a :class:`lightning_decor.planner.Planner`
-runs the first :func:`lightning_decor.planner.plain_steps` steps (17 with ``update_every=1``): five measure the
-plain step (every layer computes its plain function), then the plan gives every layer its form with ``R = I`` and
-is checked against the real step, and ``R`` moves from the next step on, whatever the plan's source (timed now,
-kept in the plan cache from an earlier run, pinned, or the analytic model under deterministic mode).
-``max_overhead=None`` without a pinned plan skips all this: every layer keeps its largest allowed block, fused into
-the weight, and ``R`` moves from the first step.
-
-**The update** (:mod:`lightning_decor.update`) moves the ``R`` of all layers with equal block sizes in one batched
-step.
+Its phases: the plan (:mod:`lightning_decor.planner`, for the first :func:`lightning_decor.planner.plain_steps`
+steps with ``max_overhead`` or a pinned ``plan``; otherwise every layer at its largest block within the memory
+budget, ``R`` moving from the first step), the rows (:mod:`lightning_decor.rows`), one ``R`` per input
+(:mod:`lightning_decor.sharing`), the batched update (:mod:`lightning_decor.update`) and its state.
 """
 
 from __future__ import annotations
@@ -43,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
-from lightning_decor.distributed import count_group, destroy_count_group
+from lightning_decor.distributed import agree, any_rank, count_group, destroy_count_group
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.patching import (
     apply_plan,
@@ -58,23 +52,14 @@ from lightning_decor.patching import (
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
-from lightning_decor.reports import DirectReads, all_plain_warning, patch_report
+from lightning_decor.reports import SHARDED_NO_PLAN, DirectReads, all_plain_warning, patch_report
 from lightning_decor.rows import Generators, RowBuffer, Sampling
 from lightning_decor.sharing import InputSharing
-from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate
+from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate, grad_scale
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
-
-
-def grad_scale(scaler: Any) -> Tensor | None:
-    """A copy of a ``torch.amp.GradScaler``'s scale, on its device (``GradScaler.get_scale()`` reads it back to the
-    host), or ``None`` (no scaler, disabled, or before its first ``scale``). ``update()`` multiplies the scale by its
-    ``backoff_factor < 1`` exactly when the step was skipped, so ``grad_scale(scaler) < before`` after
-    ``scaler.update()`` tells a skipped step on the device: pass it as ``Decorrelator.step(skip=...)``."""
-    scale = getattr(scaler, "_scale", None)  # the scaler's own scale tensor (no public one without a host read)
-    return scale.clone() if isinstance(scale, Tensor) else None
 
 
 def _rank_zero() -> bool:
@@ -341,11 +326,7 @@ class Decorrelator(Configured):
         if self._update.launched:  # launched early by launch(): write it now
             self._commit(skip)
         elif planner is not None and not planner.done and self._sharded():  # sharded after the engine was made
-            warnings.warn(
-                "Decorrelator: the layers are sharded (fully_shard); no cost plan is made for sharded layers yet: "
-                "every layer keeps its largest allowed block, fused into its weight (as with max_overhead=None).",
-                stacklevel=2,
-            )
+            warnings.warn(SHARDED_NO_PLAN, stacklevel=2)
             self.planner = None
             self._end_observing()
             self._set_plan(current_plan(self.layers, self.memory_budget()))
@@ -392,28 +373,22 @@ class Decorrelator(Configured):
         return self._update.launched
 
     def _share(self) -> None:
-        """Before the first update takes rows: one R for the layers that read the same input (see
-        :mod:`lightning_decor.sharing`)."""
-        if self._sharing.resolve(self.layers, self._buffers, self._agreed, self._any_rank):
+        """Before an update takes rows: one R for the layers that read the same input (:mod:`~.sharing`)."""
+        agreed, any_of = (self._agreed, self._any_rank)
+        if self._sharing.resolve(self.layers, self._buffers, agreed, any_of):
             self._tie()
-
-    def _any_rank(self, flags: list[bool]) -> list[bool]:
-        """Each flag true where it is true on any process (a small CPU all-reduce when rows are pooled)."""
-        if not self._pool:
-            return flags
-        both = torch.tensor(flags, dtype=torch.uint8)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._counts_group)
-        return [bool(v) for v in both.tolist()]
 
     def _tie(self) -> None:
         """(Re)build the stacks of the updated layers, the layers sharing an ``R`` tied to it."""
         self._update.ties = self._sharing.tie(self.layers, self._buffers, self.plan)
         self._update.build(self._sharing.updated(self.layers))
 
+    def _any_rank(self, flags: list[bool]) -> list[bool]:
+        return any_rank(flags, self._counts_group) if self._pool else flags
+
     @property
     def shared(self) -> dict[str, str]:
-        """``{layer: the layer whose R it reads}``: layers that read the same input share one ``R`` (one sample, one
-        update, one memory), found in the first training step."""
+        """``{layer: the layer whose R it reads}``: layers that read the same input share one ``R``."""
         return dict(self._sharing.followers)
 
     def memory_budget(self) -> int | None:
@@ -470,11 +445,7 @@ class Decorrelator(Configured):
 
     def _agreed(self, decision: Any) -> Any:
         """Rank 0's decision on every rank: all ranks must apply the same plan."""
-        if not self._pool:
-            return decision
-        box = [decision]
-        dist.broadcast_object_list(box, src=0, group=self._counts_group)
-        return box[0]
+        return agree(decision, self._counts_group) if self._pool else decision
 
     def _set_plan(self, plan: Plan) -> None:
         """Apply ``plan`` (:func:`lightning_decor.patching.apply_plan`); warn when it leaves every layer plain."""

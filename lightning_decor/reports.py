@@ -14,7 +14,7 @@ from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.patching import AVERAGED, FROZEN, LEFT_OUT, matches
 from lightning_decor.plan import Plan
 
-__all__ = ["DirectReads", "PatchReport", "all_plain_warning", "patch_report"]
+__all__ = ["SHARDED_NO_PLAN", "DirectReads", "PatchReport", "all_plain_warning", "patch_report"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ def patch_report(
         for arg, patterns in (("include", include), ("exclude", exclude))
     }
     return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
+
+
+SHARDED_NO_PLAN = (
+    "Decorrelator: the layers are sharded (fully_shard); no cost plan is timed for sharded layers yet: every layer "
+    "keeps its largest allowed block within the memory budget, fused into its weight (as with max_overhead=None)."
+)
 
 
 def all_plain_warning(plan: Plan) -> str:

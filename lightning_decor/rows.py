@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,7 +23,6 @@ __all__ = [
     "RowBuffer",
     "RowSource",
     "Sampling",
-    "SharedInputs",
     "conv_output_positions",
     "conv_output_sizes",
     "conv_patch_index",
@@ -149,7 +147,7 @@ class Sampling:
         collect: bool = False,
     ) -> None:
         self.fraction, self.max_rows, self.generator, self.collect = fraction, max_rows, generator, collect
-        self.inputs: SharedInputs | None = None  # while set, every training forward's input is noted there
+        self.inputs: Any = None  # while set (lightning_decor.sharing.SharedInputs), training forwards note inputs there
         self._tables: dict[Any, Any] = {}
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
@@ -249,68 +247,6 @@ class RowBuffer:
         if not rows:
             return None
         return rows[0] if len(rows) == 1 else torch.cat([r.to(rows[0].dtype) for r in rows])
-
-
-class SharedInputs:
-    """Which row buffers' layers read the very same input tensor in the training forwards noted since the last
-    :meth:`reset` (the q, k and v projections of an attention block, the gate and up projections of a gated MLP):
-    such layers see the same rows, so one ``R`` serves them all. Told by the tensor's identity (the same object,
-    unchanged in place), never by shapes or values: two layers on different tensors of equal shape are never grouped.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the forwards noted so far."""
-        self._open: dict[int, tuple[weakref.ref[Tensor], int, list[RowBuffer]]] = {}
-        self._reads: list[list[RowBuffer]] = []  # the buffers that read one tensor, per tensor read
-
-    def note(self, buffer: RowBuffer, x: Tensor) -> None:
-        """A training forward of ``buffer``'s layer read ``x``."""
-        entry = self._open.get(id(x))
-        if entry is None or entry[0]() is not x or entry[1] != x._version:  # another tensor (an id reused)
-            entry = (weakref.ref(x), x._version, [])
-            self._open[id(x)] = entry
-            self._reads.append(entry[2])
-        entry[2].append(buffer)
-
-    @property
-    def noted(self) -> bool:
-        """Whether any forward was noted."""
-        return bool(self._reads)
-
-    def _companions(self) -> tuple[dict[int, set[frozenset[int]]], dict[int, RowBuffer]]:
-        seen: dict[int, set[frozenset[int]]] = {}  # per buffer, the sets of buffers it read a tensor with
-        order: dict[int, RowBuffer] = {}
-        for readers in self._reads:
-            ids = frozenset(id(b) for b in readers)
-            for b in readers:
-                seen.setdefault(id(b), set()).add(ids)
-                order.setdefault(id(b), b)
-        return seen, order
-
-    def groups(self) -> list[list[RowBuffer]]:
-        """Groups of two or more buffers whose layers, in every forward noted, read a tensor that all of them and
-        no other layer read (first-noted order)."""
-        seen, order = self._companions()
-        groups, done = [], set()
-        for key in order:
-            reads = seen[key]
-            if len(reads) != 1 or key in done:  # read with different companions: no group
-                continue
-            ids = next(iter(reads))
-            if len(ids) > 1 and all(seen[i] == reads for i in ids):
-                groups.append([order[i] for i in order if i in ids])
-                done |= ids
-        return groups
-
-    def together(self, a: RowBuffer, b: RowBuffer) -> bool:
-        """Whether the layers of ``a`` and ``b`` read only tensors they both read, in the forwards noted (or neither
-        was called)."""
-        seen, _ = self._companions()
-        reads_a, reads_b = seen.get(id(a), set()), seen.get(id(b), set())
-        return reads_a == reads_b and all(id(a) in ids and id(b) in ids for ids in reads_a)
 
 
 # ---------------------------------------------------------------------------------------------- convolution patches

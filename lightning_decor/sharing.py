@@ -1,7 +1,7 @@
 """One ``R`` per input: layers whose forwards read the very same tensor (the q, k and v projections of an attention
 block, the gate and up projections of a gated MLP) see the same rows, compute the same statistics and would converge
 to the same ``R``. :class:`InputSharing` finds them from the first training step's forwards
-(:class:`lightning_decor.rows.SharedInputs`: by the tensor's identity, never by shape), gives each group one ``R``
+(:class:`SharedInputs`: by the tensor's identity, never by shape), gives each group one ``R``
 (the first layer's; the others' ``decor_R`` is that very tensor), one row sample and one update, and says so in the
 plan table. Every later step checks the group again: a layer called without the others (an auxiliary head used on
 some batches), or on another tensor, leaves its group with a copy of the ``R`` reached so far and moves on its own
@@ -16,6 +16,7 @@ still the identity then: plans are applied only before ``R`` moves).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,72 @@ from torch import Tensor
 
 from lightning_decor.layers import DecorrelatedLayer, LastDimRows
 from lightning_decor.plan import Plan
-from lightning_decor.rows import RowBuffer, Sampling, SharedInputs
+from lightning_decor.rows import RowBuffer, Sampling
 from lightning_decor.update import device_runs
 
-__all__ = ["InputSharing"]
+__all__ = ["InputSharing", "SharedInputs"]
+
+
+class SharedInputs:
+    """Which row buffers' layers read the very same input tensor in the training forwards noted since the last
+    :meth:`reset` (the q, k and v projections of an attention block, the gate and up projections of a gated MLP):
+    such layers see the same rows, so one ``R`` serves them all. Told by the tensor's identity (the same object,
+    unchanged in place), never by shapes or values: two layers on different tensors of equal shape are never grouped.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the forwards noted so far."""
+        self._open: dict[int, tuple[weakref.ref[Tensor], int, list[RowBuffer]]] = {}
+        self._reads: list[list[RowBuffer]] = []  # the buffers that read one tensor, per tensor read
+
+    def note(self, buffer: RowBuffer, x: Tensor) -> None:
+        """A training forward of ``buffer``'s layer read ``x``."""
+        entry = self._open.get(id(x))
+        if entry is None or entry[0]() is not x or entry[1] != x._version:  # another tensor (an id reused)
+            entry = (weakref.ref(x), x._version, [])
+            self._open[id(x)] = entry
+            self._reads.append(entry[2])
+        entry[2].append(buffer)
+
+    @property
+    def noted(self) -> bool:
+        """Whether any forward was noted."""
+        return bool(self._reads)
+
+    def _companions(self) -> tuple[dict[int, set[frozenset[int]]], dict[int, RowBuffer]]:
+        seen: dict[int, set[frozenset[int]]] = {}  # per buffer, the sets of buffers it read a tensor with
+        order: dict[int, RowBuffer] = {}
+        for readers in self._reads:
+            ids = frozenset(id(b) for b in readers)
+            for b in readers:
+                seen.setdefault(id(b), set()).add(ids)
+                order.setdefault(id(b), b)
+        return seen, order
+
+    def groups(self) -> list[list[RowBuffer]]:
+        """Groups of two or more buffers whose layers, in every forward noted, read a tensor that all of them and
+        no other layer read (first-noted order)."""
+        seen, order = self._companions()
+        groups, done = [], set()
+        for key in order:
+            reads = seen[key]
+            if len(reads) != 1 or key in done:  # read with different companions: no group
+                continue
+            ids = next(iter(reads))
+            if len(ids) > 1 and all(seen[i] == reads for i in ids):
+                groups.append([order[i] for i in order if i in ids])
+                done |= ids
+        return groups
+
+    def together(self, a: RowBuffer, b: RowBuffer) -> bool:
+        """Whether the layers of ``a`` and ``b`` read only tensors they both read, in the forwards noted (or neither
+        was called)."""
+        seen, _ = self._companions()
+        reads_a, reads_b = seen.get(id(a), set()), seen.get(id(b), set())
+        return reads_a == reads_b and all(id(a) in ids and id(b) in ids for ids in reads_a)
 
 
 class InputSharing:

@@ -20,6 +20,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from lightning_decor.distributed import all_gather_rows
 from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
 from lightning_decor.layers import DecorrelatedLayer
 
-__all__ = ["NULL_RESET_EVERY", "BatchedUpdate", "Stack"]
+__all__ = ["grad_scale", "NULL_RESET_EVERY", "BatchedUpdate", "Stack"]
 
 NULL_RESET_EVERY = 20
 """Every this many updates, each block's ``R`` on its input's null space is put back to the identity's
@@ -267,3 +268,37 @@ class BatchedUpdate:
         with float32_matmul():
             per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), stack.segment, len(rows))
         return new, per_layer[:, 0] / stack.sizes, per_layer[:, 1] > 0
+
+
+def grad_scale(scaler: Any) -> Tensor | None:
+    """A copy of a ``torch.amp.GradScaler``'s scale, on its device (``GradScaler.get_scale()`` reads it back to the
+    host), or ``None`` (no scaler, disabled, or before its first ``scale``). ``update()`` multiplies the scale by its
+    ``backoff_factor < 1`` exactly when the step was skipped, so ``grad_scale(scaler) < before`` after
+    ``scaler.update()`` tells a skipped step on the device: pass it as ``Decorrelator.step(skip=...)``."""
+    scale = getattr(scaler, "_scale", None)  # the scaler's own scale tensor (no public one without a host read)
+    return scale.clone() if isinstance(scale, Tensor) else None
+
+
+class SkipWatch:
+    """Whether a ``GradScaler`` skipped an optimizer step since the last :meth:`take`, as a device tensor (never read
+    on the host): its scale falls exactly when a step is skipped. For ``Decorrelator.step(skip=...)``."""
+
+    def __init__(self) -> None:
+        self._scale: Tensor | None = None  # the scale before the last optimizer step noted
+        self._dropped: Tensor | None = None  # whether it fell between two noted steps
+
+    def note(self, scaler: Any) -> None:
+        """Before each optimizer step (and in :meth:`take`): the scaler's scale, and whether it fell since the last."""
+        scale = grad_scale(scaler)
+        if scale is not None and self._scale is not None:
+            dropped = scale < self._scale
+            self._dropped = dropped if self._dropped is None else self._dropped | dropped
+        self._scale = scale
+
+    def take(self, scaler: Any) -> Tensor | None:
+        """After the last optimizer step: whether one of the noted steps was skipped (``None`` without a scaler);
+        starts anew."""
+        self.note(scaler)
+        dropped = self._dropped
+        self._scale = self._dropped = None
+        return dropped

@@ -106,6 +106,15 @@ def test_every_linear_projection_of_bert_llama_and_vit_is_decorrelated(name: str
     dec.step()
     assert dec.updates == 1 and all(layer.decor_buffer.seen_count == 0 for layer in dec.layers.values())  # all taken
     assert torch.isfinite(dec.last_losses).all()  # every layer saw rows: each one's forward is called
+    # the projections that read one tensor share one R: q, k, v of every attention (and gate, up of Llama's MLP)
+    blocks = {"bert": "bert.encoder.layer.{}.attention.self.", "llama": "model.layers.{}.self_attn.",
+              "vit": "vit.encoder.layer.{}.attention.attention."}[name]  # fmt: skip
+    q, k, v = ("q_proj", "k_proj", "v_proj") if name == "llama" else ("query", "key", "value")
+    expected = {blocks.format(i) + p: blocks.format(i) + q for i in range(2) for p in (k, v)}
+    if name == "llama":
+        expected |= {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+    assert dec.shared == expected
+    assert all(dec.layers[f].decor_R is dec.layers[leader].decor_R for f, leader in expected.items())
 
 
 def test_correlation_picture_rows_of_conv1d_are_its_input_vectors() -> None:

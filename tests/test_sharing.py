@@ -184,3 +184,19 @@ def test_a_layer_called_apart_leaves_its_group_with_the_r_reached_so_far() -> No
     assert dec.last_losses is not None and torch.isnan(dec.last_losses[1])  # aux had no rows of its own
     step(2, aux=True)  # its own rows from now on
     assert not torch.equal(model.aux.decor_R, after_first)
+
+
+def test_the_scale_benchmark_counts_the_memory_of_r_as_written_out() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "benchmarks"))
+    import scale
+
+    rows = {(r["model"], r["world"]): r for r in scale.memory_table()}
+    llama = rows[("llama-7b", 1)]  # 32 blocks: q, k, v, o, gate, up of width 4096; down of 11008; float32 R
+    assert llama["dense_each_GiB"] * 2**30 == 32 * (6 * 4096**2 + 11008**2) * 4
+    assert llama["dense_shared_GiB"] * 2**30 == 32 * (3 * 4096**2 + 11008**2) * 4  # q/k/v one R, gate/up one R
+    sharded = rows[("llama-7b", 8)]
+    assert sharded["planned_GiB"] <= sharded["budget_GiB"] == 4 * 4 * 6_738_415_616 / 8 / 2**30
+    assert rows[("gpt2-small", 1)]["dense_each_GiB"] * 2**30 == 12 * (3 * 768**2 + 3072**2) * 4

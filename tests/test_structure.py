@@ -60,6 +60,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
             "plan",
             "planner",
             "rows",
+            "update",
         },
         True,
     ),
