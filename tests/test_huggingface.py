@@ -108,8 +108,8 @@ def test_every_linear_projection_of_bert_llama_and_vit_is_decorrelated(name: str
     assert torch.isfinite(dec.last_losses).all()  # every layer saw rows: each one's forward is called
     # the projections that read one tensor share one R: q, k, v of every attention (and gate, up of Llama's MLP)
     blocks = {"bert": "bert.encoder.layer.{}.attention.self.", "llama": "model.layers.{}.self_attn.",
-              "vit": "vit.encoder.layer.{}.attention.attention."}[name]  # fmt: skip
-    q, k, v = ("q_proj", "k_proj", "v_proj") if name == "llama" else ("query", "key", "value")
+              "vit": "vit.layers.{}.attention."}[name]  # fmt: skip
+    q, k, v = ("query", "key", "value") if name == "bert" else ("q_proj", "k_proj", "v_proj")
     expected = {blocks.format(i) + p: blocks.format(i) + q for i in range(2) for p in (k, v)}
     if name == "llama":
         expected |= {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
