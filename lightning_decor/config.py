@@ -61,7 +61,9 @@ class DecorConfig:
         """Refuse (``ValueError`` naming the first that differs) a checkpoint whose plan was made with other
         :meth:`plan_arguments`."""
         for name, now in self.plan_arguments(pinned).items():
-            then = saved.get(name) if name in saved or name == "plan" else _saved(_DEFAULT_OF[name])  # older files
+            if name not in saved and name != "plan":  # an argument newer than the checkpoint: its plan is applied
+                continue
+            then = saved.get(name)
             if name == "plan" and isinstance(now, dict):
                 now = {n: list(v) for n, v in now.items()}
                 then = then if then == "auto" else {n: list(v) for n, v in (then or {}).items()}
@@ -111,7 +113,6 @@ _CHECKS: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(DecorConfig)}
 """The defaults of :class:`DecorConfig`, for the front-ends' signatures."""
-_DEFAULT_OF = DEFAULTS  # what a checkpoint written before an argument existed was made with
 
 
 class Configured:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parameter import is_lazy
 
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
@@ -60,6 +60,18 @@ from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate, grad_scale
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
+
+
+def _whole(weight: Tensor) -> Tensor:
+    """A copy of ``weight`` on the CPU, whole: a sharded weight is gathered (every process calls ``state_dict``; a
+    checkpoint keeps one process's copy)."""
+    whole = weight.detach().full_tensor() if isinstance(weight, DTensor) else weight.detach()
+    return whole.cpu().clone()
+
+
+def _identity(R: Tensor) -> bool:
+    """Whether ``R`` (dense or a stack of blocks) is the identity (one host read, when an engine is made)."""
+    return torch.equal(R, torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R))
 
 
 def _rank_zero() -> bool:
@@ -183,8 +195,10 @@ class Decorrelator(Configured):
         self._buffers = {name: RowBuffer(self._sampling) for name in self.layers}
         for name, layer in self.layers.items():
             layer.decor_buffer = self._buffers[name]
-        # Layers reading the same input share one R, found in the first training step (only fresh layers: R = I).
-        self._sharing = InputSharing(self._sampling, detect=len(self._fresh) > 1)
+        # Layers reading the same input share one R, found in the first training step: only while their R is still
+        # the identity (fresh, or patched before and never moved: under ModelParallelStrategy the callback patches)
+        shareable = set(self._fresh) | {n for n, m in self.layers.items() if n not in new and _identity(m.decor_R)}
+        self._sharing = InputSharing(self._sampling, shareable)
         self._pool = False
         self._counts_group: Any = None
         self._direct_reads: DirectReads | None = None
@@ -202,7 +216,7 @@ class Decorrelator(Configured):
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
                 self._buffers[name].observer = Observer(self.planner, name, self._sampling)
         else:
-            self._set_plan(current_plan(self.layers, self.memory_budget()))
+            self._set_plan(current_plan(self.layers, self.memory_budget(), self._moved()))
         self.start(self._device)
 
     @property
@@ -329,7 +343,7 @@ class Decorrelator(Configured):
             warnings.warn(SHARDED_NO_PLAN, stacklevel=2)
             self.planner = None
             self._end_observing()
-            self._set_plan(current_plan(self.layers, self.memory_budget()))
+            self._set_plan(current_plan(self.layers, self.memory_budget(), self._moved()))
             self.update_(skip=skip)
         elif planner is not None and not planner.done:
             action = planner.step()
@@ -374,8 +388,7 @@ class Decorrelator(Configured):
 
     def _share(self) -> None:
         """Before an update takes rows: one R for the layers that read the same input (:mod:`~.sharing`)."""
-        agreed, any_of = (self._agreed, self._any_rank)
-        if self._sharing.resolve(self.layers, self._buffers, agreed, any_of):
+        if self._sharing.resolve(self.layers, self._buffers, self._agreed, self._any_rank, pooled=self._pool):
             self._tie()
 
     def _tie(self) -> None:
@@ -396,6 +409,10 @@ class Decorrelator(Configured):
         the model's parameters in this process: its shards under FSDP2)."""
         local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if not is_lazy(p)]
         return self.config.memory_budget(sum(p.numel() * p.element_size() for p in local))
+
+    def _moved(self) -> frozenset[str]:
+        """Layers patched before this engine: their ``R`` may have moved, so no plan changes their layout."""
+        return frozenset(self.layers) - set(self._fresh)
 
     def _sharded(self) -> bool:
         """Whether FSDP2 shards the layers' weights (``DTensor`` outside the forward)."""
@@ -504,7 +521,7 @@ class Decorrelator(Configured):
             "R": {
                 name: layer.decor_R.detach().cpu().clone() for name, layer in self._sharing.updated(self.layers).items()
             },
-            "raw_weight": {name: layer.weight.detach().cpu().clone() for name, layer in self.layers.items()},
+            "raw_weight": {name: _whole(layer.weight) for name, layer in self.layers.items()},
             "generator": self._generators.state_dict(),
             "sharing": self._sharing.state_dict(),
             "updates": self.updates,
@@ -524,8 +541,8 @@ class Decorrelator(Configured):
         self._update.drop()  # an update launched on the side stream still reads R: dropped, R restored below
         self.config.check_resume(state["arguments"], None if self._pinned is None else self._pinned.layouts())
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
-        if state.get("sharing") is not None:
-            self._sharing.load_state_dict(state["sharing"], self._buffers)
+        # a state saved before groups existed: each layer keeps its own R (theirs may differ)
+        self._sharing.load_state_dict(state.get("sharing") or {"followers": {}, "formed": True}, self._buffers)
         restorable, skipped = saved_layers(self._sharing.updated(self.layers), state["R"], state["raw_weight"], plan)
         restorable.update({name: (None, state["raw_weight"][name]) for name in self._sharing.followers
                            if name in state["raw_weight"]})  # fmt: skip
@@ -550,7 +567,12 @@ class Decorrelator(Configured):
             layer = self.layers[name]
             if R is not None:  # a follower's R is its leader's
                 layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
-            layer.weight.copy_(raw)
+            weight = layer.weight
+            if isinstance(weight, DTensor) and not isinstance(raw, DTensor):  # this process's rows of the whole W
+                raw = distribute_tensor(
+                    raw.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+                )
+            weight.copy_(raw)
         generator = state.get("generator")
         if isinstance(generator, Tensor):  # saved before generators were kept per device: a CPU run's (no GPU ran)
             generator = {"seed": self._generators.seed, "states": {"cpu": generator}}

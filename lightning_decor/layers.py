@@ -153,7 +153,7 @@ class DecorrelatedLayer(nn.Module):
     @property
     def decor_features(self) -> int:
         """``D``, the width of the rows ``R`` acts on: all input features (of every group for a grouped conv)."""
-        return self.weight[0].numel() * self.decor_groups
+        return self.decor_group_features * self.decor_groups
 
     @property
     def decor_out_features(self) -> int:
@@ -163,7 +163,7 @@ class DecorrelatedLayer(nn.Module):
     @property
     def decor_group_features(self) -> int:
         """``d``, the input features of one group (``in_features``, or ``C_in / groups * prod(kernel_size)``)."""
-        return self.weight[0].numel()
+        return math.prod(self.weight.shape[1:])  # from the shape: indexing a sharded weight would gather it
 
     @property
     def decor_groups(self) -> int:
@@ -173,7 +173,7 @@ class DecorrelatedLayer(nn.Module):
     @property
     def decor_unit(self) -> int:
         """Features per input channel (``prod(kernel_size)``, 1 for Linear): blocks hold whole channels."""
-        return self.weight[0, 0].numel() if self.weight.dim() > 2 else 1
+        return math.prod(self.weight.shape[2:])  # 1 for Linear
 
     @property
     def decor_input_side(self) -> bool:

@@ -7,6 +7,7 @@ kind is chosen (:class:`LayerKind`, registered by the kinds' own modules: attent
 from __future__ import annotations
 
 import fnmatch
+import math
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -156,8 +157,8 @@ def largest_block(module: Any, max_features: int | None = None, block_size: int 
     """The largest block of ``R`` a layer may have: its per-group ``d`` (a dense ``R``), or with ``block_size``
     (and ``max_features`` for layers wider than it) the largest equal split into whole input channels of at most
     that many features. ``None`` when no such block exists and a dense ``R`` is not allowed either."""
-    d = module.weight[0].numel()  # per group: in_features, or C_in / groups * prod(kernel_size)
-    unit = module.weight[0, 0].numel() if module.weight.dim() > 2 else 1
+    d = math.prod(module.weight.shape[1:])  # per group: in_features, or C_in / groups * prod(kernel_size)
+    unit = math.prod(module.weight.shape[2:])  # 1 for Linear
     wide = max_features is not None and d > max_features
     cap = min(c for c in (block_size, max_features if wide else None, d) if c is not None)
     ladder = block_ladder(d, unit, cap, min_block=1)
@@ -211,7 +212,7 @@ def _skip_reason(
     if not isinstance(getattr(module, kind.weight, None), nn.Parameter):
         return "its weight is not a Parameter (computed elsewhere)"
     weight = kind.matrix(module)
-    d = weight[0].numel()
+    d = math.prod(weight.shape[1:])
     if max_features is not None and d > max_features and (block_size is None or block_size > max_features):
         mib = d * d * 4 / 2**20
         return (
@@ -314,7 +315,11 @@ def decorrelate(
     block_size = check_positive_int("block_size", block_size)
     patched: list[str] = []
     eligible = eligible_layers(model, max_features, block_size)
-    sharded = [name for name, reason in eligible.items() if reason == SHARDED]
+    sharded = [  # what would be patched but was sharded first (not what include/exclude leave out, nor frozen ones)
+        name for name, reason in eligible.items()
+        if reason == SHARDED and (inc is None or matches(name, inc)) and not (exc and matches(name, exc))
+        and model.get_submodule(name).weight.requires_grad
+    ]  # fmt: skip
     if sharded:
         raise ValueError(
             f"Expected the layers patched before `fully_shard`, but {sharded} are sharded already (FSDP's subclass of "
@@ -386,16 +391,18 @@ def fold_layer(layer: DecorrelatedLayer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- plans on layers
-def current_plan(layers: dict[str, DecorrelatedLayer], max_memory: int | None = None) -> Plan:
+def current_plan(
+    layers: dict[str, DecorrelatedLayer], max_memory: int | None = None, fixed: frozenset[str] = frozenset()
+) -> Plan:
     """The plan of ``layers`` as they are now (as :func:`decorrelate` made them: largest allowed block, fused; a
     layer still computing its plain function, ``R = I`` before a plan, counts as fused), with smaller blocks (or
     plain) where ``R`` and the update's workspace would take more than ``max_memory`` bytes
-    (:func:`lightning_decor.plan.fit_memory`)."""
+    (:func:`lightning_decor.plan.fit_memory`; ``fixed``: layers whose ``R`` has moved, counted but kept)."""
     ladders = {n: block_ladder(m.decor_group_features, m.decor_unit, m.decor_block_size) for n, m in layers.items()}
     choice = {name: 0 for name in layers}
     if max_memory is not None:
         shapes = {name: (m.decor_group_features, m.decor_groups) for name, m in layers.items()}
-        choice = fit_memory(choice, ladders, shapes, max_memory)
+        choice = fit_memory(choice, ladders, shapes, max_memory, fixed)
     plan = Plan({}, max_memory=max_memory)
     for name, layer in layers.items():
         ladder, k = ladders[name], choice[name]

@@ -384,11 +384,15 @@ def memory_bytes(layers: list[tuple[int, int]]) -> int:
 
 
 def fit_memory(
-    choice: dict[str, int], ladders: dict[str, list[int]], shapes: dict[str, tuple[int, int]], max_memory: int
+    choice: dict[str, int],
+    ladders: dict[str, list[int]],
+    shapes: dict[str, tuple[int, int]],
+    max_memory: int,
+    fixed: frozenset[str] = frozenset(),
 ) -> dict[str, int]:
     """The ladder positions (``len(ladder)``: plain) of ``choice`` moved down until :func:`memory_bytes` fits
     ``max_memory``: each move takes the layer that saves the most bytes per unit of decorrelation it loses to its
-    next smaller block (or plain). ``shapes``: each layer's ``(d, groups)``."""
+    next smaller block (or plain). ``shapes``: each layer's ``(d, groups)``; ``fixed``: layers counted, not moved."""
     choice = dict(choice)
 
     def entry(name: str, k: int) -> tuple[int, int]:
@@ -399,7 +403,7 @@ def fit_memory(
         best: tuple[float, str] | None = None
         for name, k in choice.items():
             ladder, d = ladders[name], shapes[name][0]
-            if k >= len(ladder):
+            if k >= len(ladder) or name in fixed:
                 continue
             saved = entry(name, k)[1] - entry(name, k + 1)[1]
             lost = _value(ladder[k], d) - (_value(ladder[k + 1], d) if k + 1 < len(ladder) else 0.0)

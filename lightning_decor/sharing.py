@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_decor.layers import DecorrelatedLayer, LastDimRows
-from lightning_decor.plan import Plan
+from lightning_decor.plan import Plan, r_bytes
 from lightning_decor.rows import RowBuffer, Sampling
 from lightning_decor.update import device_runs
 
@@ -99,14 +99,15 @@ class InputSharing:
     Args:
         sampling: The engine's :class:`lightning_decor.rows.Sampling`; with ``detect``, every training forward's
             input is noted there until :meth:`resolve`.
-        detect: Look for groups (only layers whose ``R`` is still the identity may share).
+        shareable: The layers that may share (their ``R`` is still the identity); fewer than two: no groups.
     """
 
-    def __init__(self, sampling: Sampling, detect: bool) -> None:
+    def __init__(self, sampling: Sampling, shareable: set[str]) -> None:
         self.followers: dict[str, str] = {}
         self._sampling = sampling
-        self._formed = not detect  # groups are formed once, at the first step (R is still the identity then)
-        sampling.inputs = SharedInputs() if detect else None
+        self._shareable = shareable
+        self._formed = len(shareable) < 2  # groups are formed once, at the first step (R is still the identity then)
+        sampling.inputs = None if self._formed else SharedInputs()
         self._expand: Tensor | None = None  # per layer, the position of the layer whose results are its own
 
     def resolve(
@@ -115,12 +116,15 @@ class InputSharing:
         buffers: dict[str, RowBuffer],
         agree: Callable[[Any], Any],
         any_rank: Callable[[list[bool]], list[bool]],
+        pooled: bool = False,
     ) -> bool:
         """Before each update takes rows, from the forwards noted since the last call: at the first, form the groups
         (``agree``: rank 0's on every rank); then check every group (``any_rank``: a layer leaves its group when any
-        process saw it called apart). Returns whether a group was formed or left."""
+        process saw it called apart, or when one of the two trains and the other is frozen). Returns whether a group
+        was formed or left. ``pooled``: every process calls it at the same points, noted forwards or not (the
+        collectives)."""
         detector = self._sampling.inputs
-        if detector is None or not detector.noted:
+        if detector is None or (not detector.noted and not pooled):
             return False
         changed = False
         if not self._formed:
@@ -128,13 +132,18 @@ class InputSharing:
             names = {id(buffer): name for name, buffer in buffers.items()}
             groups = agree([[names[id(b)] for b in group if id(b) in names] for group in detector.groups()])
             for members in groups:
+                members = [name for name in members if name in self._shareable]
                 for name in members[1:]:
                     if _can_share(layers[name], layers[members[0]]):
                         self.followers[name] = members[0]
                         buffers[name].keeps = False
                         buffers[name].take()  # the leader's rows are the same rows
                         changed = True
-        apart = [not detector.together(buffers[name], buffers[leader]) for name, leader in self.followers.items()]
+        apart = [
+            not detector.together(buffers[name], buffers[leader])
+            or layers[name].weight.requires_grad != layers[leader].weight.requires_grad  # one frozen: its own R
+            for name, leader in self.followers.items()
+        ]
         for name, leaves in zip(list(self.followers), any_rank(apart) if self.followers else [], strict=True):
             if leaves:
                 self._leave(name, layers, buffers)
@@ -149,7 +158,8 @@ class InputSharing:
         layer, source = layers.get(name), layers.get(self.followers.pop(name))
         if layer is not None and source is not None and layer.decor_R is source.decor_R:
             layer.decor_R = source.decor_R.clone()
-        buffers[name].keeps = True
+        if name in buffers:  # not a layer the plan folded
+            buffers[name].keeps = True
 
     def tie(
         self, layers: dict[str, DecorrelatedLayer], buffers: dict[str, RowBuffer], plan: Plan | None
@@ -158,6 +168,9 @@ class InputSharing:
         (a plan): groups whose blocks now differ, or whose leader is gone, are separated (each layer its own
         identity ``R``); the plan's entries of the others say whose ``R`` they read."""
         ties = []
+        for name, p in (plan.layers if plan is not None else {}).items():  # a layer that left: its own R again
+            if p.note.startswith("shares the R of") and name not in self.followers:
+                plan.layers[name] = dataclasses.replace(p, memory=r_bytes(p.d, p.groups, p.block), note="")
         for name, leader in list(self.followers.items()):
             layer, source = layers.get(name), layers.get(leader)
             if layer is None or source is None or layer.decor_R.shape != source.decor_R.shape:

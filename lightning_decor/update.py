@@ -160,7 +160,12 @@ class BatchedUpdate:
         stacked = [(name, stack) for stack in self.stacks for name in stack.names]
         return (
             len(stacked) == len(layers)
-            and all(name in layers and layers[name].decor_R._base is stack.R for name, stack in stacked)
+            and all(
+                name in layers
+                and layers[name].decor_R._base is stack.R
+                and layers[name].decor_R.device == stack.R.device
+                for name, stack in stacked
+            )
             and all(layer.decor_R is source.decor_R for layer, source in self.ties)
         )
 

@@ -69,32 +69,51 @@ def main(rank: int, world: int, init_file: str, out: Path) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = make_model()
-    dec = Decorrelator(model, **ARGUMENTS)  # patched first, then sharded
     mesh = init_device_mesh("cpu", (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # a sum: each rank's loss carries 1 / GLOBAL_BATCH
-            module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     local = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        x, y = batch(step)
-        x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
-        loss = F.cross_entropy(model(x), y, reduction="sum") / GLOBAL_BATCH
-        optimizer.zero_grad()
-        loss.backward()
-        dec.step()
-        optimizer.step()
+
+    def sharded() -> tuple[Net, Decorrelator, torch.optim.Optimizer]:
+        model = make_model()
+        dec = Decorrelator(model, **ARGUMENTS)  # patched first, then sharded
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # a sum: each rank's loss carries 1 / GLOBAL_BATCH
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        return model, dec, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(model: Net, dec: Decorrelator, optimizer: torch.optim.Optimizer, steps: range) -> None:
+        for step in steps:
+            x, y = batch(step)
+            x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+            loss = F.cross_entropy(model(x), y, reduction="sum") / GLOBAL_BATCH
+            optimizer.zero_grad()
+            loss.backward()
+            dec.step()
+            optimizer.step()
+
+    model, dec, optimizer = sharded()
+    train(model, dec, optimizer, range(STEPS // 2))
+    saved = dec.state_dict()  # every rank: the whole raw W
+    weights = {key: value.clone() for key, value in model.state_dict().items()}  # the fused shards, copied
+    train(model, dec, optimizer, range(STEPS // 2, STEPS))
+    again, dec_again, optimizer_again = sharded()  # a resume: the sharded checkpoint, then the engine's state
+    again.load_state_dict(weights)
+    dec_again.load_state_dict(saved)
+    train(again, dec_again, optimizer_again, range(STEPS // 2, STEPS))
+    resumed = {
+        name: torch.equal(p.full_tensor(), q.full_tensor())
+        for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True)
+    } | {f"{n}.R": torch.equal(R, decorrelation_matrices(again)[n]) for n, R in decorrelation_matrices(model).items()}
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     result = {
         "R": {name: R.clone() for name, R in decorrelation_matrices(model).items()},
         "fused": {name: layer.decor_fused_weight().full_tensor() for name, layer in dec.layers.items()},
         "state": get_model_state_dict(model, options=full),  # gathered whole (rank 0 holds it)
         "updates": dec.updates,
+        "resumed": resumed,  # bit for bit as the uninterrupted run
     }
     dcp.save(model.state_dict(), checkpoint_id=str(out / "dcp"))  # sharded, W @ R under the plain keys
     dec.fold()
@@ -140,29 +159,48 @@ def lightning_main(out: Path) -> None:
         def train_dataloader(self) -> DataLoader:
             # this rank's half of every global batch, in order (use_distributed_sampler=False): the pooled rows are
             # the global batch's rows in its order
-            half, rank = GLOBAL_BATCH // 2, self.global_rank
-            xs, ys = zip(*(batch(step) for step in range(STEPS)))
+            half, rank, epoch = GLOBAL_BATCH // 2, self.global_rank, self.current_epoch  # epochs of STEPS // 2 steps
+            xs, ys = zip(*(batch(step) for step in range(epoch * STEPS // 2, (epoch + 1) * STEPS // 2)))
             x, y = (torch.cat([t[rank * half : (rank + 1) * half] for t in ts]) for ts in (xs, ys))
             return DataLoader(TensorDataset(x, y), batch_size=half)
 
     class Keep(pl.Callback):
+        """R and the raw weights (gathered) at the first training batch and at the end of training."""
+
+        def state(self, pl_module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
+            R = {name: R.clone() for name, R in decorrelation_matrices(pl_module.net).items()}
+            W = {name: p.full_tensor().clone() for name, p in pl_module.net.named_parameters()}
+            return {"R": R, "W": W}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+            if not hasattr(self, "start"):
+                self.start = self.state(pl_module)
+
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.R = {name: R.clone() for name, R in decorrelation_matrices(pl_module.net).items()}
+            self.end = self.state(pl_module)
 
     torch.set_num_threads(1)
-    keep = Keep()
-    arguments = {k: v for k, v in ARGUMENTS.items()}
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=STEPS, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[DecorrelationCallback(**arguments), keep],
-    )  # fmt: skip
+
+    def trainer(steps: int, *callbacks: pl.Callback) -> pl.Trainer:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        return pl.Trainer(
+            accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, use_distributed_sampler=False,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=list(callbacks), reload_dataloaders_every_n_epochs=1,
+        )  # fmt: skip
+
+    kept_first, kept = Keep(), Keep()
+    first = trainer(STEPS // 2, DecorrelationCallback(**ARGUMENTS, fold_on_fit_end=False), kept_first)
+    first.fit(Lit())
+    first.save_checkpoint(out / "ckpt")  # the strategy's sharded save: W @ R of the shards, and the callback's state
+    second = trainer(STEPS, DecorrelationCallback(**ARGUMENTS), kept)
     model = Lit()
-    trainer.fit(model)
+    second.fit(model, ckpt_path=out / "ckpt")  # resumed at step 3, to step 6, folded at the end
     folded = {name: p.full_tensor() for name, p in model.net.named_parameters()}
     classes = {name: type(m).__name__ for name, m in model.net.named_modules()}
-    result = {"R": keep.R, "folded": folded, "classes": classes, "updates": trainer.callbacks[0].updates}
-    torch.save(result, out / f"lightning_rank{trainer.global_rank}.pt")
+    result = {"first": kept_first.end, "resumed": kept.start, "end": kept.end, "folded": folded, "classes": classes,
+              "updates": second.callbacks[0].updates}  # fmt: skip
+    torch.save(result, out / f"lightning_rank{second.global_rank}.pt")
     dist.barrier()  # then tear the groups down before exit (gloo's threads otherwise abort at interpreter exit)
     dist.destroy_process_group()
 

@@ -53,13 +53,15 @@ def test_a_resume_is_refused_when_an_argument_that_shaped_the_plan_differs() -> 
         DecorConfig(max_overhead=0.1, include=["net.*"]).check_resume(saved, {"0": [4, "fused"]})
 
 
-def test_the_memory_budget_is_checked_and_a_checkpoint_without_it_resumes_with_the_default() -> None:
+def test_the_memory_budget_is_checked_and_a_checkpoint_from_before_it_resumes() -> None:
     with pytest.raises(ValueError, match=r"Expected `max_memory` to be a finite number > 0, but got -1"):
         DecorConfig(max_memory=-1)
     assert DecorConfig(max_memory=None).memory_budget(10**12) is None
     assert DecorConfig(max_memory=2.0).memory_budget(10**12) == 2 * 10**12
     assert DecorConfig(max_memory=2.0).memory_budget(1000) == 2**30  # at least 1 GiB: small models keep a dense R
     older = {k: v for k, v in DecorConfig().plan_arguments(None).items() if k != "max_memory"}  # before it existed
-    DecorConfig().check_resume(older, None)
-    with pytest.raises(ValueError, match=r"`max_memory` is 8.0 here and was 4.0 in the checkpoint"):
-        DecorConfig(max_memory=8.0).check_resume(older, None)
+    DecorConfig().check_resume(older, None)  # its plan is applied as saved: any budget resumes it
+    DecorConfig(max_memory=None).check_resume(older, None)
+    saved = DecorConfig(max_memory=2.0).plan_arguments(None)
+    with pytest.raises(ValueError, match=r"`max_memory` is 8.0 here and was 2.0 in the checkpoint"):
+        DecorConfig(max_memory=8.0).check_resume(saved, None)

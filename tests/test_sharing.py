@@ -200,3 +200,38 @@ def test_the_scale_benchmark_counts_the_memory_of_r_as_written_out() -> None:
     sharded = rows[("llama-7b", 8)]
     assert sharded["planned_GiB"] <= sharded["budget_GiB"] == 4 * 4 * 6_738_415_616 / 8 / 2**30
     assert rows[("gpt2-small", 1)]["dense_each_GiB"] * 2**30 == 12 * (3 * 768**2 + 3072**2) * 4
+
+
+def test_a_plan_folding_a_layer_of_a_group_and_a_frozen_layer_leave_it() -> None:
+    model, _ = pair()
+    layouts = {"q": ("fused", D), "k": ("plain", 0), "v": ("fused", D), "o": ("fused", D)}
+    layouts |= {"gate": ("fused", D), "up": ("fused", D), "down": ("fused", 2 * D)}
+    plan = Plan.from_state_dict({
+        "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
+                           c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
+                   for n, (f, b) in layouts.items()},
+        "source": "pinned",
+    })  # fmt: skip
+    dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=plan)
+    train(model, dec, range(20))  # k folded by the plan: no longer a layer, no longer in the group
+    assert dec.shared == {"v": "q", "up": "gate"} and type(model.k) is nn.Linear
+    model.up.weight.requires_grad_(False)  # frozen: its W @ R must stay as it is
+    frozen = model.up.decor_fused_weight().detach().clone()
+    train(model, dec, range(20, 22))
+    assert dec.shared == {"v": "q"} and model.up.decor_R is not model.gate.decor_R
+    assert torch.equal(model.up.decor_fused_weight(), frozen)
+
+
+def test_a_state_saved_before_groups_existed_keeps_an_r_for_each_layer() -> None:
+    model, _ = pair()
+    dec = Decorrelator(model, **ARGUMENTS)
+    train(model, dec, range(2))
+    state = copy.deepcopy(dec.state_dict())
+    state.pop("sharing")  # as written before this version: every layer's own R
+    state["R"] |= {name: dec.layers[leader].decor_R.detach().clone() for name, leader in dec.shared.items()}
+    again = Block()
+    again.load_state_dict(model.state_dict())
+    resumed = Decorrelator(again, **ARGUMENTS)
+    resumed.load_state_dict(state)
+    train(again, resumed, range(2, 4))
+    assert resumed.shared == {} and again.k.decor_R is not again.q.decor_R  # never tied after R moved
