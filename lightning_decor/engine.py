@@ -400,6 +400,28 @@ class Decorrelator(Configured):
         return any_rank(flags, self._counts_group) if self._pool else flags
 
     @property
+    def exchange(self) -> str:
+        """What processes exchange before each update: ``"auto"`` (the cheaper of the two for the rows and blocks
+        at hand, :func:`lightning_decor.distributed.cheaper_exchange`; rows for ``normalize="layer"``), ``"rows"``
+        (all-gather of the sampled rows) or ``"moments"`` (all-reduce of each block's ``x^T x``). Both give the same
+        ``R`` up to float rounding. :attr:`exchanged` says what the last update used."""
+        return self._update.exchange
+
+    @exchange.setter
+    def exchange(self, value: str) -> None:
+        if value not in ("auto", "rows", "moments") or (value == "moments" and self.config.normalize == "layer"):
+            raise ValueError(
+                "Expected `exchange` in ('auto', 'rows', 'moments') ('rows' or 'auto' with normalize='layer'), "
+                f"but got {value!r}."
+            )
+        self._update.exchange = value
+
+    @property
+    def exchanged(self) -> str | None:
+        """What the last update exchanged between processes (``None``: one process, or no update yet)."""
+        return self._update.exchanged
+
+    @property
     def shared(self) -> dict[str, str]:
         """``{layer: the layer whose R it reads}``: layers that read the same input share one ``R``."""
         return dict(self._sharing.followers)

@@ -282,6 +282,7 @@ def block_decorrelation_step(
     normalize: str = "none",
     segment: Tensor | None = None,
     layers: int = 1,
+    moments: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One step of the rule for a stack of ``G`` independent diagonal blocks, out of place, without a host sync.
 
@@ -311,28 +312,41 @@ def block_decorrelation_step(
             :func:`decorrelation_update_`).
         segment: ``(G,)`` the layer (``0 .. layers - 1``) of each block, for ``"layer"``; ``None``: one layer.
         layers: The number of layers in ``segment``.
+        moments: Instead of rows (``x`` is then ``None``): each block's ``x^T x`` ``(G, b, b)`` summed over
+            ``counts`` rows (what processes exchange instead of rows: the rule reads the rows only through
+            ``C = R (x^T x / n) R^T``); not with ``"layer"``, which needs pairs of rows.
 
     Returns:
         ``(new, loss, ok)``: the new blocks ``(G, b, b)`` (equal to ``R`` where a block does not move), each block's
         loss before the step ``(G,)``, and ``ok`` ``(G,)``: ``False`` where the statistics or the new block are
         non-finite (the block keeps its ``R``).
     """
+    if moments is not None and (normalize == "layer" or counts is None):
+        raise ValueError("Expected rows for normalize='layer' (its divisor pairs rows), and `counts` with `moments`.")
     with float32_matmul():  # the statistics in full float32, also where TF32 is allowed
-        return _block_step(R, x, counts, lr, kappa, normalize, segment, layers)
+        return _block_step(R, x, counts, lr, kappa, normalize, segment, layers, moments)
 
 
 def _block_step(
-    R: Tensor, x: Tensor, counts: Tensor | None, lr: float, kappa: float, normalize: str, segment: Tensor | None,
-    layers: int,
+    R: Tensor, x: Tensor | None, counts: Tensor | None, lr: float, kappa: float, normalize: str,
+    segment: Tensor | None, layers: int, moments: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    n, b = x.shape[1], x.shape[2]
-    # z = x R^T / sqrt(n_g), so that C = z^T z; the scale goes on the smaller operand (R when b <= n).
-    inv = _row_scale(n, counts, x.dtype)
-    z = torch.bmm(x, (R * inv).transpose(1, 2)) if b <= n else torch.bmm(x, R.transpose(1, 2)) * inv
-    c, m, through_rows = _second_moments(z)
+    if moments is not None:  # C = R (x^T x / n) R^T: the same C the rows give, from what processes summed
+        assert counts is not None
+        scaled = moments / counts.clamp_min(1).to(moments.dtype)[:, None, None]
+        z, inv = None, 1.0
+        m = torch.bmm(torch.bmm(R, scaled), R.transpose(1, 2))
+        c, through_rows = torch.diagonal(m, dim1=1, dim2=2), False
+    else:
+        assert x is not None
+        n, b = x.shape[1], x.shape[2]
+        # z = x R^T / sqrt(n_g), so that C = z^T z; the scale goes on the smaller operand (R when b <= n).
+        inv = _row_scale(n, counts, x.dtype)
+        z = torch.bmm(x, (R * inv).transpose(1, 2)) if b <= n else torch.bmm(x, R.transpose(1, 2)) * inv
+        c, m, through_rows = _second_moments(z)
     fro_sq = _frobenius_sq(m)
     loss = _block_losses(c, kappa, fro_sq)
-    layer = _layer_divisors(z, inv, counts, segment, layers) if normalize == "layer" else None
+    layer = _layer_divisors(z, inv, counts, segment, layers) if normalize == "layer" and z is not None else None
     step = _step_sizes(lr, c, fro_sq, normalize, layer)  # lr, or (G,) per block
     per_block = isinstance(step, Tensor)
     eta = step[:, None] if per_block else step
@@ -349,7 +363,7 @@ def _block_step(
     # non-finite statistics is replaced by its R below: z and C need no masking (bmm keeps blocks apart).
     new = R * scale[:, :, None]
     # C @ R through the rows, z^T @ (z @ R): 4 n b^2 flops per block, no b x b x b product
-    left, right = (z.transpose(1, 2), torch.bmm(z, R)) if through_rows else (m, R)
+    left, right = (z.transpose(1, 2), torch.bmm(z, R)) if through_rows and z is not None else (m, R)
     if per_block:  # each block's own step on the smaller factor
         new.baddbmm_(left, right * (-(1.0 - kappa) * step)[:, None, None])
     else:
@@ -366,7 +380,9 @@ NULL_EPS = 1e-4
 
 
 @torch.no_grad()
-def reset_null_space(R: Tensor, x: Tensor, counts: Tensor | None, *, eps: float = NULL_EPS) -> Tensor:
+def reset_null_space(
+    R: Tensor, x: Tensor | None, counts: Tensor | None, *, eps: float = NULL_EPS, moments: Tensor | None = None
+) -> Tensor:
     """Put the part of each block ``R`` that acts on the null space of its input back to the identity's, out of place.
 
     The rule multiplies the whole ``R`` from the left, also its part on directions the input never takes. When the
@@ -387,18 +403,25 @@ def reset_null_space(R: Tensor, x: Tensor, counts: Tensor | None, *, eps: float 
         x: Raw input rows per block, ``(G, n, b)``; rows past ``counts[g]`` must be zero.
         counts: ``(G,)`` real rows of each block (``None``: all ``n``).
         eps: The threshold relative to the mean eigenvalue of ``C_x``, > 0.
+        moments: Instead of rows (``x`` is then ``None``): each block's ``x^T x`` over ``counts`` rows.
 
     Returns:
         The new blocks ``(G, b, b)`` in ``R``'s dtype.
     """
     if not (isinstance(eps, float) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"Expected `eps` to be a finite float > 0, but got {eps!r}.")
-    n, b = x.shape[1], x.shape[2]
-    xd = x.double()  # float64: no TF32 here
-    rows = torch.full((x.shape[0],), n, device=x.device) if counts is None else counts
-    C = torch.bmm(xd.transpose(1, 2), xd) / rows.clamp_min(1).double()[:, None, None]
+    b = R.shape[-1]
+    if moments is not None:
+        assert counts is not None
+        rows, M = counts, moments.double()
+    else:
+        assert x is not None
+        xd = x.double()  # float64: no TF32 here
+        rows = torch.full((x.shape[0],), x.shape[1], device=x.device) if counts is None else counts
+        M = torch.bmm(xd.transpose(1, 2), xd)
+    C = M / rows.clamp_min(1).double()[:, None, None]
     e = eps * torch.diagonal(C, dim1=1, dim2=2).sum(1) / b  # (G,)
-    eye = torch.eye(b, dtype=torch.float64, device=x.device)
+    eye = torch.eye(b, dtype=torch.float64, device=R.device)
     L, info = torch.linalg.cholesky_ex(C + torch.where(e > 0, e, 1.0)[:, None, None] * eye)
     # e (C_x + e I)^-1 = e L^-T L^-1 by two triangular solves: no error check, so no host sync (a batched
     # cholesky_solve reads its status back to the host); a failed factorisation is caught by `info` below.

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_decor.config import DecorConfig
-from lightning_decor.distributed import all_gather_rows
+from lightning_decor.distributed import all_gather_rows, cheaper_exchange, gather_counts
 from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
 from lightning_decor.layers import DecorrelatedLayer
 
@@ -87,6 +87,9 @@ class BatchedUpdate:
         self.stacks: list[Stack] = []
         # (layer, the layer whose R it reads): layers on the same input share one R, not updated on their own
         self.ties: list[tuple[DecorrelatedLayer, DecorrelatedLayer]] = []
+        # Across processes: exchange rows ("rows"), or each block's x^T x ("moments"), or the cheaper ("auto")
+        self.exchange = "auto"
+        self.exchanged: str | None = None  # what the last pooled update exchanged
         self.stream: torch.cuda.Stream | None = None
         # A launched update: per stack the new R, per layer the losses and skips, and the event after which they are
         # complete (on the side stream).
@@ -199,20 +202,30 @@ class BatchedUpdate:
         context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         try:
             with context, torch.autocast(self.device.type, enabled=False):
-                if pool:  # every rank updates from the rows of all ranks, so R stays equal
+                totals: list[int] | None = None  # with moments: each layer's rows over all ranks
+                if pool:  # every rank updates from the rows (or their moments) of all ranks, so R stays equal
                     all_layers = list(layers.values())
-                    rows = all_gather_rows(
-                        rows,
-                        [layer.decor_features for layer in all_layers],
-                        dtype=functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in all_layers]),
-                        device=all_layers[0].decor_R.device,
-                        counts_group=counts_group,
-                    )
+                    widths = [layer.decor_features for layer in all_layers]
+                    device = all_layers[0].decor_R.device
+                    per_rank = gather_counts(rows, device=device, counts_group=counts_group)
+                    exchange = self.exchange
+                    if exchange == "auto":
+                        blocks = [(s.R.shape[0], s.block_size) for s in self.stacks]
+                        exchange = "rows" if config.normalize == "layer" else cheaper_exchange(per_rank, widths, blocks)
+                    self.exchanged = exchange
+                    if exchange == "moments":
+                        totals = [sum(ns[i] for ns in per_rank) for i in range(len(rows))]
+                    else:
+                        dtype = functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in all_layers])
+                        rows = all_gather_rows(rows, widths, dtype=dtype, device=device, counts_group=counts_group,
+                                               per_rank=per_rank)  # fmt: skip
                 staged = []
                 last = torch.empty(len(layers), dtype=torch.float32, device=self.device)
                 skipped = torch.zeros(len(layers), dtype=torch.long, device=self.device)
                 for stack in self.stacks:
-                    new, losses, bad = self._step(stack, [rows[i] for i in stack.index], config, null_reset)
+                    stack_rows = [rows[i] for i in stack.index]
+                    stack_totals = None if totals is None else [totals[i] for i in stack.index]
+                    new, losses, bad = self._step(stack, stack_rows, config, null_reset, stack_totals)
                     staged.append(new)
                     position = stack.position.to(self.device, non_blocking=True)  # stacks on other GPUs: async
                     last.index_copy_(0, position, losses.to(self.device, non_blocking=True).float())
@@ -222,6 +235,32 @@ class BatchedUpdate:
                 self._event, self._event_device = torch.cuda.Event(), stream.device
                 self._event.record(stream)
         self._staged, self._results = staged, (last, skipped)
+
+    @staticmethod
+    def _moments_step(
+        stack: Stack, rows: list[Tensor | None], config: DecorConfig, null_reset: bool, totals: list[int], n: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_step` from the moments: this process's ``x^T x`` of each block, summed over the processes, and
+        the pooled row counts (every process takes part, with or without rows of its own)."""
+        b, R = stack.block_size, stack.R
+        x = torch.zeros(R.shape[0], max(n, 1), b, dtype=R.dtype, device=R.device)
+        for r, o, g in zip(rows, stack.offsets, stack.block_counts, strict=True):
+            if r is not None and r.shape[0]:
+                x[o : o + g, : r.shape[0]].copy_(r.reshape(r.shape[0], g, b).transpose(0, 1))
+        with float32_matmul():
+            moments = torch.bmm(x.transpose(1, 2), x)  # (G, b, b); zero rows add nothing
+        dist.all_reduce(moments)
+        per_block = stack.per_block(tuple(totals))
+        start = R
+        if null_reset:
+            start = reset_null_space(R, None, per_block, moments=moments)
+        new, loss, ok = block_decorrelation_step(
+            start, None, per_block, lr=config.decor_lr, kappa=config.kappa, normalize=config.normalize,
+            segment=stack.segment, layers=len(rows), moments=moments,
+        )  # fmt: skip
+        with float32_matmul():
+            per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), stack.segment, len(rows))
+        return new, per_layer[:, 0] / stack.sizes, per_layer[:, 1] > 0
 
     @torch.no_grad()
     def commit(self, skip: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
@@ -245,12 +284,16 @@ class BatchedUpdate:
 
     @staticmethod
     def _step(
-        stack: Stack, rows: list[Tensor | None], config: DecorConfig, null_reset: bool
+        stack: Stack, rows: list[Tensor | None], config: DecorConfig, null_reset: bool, totals: list[int] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One batched step of a stack; returns the new blocks and per layer (loss, skipped) tensors."""
+        """One batched step of a stack; returns the new blocks and per layer (loss, skipped) tensors. With
+        ``totals`` (each layer's rows over all processes), from each block's ``x^T x`` summed over the processes
+        (one all-reduce) instead of their rows."""
         b, R = stack.block_size, stack.R
         counts = tuple(0 if r is None else r.shape[0] for r in rows)
         n = max(counts)
+        if totals is not None:
+            return BatchedUpdate._moments_step(stack, rows, config, null_reset, totals, n)
         if n == 0:
             nan = torch.full((len(rows),), math.nan, device=R.device)
             return R, nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)

@@ -205,8 +205,35 @@ def lightning_main(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def exchange_main(rank: int, world: int, init_file: str, out: Path) -> None:
+    """R only (no optimizer), from each rank's half of every global batch, with rows gathered and with moments
+    all-reduced: what each gives, and what "auto" chose."""
+    from lightning_decor import Decorrelator, decorrelation_matrices
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    local = GLOBAL_BATCH // world
+    result: dict[str, object] = {}
+    for mode in ("rows", "moments", "auto"):
+        model = make_model()
+        dec = Decorrelator(model, **{**ARGUMENTS, "normalize": "spectral"})
+        dec.exchange = mode
+        for step in range(STEPS):
+            x, _ = batch(step)
+            model(x[rank * local : (rank + 1) * local]).sum().backward()  # rows; the weights stay
+            dec.step()
+            model.zero_grad()
+        result[mode] = {name: R.clone() for name, R in decorrelation_matrices(model).items()}
+        result[f"{mode}_exchanged"] = dec.exchanged
+    torch.save(result, out / f"exchange_rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "lightning":
         lightning_main(Path(sys.argv[2]))
+    elif sys.argv[1] == "exchange":
+        exchange_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]))
     else:
         main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))

@@ -437,3 +437,14 @@ def test_without_a_time_budget_the_memory_budget_still_shapes_r(monkeypatch: pyt
     assert tight.plan is not None and tight.plan.layers["0"].form == "plain" and list(tight.layers) == ["2"]
     free = Decorrelator(nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 2)), max_overhead=None, max_memory=None)
     assert free.plan is not None and free.plan.layers["0"].block == 64
+
+
+def test_the_exchange_between_processes_is_checked() -> None:
+    dec = Decorrelator(nn.Linear(4, 4), max_overhead=None)
+    assert dec.exchange == "auto" and dec.exchanged is None  # one process: nothing exchanged
+    dec.exchange = "moments"
+    with pytest.raises(ValueError, match=r"Expected `exchange` in \('auto', 'rows', 'moments'\).* but got 'all'"):
+        dec.exchange = "all"
+    layered = Decorrelator(nn.Linear(4, 4), max_overhead=None, normalize="layer")
+    with pytest.raises(ValueError, match=r"but got 'moments'"):
+        layered.exchange = "moments"

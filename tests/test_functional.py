@@ -10,6 +10,7 @@ import torch
 
 from lightning_decor import functional
 from lightning_decor.functional import (
+    block_decorrelation_step,
     decorrelation_loss,
     decorrelation_update_,
     fuse_weight,
@@ -380,3 +381,25 @@ def test_the_statistics_take_full_float32_products_whatever_the_matmul_precision
         cuda.fp32_precision, mkldnn.fp32_precision = saved
         torch.set_float32_matmul_precision("highest")
     assert seen and set(seen) == {("ieee", "ieee")}
+
+
+@pytest.mark.parametrize("normalize", ["none", "trace", "spectral"])
+def test_the_step_from_summed_moments_is_the_step_from_the_rows(normalize: str) -> None:
+    # What processes exchange instead of rows: x^T x per block and the row counts. The rule reads the rows only
+    # through C = R (x^T x / n) R^T, so both give the same step (float64: rounding only, measured <= 4e-16).
+    g = torch.Generator().manual_seed(0)
+    R = torch.eye(5, dtype=torch.float64) + 0.1 * torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 9, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    counts = torch.tensor([9, 6, 0])
+    x[1, 6:] = 0  # padding past each block's count
+    x[2] = 0
+    moments = x.transpose(1, 2) @ x  # summed over the rows (over processes, by an all-reduce)
+    rows = block_decorrelation_step(R, x, counts, lr=0.05, kappa=0.5, normalize=normalize)
+    summed = block_decorrelation_step(R, None, counts, lr=0.05, kappa=0.5, normalize=normalize, moments=moments)
+    for a, b in zip(rows, summed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, equal_nan=True)
+    assert torch.equal(summed[0][2], R[2])  # no rows: the block keeps its R
+    torch.testing.assert_close(reset_null_space(R, x, counts), reset_null_space(R, None, counts, moments=moments),
+                               rtol=0, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Expected rows for normalize='layer'"):
+        block_decorrelation_step(R, None, counts, lr=0.05, kappa=0.5, normalize="layer", moments=moments)

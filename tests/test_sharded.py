@@ -164,3 +164,44 @@ def test_tensor_parallelism_is_refused_naming_the_size() -> None:
         ValueError, match=r"data parallelism \(FSDP2\) only: expected `tensor_parallel_size=1`, but got 2"
     ):
         DecorrelationCallback().setup(trainer, sharded_run.make_model(), "fit")  # type: ignore[arg-type]
+
+
+def test_rows_and_moments_exchanges_give_the_same_r_and_auto_takes_the_cheaper(tmp_path: Path) -> None:
+    init = tmp_path / "init"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, sharded_run.__file__, "exchange", str(rank), str(WORLD), str(init), str(tmp_path)],
+            env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in range(WORLD)
+    ]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)[-4000:]
+    ranks = [torch.load(tmp_path / f"exchange_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    # the one-process reference: R from the whole global batch of every step
+    model = sharded_run.make_model()
+    dec = Decorrelator(model, **sharded_run.ARGUMENTS)
+    for step in range(sharded_run.STEPS):
+        x, _ = sharded_run.batch(step)
+        model(x).sum().backward()
+        dec.step()
+        model.zero_grad()
+    for name, R in decorrelation_matrices(model).items():
+        assert (R - torch.eye(R.shape[-1])).abs().max() > 1e-2, name
+        for mode in ("rows", "moments", "auto"):
+            assert torch.equal(ranks[0][mode][name], ranks[1][mode][name]), (mode, name)  # equal on every rank
+            # float32: the moments are summed per rank, then across ranks (measured <= 1e-6 here)
+            torch.testing.assert_close(ranks[0][mode][name], R, rtol=0, atol=1e-5, msg=f"{mode} {name}")
+    assert ranks[0]["rows_exchanged"] == "rows" and ranks[0]["moments_exchanged"] == "moments"
+    # 16 rows of at most 12 features per layer and step against twice the blocks' 6 x 6 and 12 x 12 moments:
+    # rows 8 * (6 + 12 + 6 + 12 + 6) * 2 = 672 numbers, moments 2 * (3 * 36 + 2 * 144) = 792: rows are cheaper
+    assert ranks[0]["auto_exchanged"] == "rows"
+
+
+def test_the_cheaper_exchange_is_chosen_from_counts_widths_and_blocks() -> None:
+    from lightning_decor.distributed import cheaper_exchange
+
+    # two ranks, one layer of 768 features in one dense block: rows 2 * n * 768 against moments 2 * 768^2
+    assert cheaper_exchange([[100], [100]], [768], [(1, 768)]) == "rows"  # 153,600 < 1,179,648
+    assert cheaper_exchange([[800], [800]], [768], [(1, 768)]) == "moments"  # 1,228,800 > 1,179,648
+    assert cheaper_exchange([[800], [800]], [768], [(12, 64)]) == "moments"  # blocks of 64: 98,304
