@@ -230,8 +230,55 @@ def exchange_main(rank: int, world: int, init_file: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def fabric_main(out: Path) -> None:
+    """The README's Fabric path with FSDP2: the ``Decorrelator`` after ``fabric.launch()`` and before
+    ``fabric.setup``, whose ``parallelize_fn`` shards the patched model."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from lightning_decor import Decorrelator, decorrelation_matrices
+
+    def parallelize(model: nn.Module, mesh: object) -> nn.Module:
+        mesh = mesh["data_parallel"]  # type: ignore[index]
+        for block in model.blocks:  # type: ignore[union-attr]
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    torch.set_num_threads(1)
+    strategy = ModelParallelStrategy(parallelize, data_parallel_size=2, tensor_parallel_size=1)
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+    model = make_model()
+    dec = Decorrelator(model, **ARGUMENTS)
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    rank, local = fabric.global_rank, GLOBAL_BATCH // 2
+    for step in range(STEPS):
+        x, y = batch(step)
+        loss = F.cross_entropy(model(x[rank * local : (rank + 1) * local]), y[rank * local : (rank + 1) * local],
+                               reduction="sum") / GLOBAL_BATCH  # fmt: skip
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        dec.step()
+        optimizer.step()
+    R = {name: R.clone() for name, R in decorrelation_matrices(model).items()}
+    dec.fold()
+    folded = {name: p.full_tensor() for name, p in model.named_parameters()}
+    torch.save({"R": R, "folded": folded, "updates": dec.updates}, out / f"fabric_rank{rank}.pt")
+    fabric.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "lightning":
+    if sys.argv[1] == "fabric":
+        fabric_main(Path(sys.argv[2]))
+    elif sys.argv[1] == "lightning":
         lightning_main(Path(sys.argv[2]))
     elif sys.argv[1] == "exchange":
         exchange_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]))

@@ -118,6 +118,24 @@ def test_model_parallel_strategy_trains_resumes_and_folds_as_one_process(tmp_pat
     torch.testing.assert_close(plain(x), model(x).detach(), **TOL)
 
 
+def test_fabric_with_fsdp2_trains_as_one_process_and_folds(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, sharded_run.__file__, "fabric", str(tmp_path)], env=checkout_env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    ranks = [torch.load(tmp_path / f"fabric_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    model, dec = reference()
+    assert all(r["updates"] == dec.updates for r in ranks)
+    for name, R in decorrelation_matrices(model).items():  # Fabric's module wraps the model: "_forward_module."
+        (got,) = [value for key, value in ranks[0]["R"].items() if key.endswith(name)]
+        (other,) = [value for key, value in ranks[1]["R"].items() if key.endswith(name)]
+        assert torch.equal(got, other), name
+        torch.testing.assert_close(got, R, **TOL, msg=name)
+    dec.fold()
+    for name, p in model.named_parameters():
+        (got,) = [value for key, value in ranks[0]["folded"].items() if key.endswith(name)]
+        torch.testing.assert_close(got, p.detach(), **TOL, msg=name)
+
+
 def test_a_distributed_checkpoint_of_a_sharded_run_loads_into_the_plain_model(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 

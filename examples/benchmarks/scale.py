@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_decor import Decorrelator
 from lightning_decor.config import MIN_MEMORY
+from lightning_decor.distributed import cheaper_exchange
 from lightning_decor.plan import block_ladder, fit_memory, memory_bytes, r_bytes
 
 # (layers, width, MLP width, projections reading the block's first input, ... the second input): per block, every
@@ -59,6 +60,20 @@ def memory_table() -> list[dict]:
                 parameters_GiB=4 * shape["parameters"] / 2**30 / world,
             ))  # fmt: skip
     return rows
+
+
+def exchange_table() -> list[dict]:
+    """What the processes would exchange before an update of GPT-2 small's layers (dense R) for a few world sizes and
+    rows per process and layer (64: the default ``max_rows`` per forward; 819: 10 % of 8 x 1024 tokens; 8192: all)."""
+    shape = SHAPES["gpt2-small"]
+    widths = [shape["width"][p] for _ in range(shape["blocks"]) for g in shape["groups"] for p in g]
+    blocks = [(widths.count(d), d) for d in sorted(set(widths))]
+    out = []
+    for world in (2, 8, 64):
+        for rows in (64, 819, 8192):
+            choice = cheaper_exchange([[rows] * len(widths)] * world, widths, blocks)
+            out.append(dict(world=world, rows_per_process=rows, exchange=choice))
+    return out
 
 
 class Block(nn.Module):
@@ -137,13 +152,16 @@ def main() -> None:
         work = r["dense_shared_with_workspace_GiB"]
         dense = f"{r['dense_each_GiB']:>7.2f}G {r['dense_shared_GiB']:>8.2f}G {work:>7.2f}G"
         print(f"{r['model']:<11} {r['world']:>5} {dense} {sizes}  {r['blocks']}")
+    exchanges = exchange_table()
+    for e in exchanges:
+        print(f"gpt2-small, {e['world']:>2} processes, {e['rows_per_process']:>5} rows each: {e['exchange']}")
     steps = timed_steps(args.width, args.blocks, args.batch, args.seq, args.steps, args.repeats)
     for r in steps:
         print(f"{r['method']:<26} median step {r['median_step_ms']:7.1f} ms, to its BP {r['ratio_to_bp']:.3f}")
     if args.out:
         cpu = platform.processor() or platform.machine()
         machine = dict(cpu=cpu, torch=torch.__version__, threads=torch.get_num_threads())
-        result = dict(machine=machine, args=vars(args), memory=table, steps=steps)
+        result = dict(machine=machine, args=vars(args), memory=table, exchange=exchanges, steps=steps)
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 
