@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_decor.functional import decorrelate_rows, fuse_weight
+from lightning_decor.functional import fuse_weight
 from lightning_decor.layers import LastDimRows
 from lightning_decor.patching import LayerKind, patched_subclass, register_kind
 
@@ -63,7 +63,7 @@ class DecorrelatedHFConv1D(LastDimRows):
         if self._decor_keep(x):
             self._decor_capture(x)
         if self.decor_form == "input":
-            x = decorrelate_rows(x, self.decor_R)
+            x = self._decor_input_rows(x)
         weight = self.decor_fused_weight() if self.decor_form == "fused" else self.weight
         size_out = x.size()[:-1] + (self.nf,)
         return torch.addmm(self.bias, x.reshape(-1, x.size(-1)), weight).view(size_out)  # as Conv1D computes

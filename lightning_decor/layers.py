@@ -16,6 +16,7 @@ so checkpoints load into the unpatched model and predict the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ class DecorrelatedLayer(nn.Module):
         decor_form: How the layer applies ``R``: ``"fused"`` (one layer call with ``W @ R``), ``"input"`` (``R`` on
             the input rows, then the plain layer) or ``"identity"`` (the plain layer: only while ``R`` is still the
             identity, e.g. before a plan is made). All three compute ``W (R x)``.
+        decor_rows_once: For layers sharing one ``R`` (:mod:`lightning_decor.sharing`), the input form's ``z = x R^T``
+            computed once per input for all of them; ``None``: each computes its own.
         decor_buffer: Where training forwards report (:class:`lightning_decor.rows.RowBuffer`: the rows kept for
             the next update, the planner's observer), given by the engine; ``None``: nothing is kept.
     """
@@ -92,11 +95,18 @@ class DecorrelatedLayer(nn.Module):
     decor_R: Tensor
     decor_form: str
     decor_buffer: RowBuffer | None
+    decor_rows_once: Callable[[Tensor, Tensor], Tensor] | None
 
     def _decor_init(self, block: int | None = None) -> None:
         self.register_buffer("decor_R", torch.empty(0), persistent=False)
         self.decor_set_layout_(block, "fused")
         self.decor_buffer = None
+        self.decor_rows_once = None  # layers sharing an R (lightning_decor.sharing): z = x R^T once per input
+
+    def _decor_input_rows(self, x: Tensor) -> Tensor:
+        """``z = x R^T`` of the input form, once for the layers that share this ``R`` and read this ``x``."""
+        once = self.decor_rows_once
+        return decorrelate_rows(x, self.decor_R) if once is None else once(x, self.decor_R)
 
     def decor_unpatch_(self) -> None:
         """Back to the plain class, every ``decor_*`` attribute removed (the weight as it is: :func:`fold` writes
@@ -327,7 +337,7 @@ class DecorrelatedLinear(LastDimRows, nn.Linear):
         if self._decor_keep(input):
             self._decor_capture(input)
         if self.decor_form == "input":
-            input = decorrelate_rows(input, self.decor_R)  # noqa: A001 (z = x R^T, then the plain layer)
+            input = self._decor_input_rows(input)  # noqa: A001 (z = x R^T, then the plain layer)
         return F.linear(input, self._decor_weight(), self.bias)
 
 

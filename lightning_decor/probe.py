@@ -134,7 +134,7 @@ def _input_seconds(
     w = layer.weight.detach()
     twin = copy.copy(layer)  # shares the parameters; its own layout, no rows kept
     twin._buffers = dict(layer._buffers)
-    twin.decor_buffer = None
+    twin.decor_buffer = twin.decor_rows_once = None
     twin.decor_set_layout_(b if b is not None else layer.decor_unit, "input" if b is not None else "identity")
     x = _random_input(shape, fmt, w, gen).requires_grad_(True)
     params = [p for p in (twin.weight, twin.bias) if p is not None]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_decor.functional import decorrelate_rows
 from lightning_decor.layers import DecorrelatedLayer, LastDimRows
 from lightning_decor.plan import Plan, r_bytes
 from lightning_decor.rows import RowBuffer, Sampling
@@ -91,6 +92,29 @@ class SharedInputs:
         seen, _ = self._companions()
         reads_a, reads_b = seen.get(id(a), set()), seen.get(id(b), set())
         return reads_a == reads_b and all(id(a) in ids and id(b) in ids for ids in reads_a)
+
+
+class RowsOnce:
+    """The input form's ``z = x R^T`` computed once for the layers of one group (they read the same ``x`` and ``R``):
+    the first layer's forward computes it, the next ones reuse it while ``x`` and ``R`` are unchanged (same objects,
+    same versions). Kept by weak references: it never holds an activation alive (in a forward without autograd
+    every layer computes its own again)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int, int] | None = None
+        self._x: weakref.ref[Tensor] | None = None
+        self._z: weakref.ref[Tensor] | None = None
+
+    @torch.compiler.disable  # weak references and a host-side cache: eager, as the row capture
+    def __call__(self, x: Tensor, R: Tensor) -> Tensor:
+        key = (id(x), x._version, id(R), R._version)
+        if key == self._key and self._x is not None and self._x() is x and self._z is not None:
+            z = self._z()
+            if z is not None:
+                return z
+        z = decorrelate_rows(x, R)
+        self._key, self._x, self._z = key, weakref.ref(x), weakref.ref(z)
+        return z
 
 
 class InputSharing:
@@ -168,6 +192,8 @@ class InputSharing:
         (a plan): groups whose blocks now differ, or whose leader is gone, are separated (each layer its own
         identity ``R``); the plan's entries of the others say whose ``R`` they read."""
         ties = []
+        for layer in layers.values():
+            layer.decor_rows_once = None
         for name, p in (plan.layers if plan is not None else {}).items():  # a layer that left: its own R again
             if p.note.startswith("shares the R of") and name not in self.followers:
                 plan.layers[name] = dataclasses.replace(p, memory=r_bytes(p.d, p.groups, p.block), note="")
@@ -177,6 +203,9 @@ class InputSharing:
                 self._leave(name, layers, buffers)
                 continue
             ties.append((layer, source))
+            if source.decor_rows_once is None:
+                source.decor_rows_once = RowsOnce()
+            layer.decor_rows_once = source.decor_rows_once  # one z for the group's input-form layers
             if plan is not None and name in plan.layers:
                 plan.layers[name] = dataclasses.replace(plan.layers[name], memory=0, note=f"shares the R of {leader}")
         self._expand = None

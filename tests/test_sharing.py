@@ -235,3 +235,36 @@ def test_a_state_saved_before_groups_existed_keeps_an_r_for_each_layer() -> None
     resumed.load_state_dict(state)
     train(again, resumed, range(2, 4))
     assert resumed.shared == {} and again.k.decor_R is not again.q.decor_R  # never tied after R moved
+
+
+def test_in_the_input_form_the_group_computes_z_once_per_input(monkeypatch) -> None:
+    from lightning_decor import layers as layers_module
+    from lightning_decor import sharing as sharing_module
+
+    def pinned() -> Plan:
+        layouts = {n: ("input", D) for n in ("q", "k", "v")} | {"o": ("fused", D), "gate": ("input", D)}
+        layouts |= {"up": ("input", D), "down": ("fused", 2 * D)}
+        return Plan.from_state_dict({
+            "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
+                               c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
+                       for n, (f, b) in layouts.items()},
+            "source": "pinned",
+        })  # fmt: skip
+
+    model, reference = pair()
+    dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned())
+    ref = Decorrelator(reference, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned())
+    train(model, dec, range(20))
+    train(reference, ref, range(20))
+    assert dec.shared == {"k": "q", "v": "q", "up": "gate"} and ref.shared == {}
+    calls = []
+    for module in (layers_module, sharing_module):
+        real = module.decorrelate_rows
+        monkeypatch.setattr(module, "decorrelate_rows", lambda x, R, real=real: calls.append(x) or real(x, R))
+    x = data(99)
+    out = model(x)
+    out.sum().backward()  # z is kept for the backward by the group's first layer, and reused by the others
+    assert len(calls) == 2  # one z for q, k, v and one for gate, up (the copies model would compute five)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-6)  # what an R each computes
+    for name, layer in ref.layers.items():
+        torch.testing.assert_close(dec.layers[name].decor_R, layer.decor_R, rtol=0, atol=1e-6, msg=name)

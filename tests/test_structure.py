@@ -23,7 +23,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
     "reports": ({"layers", "patching", "plan"}, False),
-    "sharing": ({"layers", "plan", "rows", "update"}, False),
+    "sharing": ({"functional", "layers", "plan", "rows", "update"}, False),
     # the probe, and the planner's bridge to modules
     "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model
