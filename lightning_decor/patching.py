@@ -28,7 +28,8 @@ from lightning_decor.layers import (
     DecorrelatedLayer,
     DecorrelatedLinear,
 )
-from lightning_decor.plan import LayerPlan, Plan, block_ladder, fit_memory, r_bytes
+from lightning_decor.memory import fit_memory, r_bytes
+from lightning_decor.plan import LayerPlan, Plan, block_ladder
 
 __all__ = [
     "AVERAGED",

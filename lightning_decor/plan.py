@@ -30,13 +30,14 @@ weaker ones between channels at a cost that grows with ``b``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning_decor.memory import fit_memory, kept_share, memory_bytes, r_bytes
 
 __all__ = [
     "Costs",
@@ -350,11 +351,6 @@ def candidate_costs(s: LayerShape, costs: Costs, update_every: int = 1) -> list[
     return [_form_costs(s, b, costs, update_every) for b in block_ladder(s.d, s.unit, s.max_block)]
 
 
-def _value(b: int, d: int) -> float:
-    """The share of a layer's decorrelation that blocks of ``b`` of its ``d`` features keep (1 for a dense ``R``)."""
-    return math.log1p(b) / math.log1p(d)
-
-
 def _total(choice: dict[str, int], ladders: dict[str, list[int]], table: dict[str, list[tuple[str, float]]],
            costs: Costs, update_every: int) -> float:  # fmt: skip
     total, blocks = 0.0, set()
@@ -363,56 +359,6 @@ def _total(choice: dict[str, int], ladders: dict[str, list[int]], table: dict[st
             total += table[name][k][1]
             blocks.add(ladders[name][k])
     return total + len(blocks) * costs(0.0, _OPS_GROUP_UPDATE) / update_every
-
-
-R_ITEMSIZE = 4  # R and the statistics are float32
-
-
-def r_bytes(d: int, groups: int, block: int) -> int:
-    """Bytes of a layer's ``R``: ``groups * d / b`` blocks of ``b x b`` (``groups * d * b`` floats)."""
-    return R_ITEMSIZE * groups * d * block
-
-
-def memory_bytes(layers: list[tuple[int, int]]) -> int:
-    """Bytes of the ``R`` of ``layers`` (``(block, bytes of R)`` each) and the update's workspace: the update of the
-    layers sharing a block size forms their second moments and their new ``R`` at once, two more stacks the size of
-    theirs, so the largest such stack counts three times (the sampled rows are not counted)."""
-    stacks: Counter[int] = Counter()
-    for block, size in layers:
-        stacks[block] += size
-    return sum(stacks.values()) + 2 * max(stacks.values(), default=0)
-
-
-def fit_memory(
-    choice: dict[str, int],
-    ladders: dict[str, list[int]],
-    shapes: dict[str, tuple[int, int]],
-    max_memory: int,
-    fixed: frozenset[str] = frozenset(),
-) -> dict[str, int]:
-    """The ladder positions (``len(ladder)``: plain) of ``choice`` moved down until :func:`memory_bytes` fits
-    ``max_memory``: each move takes the layer that saves the most bytes per unit of decorrelation it loses to its
-    next smaller block (or plain). ``shapes``: each layer's ``(d, groups)``; ``fixed``: layers counted, not moved."""
-    choice = dict(choice)
-
-    def entry(name: str, k: int) -> tuple[int, int]:
-        d, groups = shapes[name]
-        return (ladders[name][k], r_bytes(d, groups, ladders[name][k])) if k < len(ladders[name]) else (0, 0)
-
-    while memory_bytes([entry(n, k) for n, k in choice.items() if k < len(ladders[n])]) > max_memory:
-        best: tuple[float, str] | None = None
-        for name, k in choice.items():
-            ladder, d = ladders[name], shapes[name][0]
-            if k >= len(ladder) or name in fixed:
-                continue
-            saved = entry(name, k)[1] - entry(name, k + 1)[1]
-            lost = _value(ladder[k], d) - (_value(ladder[k + 1], d) if k + 1 < len(ladder) else 0.0)
-            if best is None or saved / max(lost, 1e-12) > best[0]:
-                best = (saved / max(lost, 1e-12), name)
-        if best is None:
-            break
-        choice[best[1]] += 1
-    return choice
 
 
 def make_plan(
@@ -473,7 +419,7 @@ def make_plan(
                 k, ladder = choice[s.name], ladders[s.name]
                 for j in range(k + 1, len(ladder) + 1):  # any smaller block, or plain (measured costs need not
                     saving = -change(s.name, k, j)  # fall with the block: tiny blocks can cost more than larger)
-                    lost = _value(ladder[k], s.d) - (_value(ladder[j], s.d) if j < len(ladder) else 0.0)
+                    lost = kept_share(ladder[k], s.d) - (kept_share(ladder[j], s.d) if j < len(ladder) else 0.0)
                     if saving > 0 and (best is None or saving / lost > best[0]):
                         best = (saving / lost, s.name, j, saving)
             if best is None:

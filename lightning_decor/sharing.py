@@ -25,7 +25,8 @@ from torch import Tensor
 
 from lightning_decor.functional import decorrelate_rows
 from lightning_decor.layers import DecorrelatedLayer, LastDimRows
-from lightning_decor.plan import Plan, r_bytes
+from lightning_decor.memory import r_bytes
+from lightning_decor.plan import Plan
 from lightning_decor.rows import RowBuffer, Sampling
 from lightning_decor.update import device_runs
 

@@ -14,16 +14,17 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "functional": (set(), False),
     "config": ({"checks", "functional"}, False),
     "rows": (set(), False),
-    "plan": (set(), False),
+    "memory": (set(), False),
+    "plan": ({"memory"}, False),
     "distributed": (set(), False),
     "layers": ({"functional", "rows"}, False),  # not the cost model
-    "patching": ({"checks", "layers", "plan"}, False),
+    "patching": ({"checks", "layers", "memory", "plan"}, False),
     "attention": ({"layers", "functional", "patching", "rows"}, False),
     "averaging": ({"layers", "patching"}, False),
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
     "reports": ({"layers", "patching", "plan"}, False),
-    "sharing": ({"functional", "layers", "plan", "rows", "update"}, False),
+    "sharing": ({"functional", "layers", "memory", "plan", "rows", "update"}, False),
     # the probe, and the planner's bridge to modules
     "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
     "planner": ({"plan"}, False),  # modules only through callables: its tests need no model

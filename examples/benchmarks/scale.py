@@ -22,7 +22,8 @@ from torch import nn
 from lightning_decor import Decorrelator
 from lightning_decor.config import MIN_MEMORY
 from lightning_decor.distributed import cheaper_exchange
-from lightning_decor.plan import block_ladder, fit_memory, memory_bytes, r_bytes
+from lightning_decor.memory import fit_memory, memory_bytes, r_bytes
+from lightning_decor.plan import block_ladder
 
 # (layers, width, MLP width, projections reading the block's first input, ... the second input): per block, every
 # projection with its input width; groups share an input (q/k/v; gate/up). GPT-2 packs q/k/v in one Conv1D (c_attn).
