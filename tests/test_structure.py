@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_decor"
 # What each module may import from the package (its level and below), and whether it may import Lightning.
 ALLOWED: dict[str, tuple[set[str], bool]] = {
     "checks": (set(), False),
-    "functional": (set(), False),
+    "precision": (set(), False),
+    "functional": ({"precision"}, False),
     "config": ({"checks", "functional"}, False),
     "rows": (set(), False),
     "memory": (set(), False),
