@@ -64,6 +64,16 @@ def pair() -> tuple[Block, Block]:
     return shared, reference
 
 
+def pinned(layouts: dict[str, tuple[str, int]]) -> Plan:
+    """A pinned plan of ``layouts`` (``{layer: (form, block)}``) for :class:`Block`."""
+    return Plan.from_state_dict({
+        "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
+                           c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
+                   for n, (f, b) in layouts.items()},
+        "source": "pinned",
+    })  # fmt: skip
+
+
 def test_projections_of_one_input_share_one_r_and_train_as_if_each_had_its_own() -> None:
     model, reference = pair()
     dec, ref = Decorrelator(model, **ARGUMENTS), Decorrelator(reference, **ARGUMENTS)
@@ -137,12 +147,7 @@ def test_a_plan_giving_the_group_different_blocks_separates_it() -> None:
     model, _ = pair()
     layouts = {name: ("fused", D) for name in ("q", "v", "o")} | {"k": ("fused", D // 2)}
     layouts |= {"gate": ("fused", D), "up": ("fused", D), "down": ("fused", 2 * D)}
-    plan = Plan.from_state_dict({
-        "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
-                           c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
-                   for n, (f, b) in layouts.items()},
-        "source": "pinned",
-    })  # fmt: skip
+    plan = pinned(layouts)
     dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=plan)
     train(model, dec, range(20))
     assert dec.shared == {"v": "q", "up": "gate"}  # k got blocks of 8: its own R
@@ -206,12 +211,7 @@ def test_a_plan_folding_a_layer_of_a_group_and_a_frozen_layer_leave_it() -> None
     model, _ = pair()
     layouts = {"q": ("fused", D), "k": ("plain", 0), "v": ("fused", D), "o": ("fused", D)}
     layouts |= {"gate": ("fused", D), "up": ("fused", D), "down": ("fused", 2 * D)}
-    plan = Plan.from_state_dict({
-        "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
-                           c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
-                   for n, (f, b) in layouts.items()},
-        "source": "pinned",
-    })  # fmt: skip
+    plan = pinned(layouts)
     dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=plan)
     train(model, dec, range(20))  # k folded by the plan: no longer a layer, no longer in the group
     assert dec.shared == {"v": "q", "up": "gate"} and type(model.k) is nn.Linear
@@ -241,19 +241,11 @@ def test_in_the_input_form_the_group_computes_z_once_per_input(monkeypatch) -> N
     from lightning_decor import layers as layers_module
     from lightning_decor import sharing as sharing_module
 
-    def pinned() -> Plan:
-        layouts = {n: ("input", D) for n in ("q", "k", "v")} | {"o": ("fused", D), "gate": ("input", D)}
-        layouts |= {"up": ("input", D), "down": ("fused", 2 * D)}
-        return Plan.from_state_dict({
-            "layers": {n: dict(name=n, form=f, block=b, d=D if n != "down" else 2 * D, rows=0,
-                               c_out=2 * D if n in ("gate", "up") else D, groups=1, cost=0.0)
-                       for n, (f, b) in layouts.items()},
-            "source": "pinned",
-        })  # fmt: skip
-
+    layouts = {n: ("input", D) for n in ("q", "k", "v")} | {"o": ("fused", D), "gate": ("input", D)}
+    layouts |= {"up": ("input", D), "down": ("fused", 2 * D)}
     model, reference = pair()
-    dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned())
-    ref = Decorrelator(reference, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned())
+    dec = Decorrelator(model, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned(layouts))
+    ref = Decorrelator(reference, **(ARGUMENTS | {"max_overhead": 0.1}), plan=pinned(layouts))
     train(model, dec, range(20))
     train(reference, ref, range(20))
     assert dec.shared == {"k": "q", "v": "q", "up": "gate"} and ref.shared == {}
