@@ -402,3 +402,71 @@ def test_the_statistics_stay_in_full_float32_when_tf32_is_allowed() -> None:
     new32, loss32, _ = block_decorrelation_step(R.to(CUDA), x.to(CUDA), None, **args)
     torch.testing.assert_close(loss32.cpu().double(), loss64, rtol=1e-5, atol=0)
     torch.testing.assert_close(new32.cpu().double(), new64, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("launch", [True, False])
+def test_layers_sharing_an_r_never_synchronise_with_the_host(launch: bool) -> None:
+    """A Llama-style block (q/k/v and gate/up share an R; the input form's z once per input): the per-step check of
+    the groups and the per-layer losses of the followers read nothing back to the host."""
+    from test_sharing import Block, data
+
+    torch.manual_seed(0)
+    model = Block().to(CUDA)
+    dec = Decorrelator(model, max_overhead=None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = [data(i).to(CUDA) for i in range(8)]
+
+    def steps(n: int) -> None:
+        for i in range(n):
+            loss = model(inputs[i % 8]).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            if launch:  # the update beside the optimizer step
+                dec.launch()
+                optimizer.step()
+                dec.step()
+            else:
+                dec.step()
+                optimizer.step()
+
+    steps(3)  # the groups, the stacks, the caches
+    assert dec.shared == {"k": "q", "v": "q", "up": "gate"}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(25)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(dec.last_losses).all() and model.k.decor_R is model.q.decor_R
+
+
+def test_fully_shard_on_one_gpu_fuses_and_folds_the_shards() -> None:
+    """FSDP2 on a CUDA mesh of one process: the sharded weights' W @ R (a DTensor on the GPU), the state dict and
+    fold, against the same model unsharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = cnn().to(CUDA)
+        reference = copy.deepcopy(model)
+        dec, ref = Decorrelator(model, max_overhead=None), Decorrelator(reference, max_overhead=None)
+        fully_shard(model, mesh=init_device_mesh("cuda", (1,)))
+        data = TensorDataset(*(t.to(CUDA) for t in images().tensors))
+        plain_loop(model, dec, 5, data, launch=False)
+        plain_loop(reference, ref, 5, data, launch=False)
+        for name, R in decorrelation_matrices(reference).items():
+            torch.testing.assert_close(decorrelation_matrices(model)[name], R, rtol=0, atol=1e-5, msg=name)
+        state = model.state_dict()
+        for key, value in reference.state_dict().items():
+            got = state[key].full_tensor() if hasattr(state[key], "full_tensor") else state[key]
+            torch.testing.assert_close(got, value, rtol=0, atol=1e-4, msg=key)
+        dec.fold()
+        ref.fold()
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+            torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
