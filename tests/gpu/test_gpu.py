@@ -126,14 +126,19 @@ def plain_loop(
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
-        if launch:
-            dec.launch()
-            optimizer.step()
-            dec.step()
-        else:
-            dec.step()
-            optimizer.step()
+        stepped(dec, optimizer, launch)
     return optimizer
+
+
+def stepped(dec: Decorrelator, optimizer: torch.optim.Optimizer, launch: bool) -> None:
+    """After the backward: with ``launch``, the update queued beside the optimizer step; else ``step`` first."""
+    if launch:
+        dec.launch()
+        optimizer.step()
+        dec.step()
+    else:
+        dec.step()
+        optimizer.step()
 
 
 def kept(dec: Decorrelator) -> bool:
@@ -421,13 +426,7 @@ def test_layers_sharing_an_r_never_synchronise_with_the_host(launch: bool) -> No
             loss = model(inputs[i % 8]).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
-            if launch:  # the update beside the optimizer step
-                dec.launch()
-                optimizer.step()
-                dec.step()
-            else:
-                dec.step()
-                optimizer.step()
+            stepped(dec, optimizer, launch)
 
     steps(3)  # the groups, the stacks, the caches
     assert dec.shared == {"k": "q", "v": "q", "up": "gate"}
