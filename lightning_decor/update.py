@@ -236,32 +236,6 @@ class BatchedUpdate:
                 self._event.record(stream)
         self._staged, self._results = staged, (last, skipped)
 
-    @staticmethod
-    def _moments_step(
-        stack: Stack, rows: list[Tensor | None], config: DecorConfig, null_reset: bool, totals: list[int], n: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_step` from the moments: this process's ``x^T x`` of each block, summed over the processes, and
-        the pooled row counts (every process takes part, with or without rows of its own)."""
-        b, R = stack.block_size, stack.R
-        x = torch.zeros(R.shape[0], max(n, 1), b, dtype=R.dtype, device=R.device)
-        for r, o, g in zip(rows, stack.offsets, stack.block_counts, strict=True):
-            if r is not None and r.shape[0]:
-                x[o : o + g, : r.shape[0]].copy_(r.reshape(r.shape[0], g, b).transpose(0, 1))
-        with float32_matmul():
-            moments = torch.bmm(x.transpose(1, 2), x)  # (G, b, b); zero rows add nothing
-        dist.all_reduce(moments)
-        per_block = stack.per_block(tuple(totals))
-        start = R
-        if null_reset:
-            start = reset_null_space(R, None, per_block, moments=moments)
-        new, loss, ok = block_decorrelation_step(
-            start, None, per_block, lr=config.decor_lr, kappa=config.kappa, normalize=config.normalize,
-            segment=stack.segment, layers=len(rows), moments=moments,
-        )  # fmt: skip
-        with float32_matmul():
-            per_layer = segment_sum(torch.stack([loss, (~ok).to(loss.dtype)], 1), stack.segment, len(rows))
-        return new, per_layer[:, 0] / stack.sizes, per_layer[:, 1] > 0
-
     @torch.no_grad()
     def commit(self, skip: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Write the launched update into every ``R`` on the main stream, after the side stream's work, unless
@@ -292,25 +266,29 @@ class BatchedUpdate:
         b, R = stack.block_size, stack.R
         counts = tuple(0 if r is None else r.shape[0] for r in rows)
         n = max(counts)
-        if totals is not None:
-            return BatchedUpdate._moments_step(stack, rows, config, null_reset, totals, n)
-        if n == 0:
+        if n == 0 and totals is None:  # with moments every process takes part, with or without rows of its own
             nan = torch.full((len(rows),), math.nan, device=R.device)
             return R, nan, torch.zeros(len(rows), dtype=torch.bool, device=R.device)
-        x = torch.empty(R.shape[0], n, b, dtype=R.dtype, device=R.device)
+        x = torch.empty(R.shape[0], max(n, 1), b, dtype=R.dtype, device=R.device)
         for r, o, g in zip(rows, stack.offsets, stack.block_counts, strict=True):
             k = 0 if r is None else r.shape[0]
             if r is not None and k:  # (n_i, g * b) -> (g, n_i, b): each block's own features
                 x[o : o + g, :k].copy_(r.reshape(k, g, b).transpose(0, 1))
-            if k < n:  # zero rows pad the shorter layers (only the padding is written twice)
+            if k < x.shape[1]:  # zero rows pad the shorter layers (only the padding is written twice)
                 x[o : o + g, k:].zero_()
-        per_block = stack.per_block(counts)
+        moments = None
+        if totals is not None:  # this process's x^T x of each block, summed over the processes: C needs no more
+            with float32_matmul():
+                moments = torch.bmm(x.transpose(1, 2), x)  # (G, b, b); zero rows add nothing
+            dist.all_reduce(moments)
+            x, n = None, max(totals)
+        per_block = stack.per_block(counts if totals is None else tuple(totals))
         start = R
         if null_reset and n >= b:
-            start = reset_null_space(R, x, per_block)  # bounds R's part on a rank-deficient input's null space
+            start = reset_null_space(R, x, per_block, moments=moments)  # bounds R's part on a null space of the input
         new, loss, ok = block_decorrelation_step(
             start, x, per_block, lr=config.decor_lr, kappa=config.kappa, normalize=config.normalize,
-            segment=stack.segment, layers=len(rows),
+            segment=stack.segment, layers=len(rows), moments=moments,
         )  # fmt: skip
         # Per layer, summed over its blocks in a fixed order (index_add_ adds with atomics on a GPU); full float32.
         with float32_matmul():
