@@ -292,7 +292,7 @@ class Decorrelator(Configured):
         """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
         patched), and release the process group made for pooling."""
         self._update.drop()
-        self._sampling.collect = False
+        self._collect(False)
         self._drop_rows()
         destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
         self._counts_group = None
@@ -334,7 +334,8 @@ class Decorrelator(Configured):
             return
         self._follow_device()
         self.check_direct_weight_reads()
-        self._share()
+        if not self._update.launched:  # launch() resolved the groups of this step already
+            self._share()
         self.steps += 1
         planner = self.planner
         if self._update.launched:  # launched early by launch(): write it now
@@ -566,8 +567,12 @@ class Decorrelator(Configured):
         # a state saved before groups existed: each layer keeps its own R (theirs may differ)
         self._sharing.load_state_dict(state.get("sharing") or {"followers": {}, "formed": True}, self._buffers)
         restorable, skipped = saved_layers(self._sharing.updated(self.layers), state["R"], state["raw_weight"], plan)
-        restorable.update({name: (None, state["raw_weight"][name]) for name in self._sharing.followers
-                           if name in state["raw_weight"]})  # fmt: skip
+        for name in self._sharing.followers:  # a follower's R is its leader's: only its raw weight
+            raw = state["raw_weight"].get(name)
+            if raw is not None and raw.shape == self.layers[name].weight.shape:
+                restorable[name] = (None, raw)
+            else:
+                skipped.append(name)
         if skipped:
             warnings.warn(
                 f"Decorrelator: the saved state has no R of matching layout for {skipped}; these layers keep their "
@@ -584,7 +589,8 @@ class Decorrelator(Configured):
                 self.planner.plan = self.plan
         if self.planner is None or not self.planner.observing:
             self._end_observing()
-        self._tie()  # the restored groups' R tied (a plan above ties too)
+        if plan is None:  # applying a plan ties the restored groups
+            self._tie()
         for name, (R, raw) in restorable.items():
             layer = self.layers[name]
             if R is not None:  # a follower's R is its leader's

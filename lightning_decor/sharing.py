@@ -122,8 +122,8 @@ class InputSharing:
     """The groups of layers that share one ``R``, as ``followers`` (``{layer: the layer whose R it reads}``).
 
     Args:
-        sampling: The engine's :class:`lightning_decor.rows.Sampling`; with ``detect``, every training forward's
-            input is noted there until :meth:`resolve`.
+        sampling: The engine's :class:`lightning_decor.rows.Sampling`: while groups may form or stand, every
+            training forward's input is noted there for :meth:`resolve`.
         shareable: The layers that may share (their ``R`` is still the identity); fewer than two: no groups.
     """
 
@@ -190,8 +190,8 @@ class InputSharing:
         self, layers: dict[str, DecorrelatedLayer], buffers: dict[str, RowBuffer], plan: Plan | None
     ) -> list[tuple[DecorrelatedLayer, DecorrelatedLayer]]:
         """The ties for :attr:`lightning_decor.update.BatchedUpdate.ties` after the layers' layouts may have changed
-        (a plan): groups whose blocks now differ, or whose leader is gone, are separated (each layer its own
-        identity ``R``); the plan's entries of the others say whose ``R`` they read."""
+        (a plan): a layer whose block now differs from its leader's, or whose leader is gone, leaves its group (with
+        its own ``R``); the plan's entries of the others say whose ``R`` they read."""
         ties = []
         for layer in layers.values():
             layer.decor_rows_once = None
