@@ -398,8 +398,11 @@ def current_plan(
     """The plan of ``layers`` as they are now (as :func:`decorrelate` made them: largest allowed block, fused; a
     layer still computing its plain function, ``R = I`` before a plan, counts as fused), with smaller blocks (or
     plain) where ``R`` and the update's workspace would take more than ``max_memory`` bytes
-    (:func:`lightning_decor.plan.fit_memory`; ``fixed``: layers whose ``R`` has moved, counted but kept)."""
-    ladders = {n: block_ladder(m.decor_group_features, m.decor_unit, m.decor_block_size) for n, m in layers.items()}
+    (:func:`lightning_decor.memory.fit_memory`; ``fixed``: layers whose ``R`` has moved, counted but kept)."""
+    ladders = {  # the layer's own block first, also where no ladder starts there (blocks of one feature)
+        n: block_ladder(m.decor_group_features, m.decor_unit, m.decor_block_size) or [m.decor_block_size]
+        for n, m in layers.items()
+    }
     choice = {name: 0 for name in layers}
     if max_memory is not None:
         shapes = {name: (m.decor_group_features, m.decor_groups) for name, m in layers.items()}

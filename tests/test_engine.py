@@ -448,3 +448,13 @@ def test_the_exchange_between_processes_is_checked() -> None:
     layered = Decorrelator(nn.Linear(4, 4), max_overhead=None, normalize="layer")
     with pytest.raises(ValueError, match=r"but got 'moments'"):
         layered.exchange = "moments"
+
+
+def test_a_layer_patched_before_with_blocks_of_one_feature_keeps_them() -> None:
+    from lightning_decor import decorrelate
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2))
+    decorrelate(model)
+    model[0].decor_set_layout_(1, "fused")  # no ladder starts at 1 (blocks of one feature): its own block stays
+    dec = Decorrelator(model, max_overhead=None)
+    assert dec.plan is not None and dec.plan.layouts()["0"] == ("fused", 1) and "0" in dec.layers
