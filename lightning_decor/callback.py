@@ -20,6 +20,7 @@ from lightning_decor.metric import DecorrelationLoss
 from lightning_decor.patching import decorrelate
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
+from lightning_decor.reports import SHARDED_NO_PLAN
 from lightning_decor.rows import PENDING_FORWARDS
 from lightning_decor.update import SkipWatch
 
@@ -302,10 +303,7 @@ class DecorrelationCallback(Configured, Callback):
         if self._sharded and (self._engine is None or self._engine.model is not pl_module):
             self._make_engine(pl_module)  # refuses layers sharded before they were patched
             if self.config.max_overhead is not None:
-                rank_zero_info(
-                    "DecorrelationCallback: under ModelParallelStrategy no cost plan is made (yet): every layer keeps "
-                    "its largest allowed block, fused into its weight (as with max_overhead=None)."
-                )
+                rank_zero_info(SHARDED_NO_PLAN)
         modules = dict(pl_module.named_modules())
         replaced = sorted(name for name, layer in self._layers.items() if modules.get(name) is not layer)
         if replaced:

@@ -61,6 +61,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
             "pictures",
             "plan",
             "planner",
+            "reports",
             "rows",
             "update",
         },
