@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "Pool",
     "agree",
     "all_gather_rows",
     "any_rank",
@@ -55,6 +56,38 @@ def destroy_count_group(group: dist.ProcessGroup | None) -> None:
     fits do not accumulate gloo groups and their sockets. Local: ranks need not call it together."""
     if group is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group(group)
+
+
+class Pool:
+    """The processes an engine pools its rows over: every process of the default group while ``torch.distributed``
+    runs several (:attr:`active`), with a CPU group for the row counts (:attr:`group`, from :func:`count_group`).
+
+    Every method but :meth:`stop` is collective while active: every rank calls it, in the same order.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.group: dist.ProcessGroup | None = None  # None: the default group
+
+    def start(self, needed: bool) -> None:
+        """Whether several processes run now; make the counts' group once when ``needed`` (the model has layers to
+        pool)."""
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.active and needed and self.group is None:
+            self.group = count_group()
+
+    def agree(self, decision: Any) -> Any:
+        """Rank 0's ``decision`` on every rank (:func:`agree`); the decision itself on one process."""
+        return agree(decision, self.group) if self.active else decision
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Each flag true where it is true on any rank (:func:`any_rank`); the flags themselves on one process."""
+        return any_rank(flags, self.group) if self.active else flags
+
+    def stop(self) -> None:
+        """Free the counts' group (:func:`destroy_count_group`): one per fit otherwise, never freed. Local."""
+        destroy_count_group(self.group)
+        self.group = None
 
 
 def gather_counts(

@@ -33,12 +33,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.nn.parameter import is_lazy
+from torch.distributed.tensor import DTensor
 
+from lightning_decor.checkpoint import layer_state, saved_layers, write_layers
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
-from lightning_decor.distributed import agree, any_rank, count_group, destroy_count_group
+from lightning_decor.distributed import Pool
 from lightning_decor.layers import DecorrelatedLayer
+from lightning_decor.memory import parameter_bytes
 from lightning_decor.patching import (
     apply_plan,
     current_plan,
@@ -47,26 +48,18 @@ from lightning_decor.patching import (
     eligible_layers,
     fold_layer,
     restore_routing,
-    saved_layers,
 )
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
 from lightning_decor.probe import Observer, environment, make_planner
 from lightning_decor.reports import SHARDED_NO_PLAN, DirectReads, all_plain_warning, patch_report
-from lightning_decor.rows import Generators, RowBuffer, Sampling
+from lightning_decor.rows import RowBuffers
 from lightning_decor.sharing import InputSharing
 from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate, grad_scale
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
 STATE_VERSION = 3
-
-
-def _whole(weight: Tensor) -> Tensor:
-    """A copy of ``weight`` on the CPU, whole: a sharded weight is gathered (every process calls ``state_dict``; a
-    checkpoint keeps one process's copy)."""
-    whole = weight.detach().full_tensor() if isinstance(weight, DTensor) else weight.detach()
-    return whole.cpu().clone()
 
 
 def _identity(R: Tensor) -> bool:
@@ -190,31 +183,27 @@ class Decorrelator(Configured):
         self._pinned = pinned
         self._update = BatchedUpdate()  # the stacks of R, the side stream, an update launched and not yet written
         # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
-        self._generators = Generators(torch.initial_seed() % 2**63)
-        self._sampling = Sampling(config.sample_fraction, config.max_rows, self._generators)
-        self._buffers = {name: RowBuffer(self._sampling) for name in self.layers}
+        self._rows = RowBuffers(self.layers, config.sample_fraction, config.max_rows, torch.initial_seed() % 2**63)
         for name, layer in self.layers.items():
-            layer.decor_buffer = self._buffers[name]
+            layer.decor_buffer = self._rows[name]
         # Layers reading the same input share one R, found in the first training step: only while their R is still
         # the identity (fresh, or patched before and never moved: under ModelParallelStrategy the callback patches)
         shareable = set(self._fresh) | {n for n, m in self.layers.items() if n not in new and _identity(m.decor_R)}
-        self._sharing = InputSharing(self._sampling, shareable)
-        self._pool = False
-        self._counts_group: Any = None
+        self._sharing = InputSharing(self._rows.sampling, shareable)
+        self._pool = Pool()  # the processes rows are pooled over (DDP, FSDP2)
         self._direct_reads: DirectReads | None = None
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.planner: Planner | None = None
-        self._suspended = False
         if self._fresh and (config.max_overhead is not None or pinned is not None) and not self._sharded():
             self.planner = make_planner(
                 model, {name: self.layers[name] for name in self._fresh}, config, pinned=pinned,
                 max_memory=self.memory_budget(),
-                device=lambda: self._device, agree=self._agreed, leader=_rank_zero(),
+                device=lambda: self._device, agree=self._pool.agree, leader=_rank_zero(),
             )  # fmt: skip
             for name in self._fresh:
                 layer = self.layers[name]
                 layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
-                self._buffers[name].observer = Observer(self.planner, name, self._sampling)
+                self._rows[name].observer = Observer(self.planner, name, self._rows.sampling)
         else:
             self._set_plan(current_plan(self.layers, self.memory_budget(), self._moved()))
         self.start(self._device)
@@ -262,12 +251,9 @@ class Decorrelator(Configured):
         if self.planner is not None and self.planner.plan is None:
             self.planner.environment = environment(self.model, self._device, self.config.normalize)
             self.planner.device_type = self._device.type
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self._pool = world > 1
-        if self._pool and self.layers and self._counts_group is None:
-            self._counts_group = count_group()  # collective: every rank has the same layers
+        self._pool.start(needed=bool(self.layers))  # collective: every rank has the same layers
         self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
-        self._collect(self._collects_next())
+        self._rows.collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._direct_reads = DirectReads(self.layers)
         if self.planner is not None:
@@ -281,9 +267,9 @@ class Decorrelator(Configured):
             return
         planner = self.planner
         bypassed = reads.found(self.layers, noted=lambda name: (
-            not self._buffers[name].wanted  # its forwards do not note themselves this step
+            not self._rows[name].wanted  # its forwards do not note themselves this step
             or name in self._sharing.followers
-            or self._buffers[name].seen_count > 0 or (planner is not None and planner.forwards_seen(name) > 0)
+            or self._rows[name].seen_count > 0 or (planner is not None and planner.forwards_seen(name) > 0)
         ))  # fmt: skip
         if bypassed and _rank_zero():
             warnings.warn(DirectReads.message(bypassed), stacklevel=3)
@@ -292,10 +278,9 @@ class Decorrelator(Configured):
         """Stop collecting rows and drop the pending ones and an update launched and not written (the model stays
         patched), and release the process group made for pooling."""
         self._update.drop()
-        self._collect(False)
-        self._drop_rows()
-        destroy_count_group(self._counts_group)  # one group per fit otherwise, never freed
-        self._counts_group = None
+        self._rows.collect(False)
+        self._rows.drop()
+        self._pool.stop()
 
     def fold(self) -> list[str]:
         """Stop, and turn every patched layer back into its plain class with weight ``W @ R``."""
@@ -306,7 +291,7 @@ class Decorrelator(Configured):
                 fold_layer(layer)
                 names.append(name)
         restore_routing(self.model)  # transformer layers get their fast paths back, averages their plain update
-        self.layers, self._buffers = {}, {}
+        self.layers, self._rows.buffers = {}, {}
         self._sharing.followers, self._update.ties = {}, []
         self._update.build(self.layers)
         return names
@@ -343,22 +328,22 @@ class Decorrelator(Configured):
         elif planner is not None and not planner.done and self._sharded():  # sharded after the engine was made
             warnings.warn(SHARDED_NO_PLAN, stacklevel=2)
             self.planner = None
-            self._end_observing()
+            self._rows.end_observing()
             self._set_plan(current_plan(self.layers, self.memory_budget(), self._moved()))
             self.update_(skip=skip)
         elif planner is not None and not planner.done:
             action = planner.step()
             if not planner.observing:  # the observers go once the plan is made
-                self._end_observing()
+                self._rows.end_observing()
             if action.plan is not None:
                 self._set_plan(action.plan)
             if action.dry:
                 self.update_(commit=False)  # the update's work for the check; R stays the identity
             else:
-                self._drop_rows()  # rows sampled while no update is due (see Planner.collects_next)
+                self._rows.drop()  # rows sampled while no update is due (see Planner.collects_next)
         elif self._due(self.steps):
             self.update_(skip=skip)
-        self._collect(self._collects_next())
+        self._rows.collect(self._collects_next())
 
     def launch(self) -> bool:
         """Queue the coming :meth:`step`'s update now, from the rows collected so far: on a GPU with
@@ -389,16 +374,14 @@ class Decorrelator(Configured):
 
     def _share(self) -> None:
         """Before an update takes rows: one R for the layers that read the same input (:mod:`~.sharing`)."""
-        if self._sharing.resolve(self.layers, self._buffers, self._agreed, self._any_rank, pooled=self._pool):
+        pool = self._pool
+        if self._sharing.resolve(self.layers, self._rows.buffers, pool.agree, pool.any_rank, pooled=pool.active):
             self._tie()
 
     def _tie(self) -> None:
         """(Re)build the stacks of the updated layers, the layers sharing an ``R`` tied to it."""
-        self._update.ties = self._sharing.tie(self.layers, self._buffers, self.plan)
+        self._update.ties = self._sharing.tie(self.layers, self._rows.buffers, self.plan)
         self._update.build(self._sharing.updated(self.layers))
-
-    def _any_rank(self, flags: list[bool]) -> list[bool]:
-        return any_rank(flags, self._counts_group) if self._pool else flags
 
     @property
     def exchange(self) -> str:
@@ -410,12 +393,7 @@ class Decorrelator(Configured):
 
     @exchange.setter
     def exchange(self, value: str) -> None:
-        if value not in ("auto", "rows", "moments") or (value == "moments" and self.config.normalize == "layer"):
-            raise ValueError(
-                "Expected `exchange` in ('auto', 'rows', 'moments') ('rows' or 'auto' with normalize='layer'), "
-                f"but got {value!r}."
-            )
-        self._update.exchange = value
+        self._update.set_exchange(value, self.config.normalize)
 
     @property
     def exchanged(self) -> str | None:
@@ -430,8 +408,7 @@ class Decorrelator(Configured):
     def memory_budget(self) -> int | None:
         """Bytes every ``R`` and the update's workspace may take (:meth:`DecorConfig.memory_budget` of the bytes of
         the model's parameters in this process: its shards under FSDP2)."""
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if not is_lazy(p)]
-        return self.config.memory_budget(sum(p.numel() * p.element_size() for p in local))
+        return self.config.memory_budget(parameter_bytes(self.model))
 
     def _moved(self) -> frozenset[str]:
         """Layers patched before this engine: their ``R`` may have moved, so no plan changes their layout."""
@@ -457,40 +434,25 @@ class Decorrelator(Configured):
             return planner.collects_next()
         return self._due(self.steps + 1)
 
-    def _collect(self, on: bool) -> None:
-        self._sampling.collect = on and not self._suspended
-
-    def _drop_rows(self) -> None:
-        for buffer in self._buffers.values():
-            buffer.take()
-
-    def _end_observing(self) -> None:
-        for buffer in self._buffers.values():
-            buffer.observer = None
-
     def waiting_layers(self) -> list[str]:
         """Layers whose rows of more than :data:`lightning_decor.rows.PENDING_FORWARDS` forwards' worth waited for
         an update (only a uniform sample of them is kept): an optimizer that steps outside the engine's sight."""
-        return [name for name in self.layers if self._buffers[name].seen_count > self._buffers[name].pending_count]
+        return self._rows.waiting()
 
     def suspend(self) -> None:
         """No rows are taken until :meth:`resume` (forwards outside training steps: validation that enables grad)."""
-        self._suspended = True
-        self._collect(False)
+        self._rows.suspended = True
+        self._rows.collect(False)
 
     def resume(self) -> None:
         """Take rows again where the coming step needs them."""
-        self._suspended = False
-        self._collect(self._collects_next())
-
-    def _agreed(self, decision: Any) -> Any:
-        """Rank 0's decision on every rank: all ranks must apply the same plan."""
-        return agree(decision, self._counts_group) if self._pool else decision
+        self._rows.suspended = False
+        self._rows.collect(self._collects_next())
 
     def _set_plan(self, plan: Plan) -> None:
         """Apply ``plan`` (:func:`lightning_decor.patching.apply_plan`); warn when it leaves every layer plain."""
         for name in apply_plan(self.model, self.layers, plan):
-            del self.layers[name], self._buffers[name]
+            del self.layers[name], self._rows.buffers[name]
         if plan.layers and not self.layers and _rank_zero():
             warnings.warn(all_plain_warning(plan), stacklevel=3)
         self.plan = plan
@@ -514,10 +476,10 @@ class Decorrelator(Configured):
         # that it keeps its function W @ R; unfrozen, it moves again.
         updated = self._sharing.updated(self.layers)
         rows = [(taken if layer.weight.requires_grad else None) for name, layer in updated.items()
-                for taken in (self._buffers[name].take(),)]  # fmt: skip
+                for taken in (self._rows[name].take(),)]  # fmt: skip
         self._update.launch(
             updated, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
-            side=side, pool=self._pool, counts_group=self._counts_group,
+            side=side, pool=self._pool,
         )  # fmt: skip
 
     def _commit(self, skip: Tensor | None) -> None:
@@ -541,11 +503,8 @@ class Decorrelator(Configured):
             "arguments": self._plan_arguments(),
             "plan": None if self.plan is None else self.plan.state_dict(),
             "planner": None if self.planner is None else self.planner.state_dict(),
-            "R": {
-                name: layer.decor_R.detach().cpu().clone() for name, layer in self._sharing.updated(self.layers).items()
-            },
-            "raw_weight": {name: _whole(layer.weight) for name, layer in self.layers.items()},
-            "generator": self._generators.state_dict(),
+            **layer_state(self.layers, self._sharing.updated(self.layers)),
+            "generator": self._rows.generators.state_dict(),
             "sharing": self._sharing.state_dict(),
             "updates": self.updates,
             "steps": self.steps,
@@ -565,14 +524,8 @@ class Decorrelator(Configured):
         self.config.check_resume(state["arguments"], None if self._pinned is None else self._pinned.layouts())
         plan = Plan.from_state_dict(state["plan"]) if state.get("plan") is not None else None
         # a state saved before groups existed: each layer keeps its own R (theirs may differ)
-        self._sharing.load_state_dict(state.get("sharing") or {"followers": {}, "formed": True}, self._buffers)
-        restorable, skipped = saved_layers(self._sharing.updated(self.layers), state["R"], state["raw_weight"], plan)
-        for name in self._sharing.followers:  # a follower's R is its leader's: only its raw weight
-            raw = state["raw_weight"].get(name)
-            if raw is not None and raw.shape == self.layers[name].weight.shape:
-                restorable[name] = (None, raw)
-            else:
-                skipped.append(name)
+        self._sharing.load_state_dict(state.get("sharing") or {"followers": {}, "formed": True}, self._rows.buffers)
+        restorable, skipped = saved_layers(self.layers, state["R"], state["raw_weight"], plan, self._sharing.followers)
         if skipped:
             warnings.warn(
                 f"Decorrelator: the saved state has no R of matching layout for {skipped}; these layers keep their "
@@ -588,24 +541,12 @@ class Decorrelator(Configured):
             if self.planner is not None:
                 self.planner.plan = self.plan
         if self.planner is None or not self.planner.observing:
-            self._end_observing()
+            self._rows.end_observing()
         if plan is None:  # applying a plan ties the restored groups
             self._tie()
-        for name, (R, raw) in restorable.items():
-            layer = self.layers[name]
-            if R is not None:  # a follower's R is its leader's
-                layer.decor_R.copy_(R.reshape(layer.decor_R.shape))
-            weight = layer.weight
-            if isinstance(weight, DTensor) and not isinstance(raw, DTensor):  # this process's rows of the whole W
-                raw = distribute_tensor(
-                    raw.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
-                )
-            weight.copy_(raw)
-        generator = state.get("generator")
-        if isinstance(generator, Tensor):  # saved before generators were kept per device: a CPU run's (no GPU ran)
-            generator = {"seed": self._generators.seed, "states": {"cpu": generator}}
-        if generator is not None:
-            self._generators.load_state_dict(generator)
+        write_layers(self.layers, restorable)
+        if state.get("generator") is not None:
+            self._rows.generators.load_state_dict(state["generator"])
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])
         self.start(self._device)

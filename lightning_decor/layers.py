@@ -27,16 +27,14 @@ from torch.distributed.fsdp._fully_shard._fully_shard import get_cls_to_fsdp_cls
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_decor.functional import decorrelate_rows, fuse_weight, identity_blocks, stats_dtype
-from lightning_decor.rows import (
-    RowBuffer,
-    Sampling,
+from lightning_decor.im2col import (
     conv_output_positions,
     conv_output_sizes,
     conv_patch_index,
     conv_patch_rows,
-    kept_count,
     sample_conv_patch_rows,
 )
+from lightning_decor.rows import RowBuffer, Sampling, kept_count
 
 __all__ = [
     "DecorrelatedConv1d",

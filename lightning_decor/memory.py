@@ -6,7 +6,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-__all__ = ["R_ITEMSIZE", "fit_memory", "kept_share", "memory_bytes", "r_bytes"]
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parameter import is_lazy
+
+__all__ = ["R_ITEMSIZE", "fit_memory", "kept_share", "memory_bytes", "parameter_bytes", "r_bytes"]
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters in this process: its shards under FSDP2 (lazy ones count nothing yet)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters() if not is_lazy(p)]
+    return sum(p.numel() * p.element_size() for p in local)
 
 
 def kept_share(b: int, d: int) -> float:

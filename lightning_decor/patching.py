@@ -53,7 +53,6 @@ __all__ = [
     "register_kind",
     "register_routing",
     "restore_routing",
-    "saved_layers",
 ]
 
 
@@ -445,30 +444,3 @@ def apply_plan(model: nn.Module, layers: dict[str, DecorrelatedLayer], plan: Pla
     apply_routing(model)  # e.g. an attention whose in-projection is plain now and out_proj is not
     restore_routing(model)  # containers left without a patched layer
     return folded
-
-
-def saved_layers(
-    layers: dict[str, DecorrelatedLayer], R: dict[str, Tensor], raw: dict[str, Tensor], plan: Plan | None
-) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str]]:
-    """Which of ``layers`` a saved state can restore: ``{name: (R, raw W)}`` for those whose saved ``R`` and raw
-    weight fit their layout in the saved ``plan`` (``None``: their layout now), and the names of those that do not
-    fit (a layer patched now but not then). Layers the plan leaves plain are in neither."""
-    restorable, misfits = {}, []
-    for name, layer in layers.items():
-        entry = None if plan is None else plan.layers.get(name)
-        if entry is not None and entry.form == "plain":
-            continue
-        r, w = R.get(name), raw.get(name)
-        if r is None or w is None or w.shape != layer.weight.shape or not _layout_fits(layer, r, entry):
-            misfits.append(name)
-        else:
-            restorable[name] = (r, w)
-    return restorable, misfits
-
-
-def _layout_fits(layer: DecorrelatedLayer, R: Tensor, entry: LayerPlan | None) -> bool:
-    """Whether a saved ``R`` fits ``layer`` in the layout of its plan ``entry`` (``None``: its layout now)."""
-    if entry is None:
-        return tuple(R.shape) == tuple(layer.decor_R.shape)
-    blocks = layer.decor_groups * (layer.decor_group_features // entry.block)
-    return tuple(R.shape) == ((entry.block, entry.block) if blocks == 1 else (blocks, entry.block, entry.block))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_decor.config import DecorConfig
-from lightning_decor.distributed import all_gather_rows, cheaper_exchange, gather_counts
+from lightning_decor.distributed import Pool, all_gather_rows, cheaper_exchange, gather_counts
 from lightning_decor.functional import block_decorrelation_step, float32_matmul, reset_null_space, segment_sum
 from lightning_decor.layers import DecorrelatedLayer
 
@@ -103,6 +103,15 @@ class BatchedUpdate:
         self.drop()
         self.device = device
         self.stream = torch.cuda.Stream(device=device) if use_cuda_stream and device.type == "cuda" else None
+
+    def set_exchange(self, value: str, normalize: str) -> None:
+        """Set :attr:`exchange` (``"moments"`` only where the rule reads the rows through their moments alone)."""
+        if value not in ("auto", "rows", "moments") or (value == "moments" and normalize == "layer"):
+            raise ValueError(
+                "Expected `exchange` in ('auto', 'rows', 'moments') ('rows' or 'auto' with normalize='layer'), "
+                f"but got {value!r}."
+            )
+        self.exchange = value
 
     @property
     def launched(self) -> bool:
@@ -182,13 +191,13 @@ class BatchedUpdate:
         *,
         null_reset: bool,
         side: bool,
-        pool: bool = False,
-        counts_group: dist.ProcessGroup | None = None,
+        pool: Pool | None = None,
     ) -> None:
-        """Compute the update of ``config``'s rule from each layer's ``rows`` (``None``: none; pooled across
-        processes with ``pool``): the new ``R`` of every stack and each layer's loss and skip, kept for :meth:`commit`.
-        With ``side``, on the side stream when there is one and every ``R`` lives on its device. Reads ``R`` and the
-        rows; writes nothing the main stream reads. ``null_reset``: first reset each block on its input's null space."""
+        """Compute the update of ``config``'s rule from each layer's ``rows`` (``None``: none; pooled across the
+        processes of an active ``pool``): the new ``R`` of every stack and each layer's loss and skip, kept for
+        :meth:`commit`. With ``side``, on the side stream when there is one and every ``R`` lives on its device. Reads
+        ``R`` and the rows; writes nothing the main stream reads. ``null_reset``: first reset each block on its
+        input's null space."""
         if not layers:
             return
         if not self.intact(layers):
@@ -203,11 +212,12 @@ class BatchedUpdate:
         try:
             with context, torch.autocast(self.device.type, enabled=False):
                 totals: list[int] | None = None  # with moments: each layer's rows over all ranks
-                if pool:  # every rank updates from the rows (or their moments) of all ranks, so R stays equal
+                # every rank updates from the rows (or their moments) of all ranks, so R stays equal
+                if pool is not None and pool.active:
                     all_layers = list(layers.values())
                     widths = [layer.decor_features for layer in all_layers]
                     device = all_layers[0].decor_R.device
-                    per_rank = gather_counts(rows, device=device, counts_group=counts_group)
+                    per_rank = gather_counts(rows, device=device, counts_group=pool.group)
                     exchange = self.exchange
                     if exchange == "auto":
                         blocks = [(s.R.shape[0], s.block_size) for s in self.stacks]
@@ -217,7 +227,7 @@ class BatchedUpdate:
                         totals = [sum(ns[i] for ns in per_rank) for i in range(len(rows))]
                     else:
                         dtype = functools.reduce(torch.promote_types, [layer.decor_R.dtype for layer in all_layers])
-                        rows = all_gather_rows(rows, widths, dtype=dtype, device=device, counts_group=counts_group,
+                        rows = all_gather_rows(rows, widths, dtype=dtype, device=device, counts_group=pool.group,
                                                per_rank=per_rank)  # fmt: skip
                 staged = []
                 last = torch.empty(len(layers), dtype=torch.float32, device=self.device)

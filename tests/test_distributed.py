@@ -33,16 +33,16 @@ def test_the_count_group_of_a_fit_is_destroyed_when_the_fit_ends(
     model, cb = TinyModule(), DecorrelationCallback(fold_on_fit_end=False, max_overhead=None)
     trainer = SimpleNamespace(world_size=2, callbacks=[], strategy=SimpleNamespace(root_device=torch.device("cpu")))
     cb.setup(trainer, model, "fit")  # type: ignore[arg-type]
+    made: list[dist.ProcessGroup] = []
+    new_group = dist.new_group
+    monkeypatch.setattr(dist, "new_group", lambda *a, **kw: made.append(new_group(*a, **kw)) or made[-1])
     with monkeypatch.context() as patched:  # two processes, as the engine sees them: it pools rows and makes a group
         patched.setattr(dist, "get_world_size", lambda group=None: 2)
         cb.on_fit_start(trainer, model)  # type: ignore[arg-type]
-    assert cb.engine is not None
-    group = cb.engine._counts_group
-    assert group is not None and dist.get_backend(group) == "gloo"  # a group of its own, made for this fit
+    assert len(made) == 1 and dist.get_backend(made[0]) == "gloo"  # a group of its own, made for this fit
     getattr(cb, end)(trainer, model, *([RuntimeError("crash")] if end == "on_exception" else []))
     with pytest.raises(ValueError, match="is not initialized in the world group map"):
-        dist.get_backend(group)  # destroyed: repeated fits no longer leak one gloo group (and its sockets) each
-    assert cb.engine._counts_group is None
+        dist.get_backend(made[0])  # destroyed: repeated fits no longer leak one gloo group (and its sockets) each
 
 
 def test_count_group_reuses_a_gloo_default_group() -> None:

@@ -205,8 +205,10 @@ def test_a_gpu_runs_saved_sampling_state_waits_for_the_gpu(stand_ins: GeneratorD
             model = mlp()
         dec = Decorrelator(model, max_overhead=None, use_cuda_stream=False, sample_fraction=0.5, max_rows=8)
         train(model, dec, (32, 8), steps=2)
-    torch.rand(7, generator=dec._generators(torch.device("cuda:0")))  # fake draws do not advance the stand-in
-    saved = dec._generators.state_dict()
+    advanced = Generators(seed=0)
+    advanced.load_state_dict(dec.state_dict()["generator"])  # the engine's saved sampling state, the GPU's in it
+    torch.rand(7, generator=advanced(torch.device("cuda:0")))  # fake draws do not advance the stand-in
+    saved = advanced.state_dict()
 
     restored = Generators(seed=123)
     restored.load_state_dict(saved)

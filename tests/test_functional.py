@@ -16,7 +16,7 @@ from lightning_decor.functional import (
     fuse_weight,
     reset_null_space,
 )
-from lightning_decor.rows import conv_patch_rows, sample_conv_patch_rows
+from lightning_decor.im2col import conv_patch_rows, sample_conv_patch_rows
 
 
 def reference_step(R: np.ndarray, x: np.ndarray, lr: float, kappa: float) -> tuple[np.ndarray, float]:

@@ -14,11 +14,13 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "precision": (set(), False),
     "functional": ({"precision"}, False),
     "config": ({"checks", "functional"}, False),
+    "im2col": (set(), False),
     "rows": (set(), False),
     "memory": (set(), False),
     "plan": ({"memory"}, False),
     "distributed": (set(), False),
-    "layers": ({"functional", "rows"}, False),  # not the cost model
+    "layers": ({"functional", "im2col", "rows"}, False),  # not the cost model
+    "checkpoint": ({"layers", "plan"}, False),
     "patching": ({"checks", "layers", "memory", "plan"}, False),
     "attention": ({"layers", "functional", "patching", "rows"}, False),
     "averaging": ({"layers", "patching"}, False),
@@ -32,10 +34,12 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "update": ({"config", "distributed", "functional", "layers"}, False),
     "engine": (
         {
+            "checkpoint",
             "config",
             "distributed",
             "functional",
             "layers",
+            "memory",
             "patching",
             "plan",
             "planner",
