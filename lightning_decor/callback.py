@@ -22,17 +22,17 @@ from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
 from lightning_decor.reports import SHARDED_NO_PLAN
 from lightning_decor.rows import PENDING_FORWARDS
+from lightning_decor.trainer import (
+    batch_index,
+    build_configured_layers,
+    grad_scaler,
+    lightning_writes,
+    log_straight,
+    model_parallel,
+)
 from lightning_decor.update import SkipWatch
 
 __all__ = ["DecorrelationCallback"]
-
-
-# Strategies that shard parameters in their own wrappers (by class name, so subclasses and other namespaces are caught
-# too); ModelParallelStrategy (the user's fully_shard, FSDP2) is supported.
-_SHARDED_STRATEGIES = {"FSDPStrategy", "XLAFSDPStrategy", "DeepSpeedStrategy"}
-# Callbacks that average parameters (by class name: WeightAveraging is new in Lightning 2.6; EMAWeightAveraging is
-# one). They average the raw W and R apart, not the fused W @ R the model computes with.
-_AVERAGING_CALLBACKS = {"WeightAveraging", "StochasticWeightAveraging"}
 
 
 class DecorrelationCallback(Configured, Callback):
@@ -229,49 +229,15 @@ class DecorrelationCallback(Configured, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategies = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-        self._sharded = False
-        if strategies & _SHARDED_STRATEGIES:
-            raise ValueError(
-                f"DecorrelationCallback does not support `strategy`={type(trainer.strategy).__name__}: its wrappers "
-                "shard the weights where R cannot be fused into them. For sharded training use ModelParallelStrategy "
-                "(FSDP2: `fully_shard` in `configure_model`); otherwise a single device, 'ddp' or 'ddp_spawn'."
-            )
-        averaging = [
-            type(cb).__name__
-            for cb in trainer.callbacks
-            if _AVERAGING_CALLBACKS & {cls.__name__ for cls in type(cb).__mro__}
-        ]
-        if averaging:
-            raise ValueError(
-                f"DecorrelationCallback does not support {', '.join(averaging)} in the Trainer's callbacks: weight "
-                "averaging averages the raw weights W apart from each layer's R, so the averaged model would not be "
-                "an average of the trained functions W @ R. Remove one of the two; to average a DBP run, average the "
-                "weights its checkpoints hold (their state_dict holds the fused W @ R)."
-            )
-        if "ModelParallelStrategy" in strategies:
-            tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
-            if tensor_parallel > 1:  # a layer's input rows would be split or repeated across the TP ranks
-                raise ValueError(
-                    "DecorrelationCallback supports ModelParallelStrategy for data parallelism (FSDP2) only: expected "
-                    f"`tensor_parallel_size=1`, but got {tensor_parallel}."
-                )
+        self._sharded = model_parallel(trainer)  # refuses what DBP cannot train with
+        if self._sharded:
             # `configure_model` shards the layers (fully_shard): patch the ones built in `__init__` before it, make
             # the engine in on_fit_start, once the model is sharded (it adopts layers patched in `configure_model`).
             decorrelate(pl_module, include=self.config.include, exclude=self.config.exclude,
                         max_features=self.config.max_features, block_size=self.config.block_size)  # fmt: skip
-            self._sharded = True
             return
-        if is_overridden("configure_model", pl_module):
-            # Layers built there do not exist yet: build them now, in the contexts Lightning uses, so that they are
-            # patched before the checkpoint restore, the DDP wrap, the optimizers and the first compiled call (as
-            # Lightning's WeightAveraging does). Lightning's own call follows; the hook must be idempotent.
-            with (
-                trainer.strategy.tensor_init_context(),
-                trainer.strategy.model_sharded_context(),
-                trainer.precision_plugin.module_init_context(),
-            ):
-                pl_module.configure_model()
+        if is_overridden("configure_model", pl_module):  # its layers do not exist yet: patched before everything
+            build_configured_layers(trainer, pl_module)
         self._make_engine(pl_module)
 
     def _make_engine(self, pl_module: LightningModule) -> None:
@@ -282,20 +248,8 @@ class DecorrelationCallback(Configured, Callback):
             # patches in place; layers patched before (a refit without folding) keep their R
             pinned = self._pinned if self._pinned is not None else "auto"
             self._engine = Decorrelator.from_config(pl_module, self.config, plan=pinned)
-        report = self._engine.report
-        if report.unexpected:  # every layer a user may expect DBP in (not frozen, not an average's copy)
-            rank_zero_warn(f"DecorrelationCallback leaves these layers plain: {report.unexpected}.")
-        for arg, patterns in report.unmatched.items():
-            for pattern in patterns:
-                rank_zero_warn(
-                    f"DecorrelationCallback: `{arg}` pattern {pattern!r} matches no eligible layer. "
-                    f"Eligible layers: {sorted(report.eligible)}."
-                )
-        if not self._layers:
-            rank_zero_warn(
-                "DecorrelationCallback found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, "
-                "matching `include`/`exclude`); training proceeds as plain backpropagation."
-            )
+        for message in self._engine.report.warnings("DecorrelationCallback", found=bool(self._layers)):
+            rank_zero_warn(message)
         self._pictures.check(self._layers)
 
     @override
@@ -339,19 +293,6 @@ class DecorrelationCallback(Configured, Callback):
         self._release(fold_layers=self.fold_on_fit_end)
 
     # ------------------------------------------------------------------ the update
-    @staticmethod
-    def _stepping_batches(trainer: Trainer) -> int:
-        """Training batches that stepped so far (the current one not yet counted): Lightning's own count for its logging
-        interval (as its LearningRateMonitor uses; under manual optimisation every batch counts), restored on resume.
-        ``trainer.global_step`` counts optimizer steps instead, two per batch with two optimizers."""
-        return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-    def _lightning_writes(self, trainer: Trainer) -> bool:
-        """Whether Lightning writes step metrics after this batch: after every ``log_every_n_steps``-th stepping
-        batch, and when the training stops (as its logger connector decides)."""
-        every = trainer.log_every_n_steps
-        return every > 0 and ((self._stepping_batches(trainer) + 1) % every == 0 or trainer.should_stop)
-
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
@@ -359,10 +300,10 @@ class DecorrelationCallback(Configured, Callback):
         # Notes that this batch steps (under accumulation: the micro-batch that steps). R moves at the end of the
         # batch: a graph built before a step and backpropagated after it (GANs, several optimizers) and every
         # closure evaluation of an LBFGS step still find the R they were built with.
-        batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        batch = batch_index(trainer)
         if trainer.sanity_checking:
             return
-        self._skips.note(self._scaler(trainer))  # before each optimizer step: did the previous one of the batch skip?
+        self._skips.note(grad_scaler(trainer))  # before each optimizer step: did the previous one of the batch skip?
         if self._stepped_batch == batch:
             return
         self._stepped_batch = batch
@@ -377,10 +318,6 @@ class DecorrelationCallback(Configured, Callback):
             # only W and its gradient), and written into R at the end of the batch.
             self._engine.launch()
 
-    @staticmethod
-    def _scaler(trainer: Trainer) -> Any:
-        return getattr(trainer.precision_plugin, "scaler", None)  # a GradScaler under 16-mixed
-
     @torch.no_grad()
     def update_(self, pl_module: LightningModule) -> None:
         """One step of the engine (:meth:`lightning_decor.Decorrelator.step`): measure and plan during the first
@@ -391,14 +328,14 @@ class DecorrelationCallback(Configured, Callback):
         if engine is None:
             return
         before, overhead = engine.updates, engine.overhead
-        engine.step(skip=self._skips.take(self._scaler(pl_module.trainer)))
+        engine.step(skip=self._skips.take(grad_scaler(pl_module.trainer)))
         if engine.plan is not None and self._plan_shown is not engine.plan:  # after every (re)plan
             self._plan_shown = engine.plan
             rank_zero_info(engine.plan.table(engine.left_plain))
         elif engine.overhead is not overhead and engine.plan is not None:  # a check kept the plan
             rank_zero_info(engine.plan.table().splitlines()[0])
         if engine.overhead is not overhead and engine.overhead is not None:
-            self._log_overhead(pl_module, engine.overhead)
+            log_straight(pl_module.trainer, "decor/overhead", engine.overhead)
         if engine.updates > before and engine.last_losses is not None:
             self._metric.update(engine.last_losses)
             self._fresh = True
@@ -408,7 +345,7 @@ class DecorrelationCallback(Configured, Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stepped = self._stepped_batch == trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        stepped = self._stepped_batch == batch_index(trainer)
         if stepped and self._update_due:
             self._update_due = False
             self.update_(pl_module)  # R written on the main stream: every later reader sees the new R
@@ -419,7 +356,7 @@ class DecorrelationCallback(Configured, Callback):
         # no host sync), so `decor/loss` is in `callback_metrics` like any metric a module logs (EarlyStopping,
         # ModelCheckpoint(monitor=...), logger=False); where Lightning writes, the mean starts anew.
         metrics = {"decor/loss": self._metric.compute()}
-        if self._lightning_writes(trainer):
+        if lightning_writes(trainer):
             self._fresh = False
             self._metric.reset()
             engine = self._engine
@@ -472,15 +409,6 @@ class DecorrelationCallback(Configured, Callback):
             self._engine.resume()
 
     # ------------------------------------------------------------------ checkpoints
-    def _log_overhead(self, pl_module: LightningModule, share: float) -> None:
-        """``decor/overhead`` at the step it is measured, straight to the loggers (it is measured once or twice per
-        fit, rarely at a step where Lightning writes)."""
-        trainer = pl_module.trainer
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"decor/overhead": share}, step=trainer.global_step)
-        trainer.callback_metrics["decor/overhead"] = torch.tensor(share)
-
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._engine is None:

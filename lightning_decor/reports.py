@@ -36,6 +36,22 @@ class PatchReport:
         """The layers left plain where a user may expect DBP: not frozen, not an average's copy, not left out."""
         return {n: why for n, why in self.left_plain.items() if not why.startswith((FROZEN, AVERAGED, LEFT_OUT))}
 
+    def warnings(self, who: str, found: bool) -> list[str]:
+        """The warnings ``who`` (a front-end) gives for this report: layers left plain where a user may expect DBP,
+        patterns that match nothing, and no layer at all where ``found`` is false."""
+        messages = [f"{who} leaves these layers plain: {self.unexpected}."] if self.unexpected else []
+        messages += [
+            f"{who}: `{arg}` pattern {pattern!r} matches no eligible layer. Eligible layers: {sorted(self.eligible)}."
+            for arg, patterns in self.unmatched.items()
+            for pattern in patterns
+        ]
+        if not found:
+            messages.append(
+                f"{who} found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, matching "
+                "`include`/`exclude`); training proceeds as plain backpropagation."
+            )
+        return messages
+
 
 def patch_report(
     eligible: dict[str, str | None], patched: Sequence[str], include: Sequence[str] | None,

@@ -53,6 +53,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     ),
     "metric": ({"functional"}, False),  # torchmetrics, not Lightning
     "pictures": ({"functional", "layers", "rows"}, True),
+    "trainer": (set(), True),  # what the callback reads of Lightning's Trainer
     "callback": (
         {
             "checks",
@@ -67,6 +68,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
             "planner",
             "reports",
             "rows",
+            "trainer",
             "update",
         },
         True,
