@@ -17,10 +17,9 @@ from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.engine import Decorrelator
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.metric import DecorrelationLoss
-from lightning_decor.patching import decorrelate
 from lightning_decor.pictures import TensorBoardPictures
 from lightning_decor.plan import Plan
-from lightning_decor.reports import SHARDED_NO_PLAN
+from lightning_decor.reports import SHARDED_NO_PLAN, decorrelate_reported
 from lightning_decor.rows import PENDING_FORWARDS
 from lightning_decor.trainer import (
     batch_index,
@@ -233,8 +232,7 @@ class DecorrelationCallback(Configured, Callback):
         if self._sharded:
             # `configure_model` shards the layers (fully_shard): patch the ones built in `__init__` before it, make
             # the engine in on_fit_start, once the model is sharded (it adopts layers patched in `configure_model`).
-            decorrelate(pl_module, include=self.config.include, exclude=self.config.exclude,
-                        max_features=self.config.max_features, block_size=self.config.block_size)  # fmt: skip
+            decorrelate_reported(pl_module, self.config)  # the engine's own report says what is left plain
             return
         if is_overridden("configure_model", pl_module):  # its layers do not exist yet: patched before everything
             build_configured_layers(trainer, pl_module)

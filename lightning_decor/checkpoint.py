@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import LayerPlan, Plan
 
-__all__ = ["layer_state", "saved_layers", "write_layers"]
+__all__ = ["layer_state", "misfit_warning", "saved_layers", "write_layers"]
 
 
 def _whole(weight: Tensor) -> Tensor:
@@ -59,6 +59,14 @@ def saved_layers(
         else:
             restorable[name] = (r, w)
     return restorable, misfits
+
+
+def misfit_warning(names: list[str]) -> str:
+    """The warning for layers a saved state does not fit (:func:`saved_layers`)."""
+    return (
+        f"Decorrelator: the saved state has no R of matching layout for {names}; these layers keep their current R "
+        "and weights (the model's checkpoint already holds their trained function)."
+    )
 
 
 def _layout_fits(layer: DecorrelatedLayer, R: Tensor, entry: LayerPlan | None) -> bool:

@@ -23,23 +23,42 @@ MIN_MEMORY = 2**30  # bytes the memory budget always allows: small models keep a
 
 @dataclass(frozen=True, kw_only=True)
 class DecorConfig:
-    """What decorrelated backpropagation is asked to do; every field is checked when the object is made
-    (``TypeError``/``ValueError`` naming the argument and the value). The callback's docstring explains each."""
+    """What decorrelated backpropagation is asked to do: the keywords both front-ends share, each checked when the
+    object is made (``TypeError``/``ValueError`` naming the argument and the value). The callback's docstring says
+    more of each (it is LightningCLI's help)."""
 
-    decor_lr: float = 3e-2  # the rule's learning rate (> 0); with normalize="spectral" no step exceeds decor_lr / 10
-    kappa: float = 0.5  # weight of the unit-variance term, in [0, 1]
-    normalize: str = "spectral"  # the step's scaling: one of functional.NORMALIZE
-    sample_fraction: float = 0.1  # of each batch's samples whose rows feed the statistics, in (0, 1]
-    max_rows: int | None = 64  # at most this many rows per layer and forward (None: all)
-    include: tuple[str, ...] | None = None  # glob patterns of layers to patch (None: every eligible one)
-    exclude: tuple[str, ...] | None = None  # patterns of layers to leave plain
-    max_features: int | None = 8192  # wider layers get blocks of at most this many, or stay plain (None: no limit)
-    block_size: int | None = None  # the largest block of any R (None: dense R allowed)
-    max_overhead: float | None = 0.1  # the plan's budget, a fraction of the plain step (None: no plan)
-    max_memory: float | None = 4.0  # R and the update's workspace, times one process's parameter bytes (None: no limit)
-    update_every: int = 1  # R moves on every k-th step
-    use_cuda_stream: bool = True  # compute a launched update on a side CUDA stream
-    plan_cache: bool = True  # keep measured costs on disk for later runs
+    decor_lr: float = 3e-2
+    """The rule's learning rate (> 0). With ``normalize="spectral"`` no step exceeds ``decor_lr / 10``."""
+    kappa: float = 0.5
+    """Weight of the unit-variance term, in ``[0, 1]``: 0 only decorrelates, 1 only normalises the variances."""
+    normalize: str = "spectral"
+    """The step's scaling, one of :data:`lightning_decor.functional.NORMALIZE` (``"none"``: the authors' rule; see
+    :func:`lightning_decor.functional.block_decorrelation_step`)."""
+    sample_fraction: float = 0.1
+    """Fraction of each batch's samples whose input rows feed the statistics, in ``(0, 1]``."""
+    max_rows: int | None = 64
+    """At most this many rows per layer and forward, drawn at random (``None``: all)."""
+    include: tuple[str, ...] | None = None
+    """Glob patterns of the layers to patch (``None``: every eligible one)."""
+    exclude: tuple[str, ...] | None = None
+    """Patterns of layers to leave plain."""
+    max_features: int | None = 8192
+    """Wider layers get blocks of at most this many features, or stay plain (``None``: no limit)."""
+    block_size: int | None = None
+    """The largest block of any ``R`` (``None``: a dense ``R`` allowed)."""
+    max_overhead: float | None = 0.1
+    """The plan's budget: the estimated cost of all DBP parts as a fraction of the measured plain training step
+    (``None``: no plan, every layer at its largest allowed block, fused, ``R`` moving from the first step)."""
+    max_memory: float | None = 4.0
+    """Every ``R`` and the update's workspace take at most this many times the bytes of the model's parameters in one
+    process (its shard under FSDP2), at least :data:`MIN_MEMORY`; layers that do not fit get smaller blocks, or stay
+    plain (``None``: no limit)."""
+    update_every: int = 1
+    """``R`` moves on every k-th step (rows are sampled only for those steps)."""
+    use_cuda_stream: bool = True
+    """On a GPU, compute an update queued by ``launch`` on a side CUDA stream (``R`` is written on the main one)."""
+    plan_cache: bool = True
+    """Keep measured costs on disk for later runs (:class:`lightning_decor.planner.PlanCache`)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_decor.checkpoint import layer_state, saved_layers, write_layers
+from lightning_decor.checkpoint import layer_state, misfit_warning, saved_layers, write_layers
 from lightning_decor.config import DEFAULTS, Configured, DecorConfig
 from lightning_decor.distributed import Pool
 from lightning_decor.layers import DecorrelatedLayer
@@ -43,19 +43,17 @@ from lightning_decor.memory import parameter_bytes
 from lightning_decor.patching import (
     apply_plan,
     current_plan,
-    decorrelate,
     decorrelated_layers,
-    eligible_layers,
     fold_layer,
     restore_routing,
 )
 from lightning_decor.plan import Plan
 from lightning_decor.planner import CALIBRATION_STEPS, Planner, plain_steps
-from lightning_decor.probe import Observer, environment, make_planner
-from lightning_decor.reports import SHARDED_NO_PLAN, DirectReads, all_plain_warning, patch_report
+from lightning_decor.probe import environment, make_planner
+from lightning_decor.reports import SHARDED_NO_PLAN, DirectReads, all_plain_warning, decorrelate_reported
 from lightning_decor.rows import RowBuffers
 from lightning_decor.sharing import InputSharing
-from lightning_decor.update import NULL_RESET_EVERY, BatchedUpdate, grad_scale
+from lightning_decor.update import BatchedUpdate, grad_scale
 
 __all__ = ["CALIBRATION_STEPS", "Decorrelator", "grad_scale", "plain_steps"]
 
@@ -78,40 +76,20 @@ class Decorrelator(Configured):
     ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions get one ``R`` per group) computes with
     ``W @ R``. Call :meth:`step` once per optimizer step, after its backward; :meth:`fold` at the end.
 
-    **Reproducible.** Same seed, arguments and machine give bit-identical runs, and resuming from a
-    :meth:`state_dict` equals the uninterrupted run: nothing draws from the global RNG, ``R`` moves from a fixed
-    step, and the costs a run measures are kept (the plan cache) for every later run with the same key to plan
-    identically without timing. Under ``torch.use_deterministic_algorithms(True)`` nothing timed decides anything.
+    **Reproducible**: same seed, arguments and machine give bit-identical runs, and a resume from :meth:`state_dict`
+    equals the uninterrupted run (the README's "Reproducible runs").
 
     Args:
         model: The model to decorrelate, patched in place.
-        decor_lr: Learning rate of the decorrelation rule (> 0).
-        kappa: Weight of the unit-variance term, in ``[0, 1]``.
-        normalize: Scaling of each step: ``"none"`` (the authors' rule), ``"trace"``, ``"spectral"`` or ``"layer"`` (see
-            :func:`lightning_decor.functional.block_decorrelation_step`).
-        sample_fraction: Fraction of each batch's samples whose input rows feed the statistics, in ``(0, 1]``.
-        max_rows: At most this many rows per layer and forward, drawn at random (``None``: all).
-        include: Glob patterns of layers to patch (``None``: all eligible).
-        exclude: Patterns of layers to leave plain.
-        max_features: Layers with more input features get blocks of at most this many (or stay plain when none
-            fits); ``None`` for no limit.
-        block_size: The largest block of any ``R`` (``None``: dense ``R`` allowed).
-        max_overhead: The plan's budget: estimated cost of all DBP parts as a fraction of the measured plain
-            training step (``None``: no plan, every layer at its largest allowed block, fused).
-        max_memory: Every ``R`` and the update's workspace take at most this many times the bytes of the model's
-            parameters in this process (its shard under FSDP2), and are always allowed 1 GiB; layers that do not fit
-            get smaller blocks, or stay plain (``None``: no limit).
-        update_every: ``R`` moves on every k-th call of :meth:`step` (rows are sampled only for those steps).
-        use_cuda_stream: Compute an update queued by :meth:`launch` on a side CUDA stream when the model is on a
-            GPU (beside the optimizer step); ``R`` is written on the main stream either way.
         plan: ``"auto"`` (made by the planner), or a plan to pin: a :class:`lightning_decor.plan.Plan` or the path of
             a file written by :meth:`lightning_decor.plan.Plan.save`. A pinned plan must name every patched layer.
-        plan_cache: Keep measured costs on disk for later runs (:class:`lightning_decor.planner.PlanCache`; also
-            off when ``$LIGHTNING_DECOR_CACHE`` is ``off``).
+        decor_lr, kappa, normalize, sample_fraction, max_rows, include, exclude, max_features, block_size,
+            max_overhead, max_memory, update_every, use_cuda_stream, plan_cache: The fields of the engine's
+            :attr:`config`, a :class:`lightning_decor.config.DecorConfig`: each is described there.
 
     Attributes:
+        config: The :class:`lightning_decor.config.DecorConfig` of the keywords (also read as ``dec.decor_lr``...).
         plan: The per-layer plan (:class:`lightning_decor.plan.Plan`), ``None`` until it is made.
-        updates: Number of updates of ``R`` so far.
         overhead: DBP's share of the training step as last measured (the plan's check), ``None`` before.
         planner: The :class:`lightning_decor.planner.Planner` (``None`` without a plan to make).
     """
@@ -161,12 +139,9 @@ class Decorrelator(Configured):
         self.config = config
         pinned = Plan.pinned(plan)
         self.model = model
-        eligible = eligible_layers(model, config.max_features, config.block_size)
-        new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
-                          block_size=config.block_size)  # fmt: skip
-        self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
         # What patching left plain, with why, and patterns that matched nothing: as data, for the table and warnings.
-        self.report = patch_report(eligible, new, config.include, config.exclude)
+        new, self.report = decorrelate_reported(model, config)
+        self.layers: dict[str, DecorrelatedLayer] = decorrelated_layers(model)
         # DDP broadcasts rank 0's buffers before every forward; R is kept equal on all ranks by pooling rows instead.
         ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
         model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{n}.decor_R" for n in self.layers})  # type: ignore[assignment]
@@ -176,12 +151,10 @@ class Decorrelator(Configured):
         if pinned is not None:
             pinned.check_fits({name: self.layers[name] for name in self._fresh})
         self.plan: Plan | None = None
-        self.updates = 0
         self.steps = 0  # calls of step()
-        self._last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
-        self._skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
         self._pinned = pinned
-        self._update = BatchedUpdate()  # the stacks of R, the side stream, an update launched and not yet written
+        # the stacks of R, the side stream, an update launched and not yet written, what the last one published
+        self._update = BatchedUpdate()
         # A private generator per device: sampling rows must not shift the global RNG (and so the data order).
         self._rows = RowBuffers(self.layers, config.sample_fraction, config.max_rows, torch.initial_seed() % 2**63)
         for name, layer in self.layers.items():
@@ -198,12 +171,8 @@ class Decorrelator(Configured):
             self.planner = make_planner(
                 model, {name: self.layers[name] for name in self._fresh}, config, pinned=pinned,
                 max_memory=self.memory_budget(),
-                device=lambda: self._device, agree=self._pool.agree, leader=_rank_zero(),
+                device=lambda: self._device, agree=self._pool.agree, leader=_rank_zero(), rows=self._rows,
             )  # fmt: skip
-            for name in self._fresh:
-                layer = self.layers[name]
-                layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
-                self._rows[name].observer = Observer(self.planner, name, self._rows.sampling)
         else:
             self._set_plan(current_plan(self.layers, self.memory_budget(), self._moved()))
         self.start(self._device)
@@ -218,25 +187,25 @@ class Decorrelator(Configured):
         return None if self.planner is None else self.planner.overhead
 
     @property
+    def updates(self) -> int:
+        """Number of updates of ``R`` so far."""
+        return self._update.count
+
+    @property
     def last_losses(self) -> Tensor | None:
         """Each layer's decorrelation loss at the last update, before its step (NaN: no rows), on the model's device
         (published by :meth:`step` with the new ``R``, on the main stream)."""
-        return self._last_losses
+        return self._update.last_losses
 
     @property
     def skipped(self) -> Tensor | None:
         """Per layer, the updates skipped because they would have made ``R`` non-finite."""
-        return self._skipped
+        return self._update.skipped
 
     def skipped_layers(self) -> dict[str, int]:
         """The layers with skipped updates and how many (one host read of :attr:`skipped`)."""
-        if self._skipped is None:
-            return {}
-        return {name: k for name, k in zip(self.layers, self._skipped.tolist()) if k > 0}
-
-    def _plan_arguments(self) -> dict[str, Any]:
-        """What shaped the plan, as a checkpoint keeps it (checked on resume by :meth:`DecorConfig.check_resume`)."""
-        return self.config.plan_arguments(None if self._pinned is None else self._pinned.layouts())
+        skipped = self._update.skipped
+        return {} if skipped is None else {name: k for name, k in zip(self.layers, skipped.tolist()) if k > 0}
 
     # ------------------------------------------------------------------ life cycle
     def start(self, device: torch.device | None = None) -> None:
@@ -252,7 +221,7 @@ class Decorrelator(Configured):
             self.planner.environment = environment(self.model, self._device, self.config.normalize)
             self.planner.device_type = self._device.type
         self._pool.start(needed=bool(self.layers))  # collective: every rank has the same layers
-        self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
+        self._update.reset_skipped(len(self.layers))
         self._rows.collect(self._collects_next())
         # Which gradient each weight holds now, to tell at the first step which layers got one without a forward.
         self._direct_reads = DirectReads(self.layers)
@@ -267,9 +236,8 @@ class Decorrelator(Configured):
             return
         planner = self.planner
         bypassed = reads.found(self.layers, noted=lambda name: (
-            not self._rows[name].wanted  # its forwards do not note themselves this step
-            or name in self._sharing.followers
-            or self._rows[name].seen_count > 0 or (planner is not None and planner.forwards_seen(name) > 0)
+            self._rows.noted(name) or name in self._sharing.followers
+            or (planner is not None and planner.forwards_seen(name) > 0)
         ))  # fmt: skip
         if bypassed and _rank_zero():
             warnings.warn(DirectReads.message(bypassed), stacklevel=3)
@@ -349,9 +317,8 @@ class Decorrelator(Configured):
         """Queue the coming :meth:`step`'s update now, from the rows collected so far: on a GPU with
         ``use_cuda_stream`` it runs on a side stream, beside whatever the main stream does until that :meth:`step`
         (the optimizer step: it reads only ``W`` and its gradient, the update only ``R`` and the rows). ``R`` keeps
-        its value until :meth:`step` writes the new one on the main stream, so everything before reads the old
-        ``R`` and a graph built before still backpropagates; rows of later forwards wait for the next update. Only
-        when the coming step moves ``R`` (not during the planning steps)::
+        its value until :meth:`step` writes the new one on the main stream; rows of later forwards wait for the next
+        update. Only when the coming step moves ``R`` (not during the planning steps)::
 
             loss.backward()
             dec.launch()        # the update, on the side stream ...
@@ -441,13 +408,11 @@ class Decorrelator(Configured):
 
     def suspend(self) -> None:
         """No rows are taken until :meth:`resume` (forwards outside training steps: validation that enables grad)."""
-        self._rows.suspended = True
-        self._rows.collect(False)
+        self._rows.suspend(True)
 
     def resume(self) -> None:
         """Take rows again where the coming step needs them."""
-        self._rows.suspended = False
-        self._rows.collect(self._collects_next())
+        self._rows.suspend(False, collect=self._collects_next())
 
     def _set_plan(self, plan: Plan) -> None:
         """Apply ``plan`` (:func:`lightning_decor.patching.apply_plan`); warn when it leaves every layer plain."""
@@ -456,7 +421,7 @@ class Decorrelator(Configured):
         if plan.layers and not self.layers and _rank_zero():
             warnings.warn(all_plain_warning(plan), stacklevel=3)
         self.plan = plan
-        self._skipped = torch.zeros(len(self.layers), dtype=torch.long, device=self._device)
+        self._update.reset_skipped(len(self.layers))
         self._tie()
 
     @torch.no_grad()
@@ -477,21 +442,10 @@ class Decorrelator(Configured):
         updated = self._sharing.updated(self.layers)
         rows = [(taken if layer.weight.requires_grad else None) for name, layer in updated.items()
                 for taken in (self._rows[name].take(),)]  # fmt: skip
-        self._update.launch(
-            updated, rows, self.config, null_reset=self.updates % NULL_RESET_EVERY == NULL_RESET_EVERY - 1,
-            side=side, pool=self._pool,
-        )  # fmt: skip
+        self._update.launch(updated, rows, self.config, side=side, pool=self._pool)
 
-    def _commit(self, skip: Tensor | None) -> None:
-        """Write the launched update (on the main stream) and publish its losses and skip counts."""
-        results = self._update.commit(skip)
-        if results is None:
-            return
-        self._last_losses, skipped = (self._sharing.expand(r, self.layers) for r in results)
-        if self._skipped is None or self._skipped.shape != skipped.shape:
-            self._skipped = torch.zeros_like(skipped)
-        self._skipped += skipped
-        self.updates += 1
+    def _commit(self, skip: Tensor | None) -> None:  # on the main stream; per-layer results for every layer
+        self._update.commit(skip, expand=lambda results: self._sharing.expand(results, self.layers))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -500,7 +454,7 @@ class Decorrelator(Configured):
         exactly, also when the plan left every layer plain."""
         return {
             "version": STATE_VERSION,
-            "arguments": self._plan_arguments(),
+            "arguments": self.config.plan_arguments(None if self._pinned is None else self._pinned.layouts()),
             "plan": None if self.plan is None else self.plan.state_dict(),
             "planner": None if self.planner is None else self.planner.state_dict(),
             **layer_state(self.layers, self._sharing.updated(self.layers)),
@@ -527,11 +481,7 @@ class Decorrelator(Configured):
         self._sharing.load_state_dict(state.get("sharing") or {"followers": {}, "formed": True}, self._rows.buffers)
         restorable, skipped = saved_layers(self.layers, state["R"], state["raw_weight"], plan, self._sharing.followers)
         if skipped:
-            warnings.warn(
-                f"Decorrelator: the saved state has no R of matching layout for {skipped}; these layers keep their "
-                "current R and weights (the model's checkpoint already holds their trained function).",
-                stacklevel=2,
-            )
+            warnings.warn(misfit_warning(skipped), stacklevel=2)
         if self.planner is not None and state.get("planner") is not None:
             self.planner.load_state_dict(state["planner"])
         if plan is not None:
@@ -547,6 +497,6 @@ class Decorrelator(Configured):
         write_layers(self.layers, restorable)
         if state.get("generator") is not None:
             self._rows.generators.load_state_dict(state["generator"])
-        self.updates = int(state["updates"])
+        self._update.count = int(state["updates"])
         self.steps = int(state["steps"])
         self.start(self._device)

@@ -36,7 +36,7 @@ from lightning_decor.functional import block_decorrelation_step, identity_blocks
 from lightning_decor.layers import DecorrelatedLayer
 from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_side_seconds
 from lightning_decor.planner import PlanCache, Planner
-from lightning_decor.rows import Sampling
+from lightning_decor.rows import RowBuffers, Sampling
 
 __all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates", "measure_costs"]
 
@@ -324,10 +324,13 @@ def make_planner(
     device: Callable[[], torch.device],
     agree: Callable[[Any], Any],
     leader: bool,
+    rows: RowBuffers | None = None,
 ) -> Planner:
     """The planner of ``layers`` (fresh, ``R = I``), measuring on ``device()`` (looked up when it measures: under
     Lightning the model moves to its device after the engine is made), with ``config``'s budget and the plan cache,
-    ``agree`` taking the ``leader``'s decisions on every process."""
+    ``agree`` taking the ``leader``'s decisions on every process. With the engine's ``rows``, the layers compute
+    their plain function at its plain cost until the plan is made, and an :class:`Observer` on each one's buffer
+    tells the planner what its training forwards multiply."""
     sampling = Sampling(config.sample_fraction, config.max_rows)
     infos = [
         LayerShape(
@@ -351,7 +354,7 @@ def make_planner(
         if device().type == "cuda":
             torch.cuda.synchronize(device())
 
-    return Planner(
+    planner = Planner(
         infos,
         max_overhead=config.max_overhead,
         max_memory=max_memory,
@@ -366,3 +369,7 @@ def make_planner(
         agree=agree,
         leader=leader,
     )
+    for name, layer in layers.items() if rows is not None else ():
+        layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
+        rows[name].observer = Observer(planner, name, rows.sampling)
+    return planner

@@ -8,13 +8,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_decor.config import DecorConfig
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.patching import AVERAGED, FROZEN, LEFT_OUT, matches
+from lightning_decor.patching import AVERAGED, FROZEN, LEFT_OUT, decorrelate, eligible_layers, matches
 from lightning_decor.plan import Plan
 
-__all__ = ["SHARDED_NO_PLAN", "DirectReads", "PatchReport", "all_plain_warning", "patch_report"]
+__all__ = ["SHARDED_NO_PLAN", "DirectReads", "PatchReport", "all_plain_warning", "decorrelate_reported", "patch_report"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,15 @@ def patch_report(
         for arg, patterns in (("include", include), ("exclude", exclude))
     }
     return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
+
+
+def decorrelate_reported(model: nn.Module, config: DecorConfig) -> tuple[list[str], PatchReport]:
+    """:func:`lightning_decor.decorrelate` ``model`` with ``config``'s patterns and limits: the names of the layers
+    patched now, and the :class:`PatchReport`."""
+    eligible = eligible_layers(model, config.max_features, config.block_size)
+    new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
+                      block_size=config.block_size)  # fmt: skip
+    return new, patch_report(eligible, new, config.include, config.exclude)
 
 
 SHARDED_NO_PLAN = (

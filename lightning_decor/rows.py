@@ -271,6 +271,16 @@ class RowBuffers:
         """Whether training forwards keep rows from now on (never while suspended)."""
         self.sampling.collect = on and not self.suspended
 
+    def suspend(self, suspended: bool, collect: bool = False) -> None:
+        """Take no rows at all while ``suspended`` (forwards outside training steps); else ``collect`` as before."""
+        self.suspended = suspended
+        self.collect(collect)
+
+    def noted(self, name: str) -> bool:
+        """Whether the forwards of layer ``name`` were seen since its last update, or did not report this step."""
+        buffer = self.buffers[name]
+        return not buffer.wanted or buffer.seen_count > 0
+
     def drop(self) -> None:
         """Drop every kept row."""
         for buffer in self.buffers.values():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,9 @@ class BatchedUpdate:
         # Across processes: exchange rows ("rows"), or each block's x^T x ("moments"), or the cheaper ("auto")
         self.exchange = "auto"
         self.exchanged: str | None = None  # what the last pooled update exchanged
+        self.count = 0  # updates written: every NULL_RESET_EVERY-th starts from each block's null-space reset
+        self.last_losses: Tensor | None = None  # per layer, at the last update (NaN: no rows)
+        self.skipped: Tensor | None = None  # per layer, updates skipped for non-finite statistics
         self.stream: torch.cuda.Stream | None = None
         # A launched update: per stack the new R, per layer the losses and skips, and the event after which they are
         # complete (on the side stream).
@@ -189,17 +192,17 @@ class BatchedUpdate:
         rows: list[Tensor | None],
         config: DecorConfig,
         *,
-        null_reset: bool,
         side: bool,
         pool: Pool | None = None,
     ) -> None:
         """Compute the update of ``config``'s rule from each layer's ``rows`` (``None``: none; pooled across the
         processes of an active ``pool``): the new ``R`` of every stack and each layer's loss and skip, kept for
         :meth:`commit`. With ``side``, on the side stream when there is one and every ``R`` lives on its device. Reads
-        ``R`` and the rows; writes nothing the main stream reads. ``null_reset``: first reset each block on its
-        input's null space."""
+        ``R`` and the rows; writes nothing the main stream reads. Every :data:`NULL_RESET_EVERY`-th update first
+        resets each block on its input's null space."""
         if not layers:
             return
+        null_reset = self.count % NULL_RESET_EVERY == NULL_RESET_EVERY - 1
         if not self.intact(layers):
             self.build(layers)
         stream = self.stream if side and all(s.R.device == self.device for s in self.stacks) else None
@@ -247,14 +250,15 @@ class BatchedUpdate:
         self._staged, self._results = staged, (last, skipped)
 
     @torch.no_grad()
-    def commit(self, skip: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
-        """Write the launched update into every ``R`` on the main stream, after the side stream's work, unless
-        ``skip`` (a boolean device tensor, never read on the host). Returns each layer's loss and skip count
-        (``None`` without a launched update); a skipped step counts no skipped layer update."""
+    def commit(self, skip: Tensor | None = None, expand: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Write the launched update (if any) into every ``R`` on the main stream, after the side stream's work,
+        unless ``skip`` (a boolean device tensor, never read on the host); publish each layer's loss
+        (:attr:`last_losses`) and add its skip (:attr:`skipped`; a skipped step counts none). ``expand``: from the
+        updated layers' results to every layer's (:meth:`lightning_decor.sharing.InputSharing.expand`)."""
         staged, results = self._staged, self._results
         self._staged = self._results = None
         if staged is None or results is None:
-            return None
+            return
         self.wait()
         self._event = None
         last, skipped = results
@@ -264,7 +268,17 @@ class BatchedUpdate:
                 stack.R.copy_(new if keep is None else torch.where(keep.to(stack.R.device), stack.R, new))
         if keep is not None:  # its rows may come from an overflowing forward
             skipped = skipped * ~keep
-        return last, skipped
+        if expand is not None:
+            last, skipped = expand(last), expand(skipped)
+        if self.skipped is None or self.skipped.shape != skipped.shape:
+            self.skipped = torch.zeros_like(skipped)
+        self.skipped += skipped
+        self.last_losses = last
+        self.count += 1
+
+    def reset_skipped(self, count: int) -> None:
+        """Zero skip counts for ``count`` layers (a new set of layers: a plan, a restart)."""
+        self.skipped = torch.zeros(count, dtype=torch.long, device=self.device)
 
     @staticmethod
     def _step(

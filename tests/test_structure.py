@@ -26,7 +26,7 @@ ALLOWED: dict[str, tuple[set[str], bool]] = {
     "averaging": ({"layers", "patching"}, False),
     "huggingface": ({"functional", "layers", "patching"}, False),
     "timm_layers": ({"layers", "patching"}, False),
-    "reports": ({"layers", "patching", "plan"}, False),
+    "reports": ({"config", "layers", "patching", "plan"}, False),
     "sharing": ({"functional", "layers", "memory", "plan", "rows", "update"}, False),
     # the probe, and the planner's bridge to modules
     "probe": ({"config", "functional", "layers", "plan", "planner", "rows"}, False),
