@@ -220,6 +220,11 @@ class DecorrelationCallback(Configured, Callback):
         return self._pinned
 
     @property
+    def pictures(self) -> TensorBoardPictures:
+        """The opt-in TensorBoard pictures and what they keep of the current epoch."""
+        return self._pictures
+
+    @property
     def _layers(self) -> dict[str, DecorrelatedLayer]:
         return {} if self._engine is None else self._engine.layers
 

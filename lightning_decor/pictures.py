@@ -150,7 +150,8 @@ class TensorBoardPictures:
         return False
 
     @torch.compiler.disable  # eager even in a compiled model, as the layers' own row capture
-    def _keep_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def keep_input(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The forward hook on the image layer: keep what the picture needs of a training forward's input."""
         if args and module.training and torch.is_grad_enabled():
             # A copy, not a reference: the input may be an output of a CUDA graph (`torch.compile(mode=
             # "reduce-overhead")`), which its next replay overwrites before the epoch ends. The input itself, or the
@@ -171,7 +172,7 @@ class TensorBoardPictures:
         """Hook the image layer's input in a due epoch; warn once when the pictures have no TensorBoard to go to."""
         wanted = self.image_layer is not None and self._due(trainer, self.image_every)
         if wanted and self._hook is None and self._writers(trainer) and self._image_layer_kept(layers):
-            self._hook = layers[self.image_layer].register_forward_hook(self._keep_input)  # type: ignore[index]
+            self._hook = layers[self.image_layer].register_forward_hook(self.keep_input)  # type: ignore[index]
         if trainer.current_epoch == 0 and not getattr(trainer, "fast_dev_run", False) and trainer.is_global_zero:
             pictures = self.histograms_every is not None or self.image_layer is not None
             if pictures and not self._writers(trainer):

@@ -59,6 +59,7 @@ __all__ = [
     "PlanCache",
     "Planner",
     "PlannerStep",
+    "Seen",
     "plain_steps",
 ]
 
@@ -82,7 +83,7 @@ def plain_steps(update_every: int = 1) -> int:
 
 
 @dataclass
-class _Seen:
+class Seen:
     """What one layer saw in one step: rows multiplied, forwards, statistics rows, its last input's shape, dtype,
     autocast dtype (``""``: none) and memory format."""
 
@@ -179,14 +180,16 @@ class Planner:
         environment: What else determines the costs (device name, torch version, threads, ...): part of the key.
         device_type: ``"cpu"`` or an accelerator's type, for the analytic model's constants.
         probe: ``probe(shapes, input_shapes, estimates, budget=, time_limit=, costs=, formats=)`` measures each
-            candidate
-            (:func:`lightning_decor.probe.measure_candidates` with the layers bound).
+            candidate (:func:`lightning_decor.probe.measure_candidates` with the layers bound).
         device_costs: Measures the two device constants (:func:`lightning_decor.probe.measure_costs`).
         clock: Seconds, monotonic (default ``time.perf_counter``).
         sync: Waits for the device (CUDA) before the clock is read.
         deterministic: Whether nothing timed may decide (``torch.are_deterministic_algorithms_enabled``).
         agree: Makes every process take the leader's decision (a broadcast; the identity in one process).
         leader: Whether this process decides (rank 0).
+
+    ``probe``, ``device_costs``, ``clock`` and ``agree`` stay attributes of those names: what the planner measures
+    and how the processes agree can be replaced on a planner an engine made (its tests give it a fake clock).
     """
 
     def __init__(
@@ -218,17 +221,17 @@ class Planner:
         self.cache = cache
         self.environment = dict(environment or {})
         self.device_type = device_type
-        self._probe = probe
-        self._device_costs = device_costs
-        self._clock = clock if clock is not None else time.perf_counter  # looked up now: a patched clock counts
+        self.probe = probe
+        self.device_costs = device_costs
+        self.clock = clock if clock is not None else time.perf_counter  # looked up now: a patched clock counts
         self._sync, self._deterministic = sync, deterministic
-        self._agree, self.leader = agree, leader
+        self.agree, self.leader = agree, leader
         self.calls = 0
         self.plan: Plan | None = None
         self.overhead: float | None = None  # DBP's share of the step, as last measured
         self.plain_seconds: float | None = None  # this run's plain step
-        self._seen: dict[str, _Seen] = {}
-        self._last_seen: dict[str, _Seen] = {}
+        self._seen: dict[str, Seen] = {}
+        self._last_seen: dict[str, Seen] = {}
         self._times: list[float] = []
         self._window: dict[int, float] = {}
         self._check_from: int | None = None  # the call the plan under check was applied at
@@ -257,13 +260,17 @@ class Planner:
     ) -> None:
         """One training forward of ``name``: rows multiplied, statistics rows, its input's shape and dtype, the
         autocast dtype it ran under (``""``: none) and whether its input was channels-last."""
-        seen = self._seen.setdefault(name, _Seen())
+        seen = self._seen.setdefault(name, Seen())
         seen.rows += rows
         seen.forwards += 1
         seen.stat_rows += stat_rows
         if input_shape is not None:
             seen.input_shape, seen.dtype = tuple(input_shape), dtype
             seen.autocast, seen.channels_last = autocast, channels_last
+
+    def seen(self, name: str) -> Seen | None:
+        """What the forwards of ``name`` showed in the current step (``None``: none observed)."""
+        return self._seen.get(name)
 
     def forwards_seen(self, name: str) -> int:
         """Forwards of ``name`` observed in the current step."""
@@ -297,7 +304,7 @@ class Planner:
         self.calls += 1
         call = self.calls
         self._sync()
-        now = self._clock()
+        now = self.clock()
         out = PlannerStep(dry=self.dry(call))  # before a check that ends here closes its windows
         if call <= CALIBRATION_STEPS:
             self._times.append(now)
@@ -328,7 +335,7 @@ class Planner:
         """Each layer as the last calibration step saw it."""
         out = []
         for info in self.layers:
-            seen = self._last_seen.get(info.name, _Seen())
+            seen = self._last_seen.get(info.name, Seen())
             out.append(replace(info, rows=seen.rows, forwards=seen.forwards, stat_rows=seen.stat_rows))
         return out
 
@@ -351,7 +358,7 @@ class Planner:
     def _first_plan(self) -> Plan:
         intervals = [b - a for a, b in zip(self._times, self._times[1:])]
         self.plain_seconds = min(intervals) if intervals else None
-        decision = self._agree(self._decide_first() if self.leader else None)
+        decision = self.agree(self._decide_first() if self.leader else None)
         self._planning, self._outcomes = decision["planning"], decision["outcomes"]
         self._complete = decision["complete"]
         self._key = decision["key"]
@@ -370,16 +377,16 @@ class Planner:
         if entry is not None and (entry.get("complete") or not deterministic):
             planning, source = entry["planning"], "cache"
             outcomes, complete = list(entry.get("outcomes", [])), bool(entry.get("complete"))
-        elif deterministic or self.plain_seconds is None or self._probe is None or self._device_costs is None:
+        elif deterministic or self.plain_seconds is None or self.probe is None or self.device_costs is None:
             costs = analytic_costs(self.device_type)
             planning = {"step": analytic_step_seconds(shapes, costs), "costs": asdict(costs), "measured": None,
                         "shapes": [asdict(s) for s in shapes]}  # fmt: skip
             source, outcomes, complete, key = "analytic", [], True, None
         else:
             step = self.plain_seconds
-            costs = self._device_costs()
+            costs = self.device_costs()
             assert self.max_overhead is not None
-            measured = self._probe(
+            measured = self.probe(
                 shapes,
                 {n: s.input_shape for n, s in self._last_seen.items() if s.input_shape is not None},
                 {s.name: candidate_costs(s, costs, self.update_every) for s in shapes},
@@ -422,7 +429,7 @@ class Planner:
         windows = [(self._window[b] - self._window[a]) / k for a, b in ends if a in self._window and b in self._window]
         plain = self.plain_seconds if self.plain_seconds is not None else self.plan.step_seconds
         share = (min(windows) - plain) / plain if windows and plain else None
-        decision = self._agree(self._decide_check(share) if self.leader else None)
+        decision = self.agree(self._decide_check(share) if self.leader else None)
         scale, share = decision["scale"], decision["share"]
         self._outcomes, self._complete = decision["outcomes"], decision["complete"]
         self._checks += 1

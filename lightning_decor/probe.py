@@ -38,7 +38,16 @@ from lightning_decor.plan import Costs, LayerShape, Plan, block_ladder, input_si
 from lightning_decor.planner import PlanCache, Planner
 from lightning_decor.rows import RowBuffers, Sampling
 
-__all__ = ["Observer", "device_name", "environment", "make_planner", "measure_candidates", "measure_costs"]
+__all__ = [
+    "Observer",
+    "device_name",
+    "environment",
+    "extrapolated",
+    "input_seconds",
+    "make_planner",
+    "measure_candidates",
+    "measure_costs",
+]
 
 _PROBE_NUMBERS = 1 << 18  # numbers per timed update: enough blocks to reach the batched throughput
 _REPEATS = 3
@@ -126,7 +135,7 @@ def _fuse_seconds(layer: DecorrelatedLayer, b: int, gen: torch.Generator) -> flo
     return _timer(w.device)(run)
 
 
-def _input_seconds(
+def input_seconds(
     layer: DecorrelatedLayer, shape: tuple[int, ...], b: int | None, gen: torch.Generator, fmt: Format = _PLAIN
 ) -> float:
     """Seconds of the layer's forward and backward on an input of ``shape`` in the format training gave it
@@ -235,8 +244,8 @@ def measure_candidates(
         fuse = cached(("fuse", sig, b), _fuse_seconds, layer, b, g) * s.forwards
         form, cost = "fused", fuse
         if s.input_side and probeable and (costs is None or input_side_seconds(s, b, costs) < cost):
-            plain = cached(("plain", sig, shape, fmt), _input_seconds, layer, shape, None, g, fmt)
-            inp = max(cached(("input", sig, shape, fmt, b), _input_seconds, layer, shape, b, g, fmt) - plain, 0.0)
+            plain = cached(("plain", sig, shape, fmt), input_seconds, layer, shape, None, g, fmt)
+            inp = max(cached(("input", sig, shape, fmt, b), input_seconds, layer, shape, b, g, fmt) - plain, 0.0)
             if inp * s.forwards < cost:
                 form, cost = "input", inp * s.forwards
         rows = max(1, s.stat_rows)
@@ -248,10 +257,10 @@ def measure_candidates(
         if estimate > 0:
             ratios.append((cost + update / update_every) / estimate)
     median = sorted(ratios)[len(ratios) // 2] if ratios else 1.0
-    return {name: _extrapolated(entries, estimates[name], median) for name, entries in out.items()}
+    return {name: extrapolated(entries, estimates[name], median) for name, entries in out.items()}
 
 
-def _extrapolated(
+def extrapolated(
     measured: list[tuple[str, float] | None], estimates: list[tuple[str, float]], median: float
 ) -> list[tuple[str, float]]:
     """One layer's candidates: the measured ones as they are, each other one its estimate times the

@@ -79,13 +79,13 @@ class Skew(pl.Callback):
         planner = None if cb.engine is None else cb.engine.planner
         if planner is None or not self.seconds:
             return
-        clock = planner._clock
+        clock = planner.clock
 
         def skewed() -> float:
             extra = self.seconds * max(0, planner.calls - 5) if planner.plan is not None else 0.0
             return clock() + extra
 
-        planner._clock = skewed
+        planner.clock = skewed
 
 
 class Plans(pl.Callback):

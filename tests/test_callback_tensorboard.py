@@ -141,7 +141,7 @@ def test_picture_hook_is_removed_after_an_exception(tmp_path) -> None:
         trainer.fit(model)
     assert hooked == [True]  # the hook was there when the exception came
     assert not any(m._forward_hooks for m in model.modules())
-    assert cb._pictures.input is None  # no batch kept alive
+    assert cb.pictures.input is None  # no batch kept alive
 
 
 @pytest.mark.parametrize(
@@ -213,10 +213,10 @@ def test_the_picture_keeps_a_copy_of_its_input_or_its_rows() -> None:
     pictures = TensorBoardPictures(None, "0", 1)
     small, large = torch.randn(32, 4), torch.randn(64, 200, 4)  # 128 numbers; 51200 > 8192 rows * 4
     net.train()
-    pictures._keep_input(net[0], (small,), None)
+    pictures.keep_input(net[0], (small,), None)
     assert pictures.rows is None and torch.equal(pictures.input, small)
     assert pictures.input.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
-    pictures._keep_input(net[0], (large,), None)
+    pictures.keep_input(net[0], (large,), None)
     assert pictures.input is None and pictures.rows.shape == (8192, 4)
     flat = large.reshape(-1, 4)
     assert all((flat == row).all(1).any() for row in pictures.rows[:256])  # rows of the input itself

@@ -334,9 +334,9 @@ def test_the_function_never_jumps_when_the_plan_is_made_again() -> None:
     planner = dec.planner
     assert planner is not None
     clock = {"now": 0.0}
-    planner._clock = lambda: clock["now"]
-    planner._device_costs = lambda: plan_module.Costs(0.0, 0.0)
-    planner._probe = lambda shapes, inputs, estimates, **kw: {
+    planner.clock = lambda: clock["now"]
+    planner.device_costs = lambda: plan_module.Costs(0.0, 0.0)
+    planner.probe = lambda shapes, inputs, estimates, **kw: {
         n: [("fused", 0.03)] * len(e) for n, e in estimates.items()
     }
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

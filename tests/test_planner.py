@@ -230,7 +230,7 @@ def test_every_process_takes_the_leaders_decision() -> None:
         decisions.append(decision)
         return decision
 
-    leader._agree = record
+    leader.agree = record
     plans = run(leader, clock, per_layer=0.08)
     box = iter(decisions)
     follower, clock2 = planner(probe=Never(), device_costs=Never(), agree=lambda _: next(box), leader=False)  # type: ignore[arg-type]

@@ -90,10 +90,10 @@ def test_the_input_side_form_is_timed_only_where_its_flop_estimate_beats_the_mea
     shapes, inputs = shapes_of(model, batch=8)
     estimates = {s.name: candidate_costs(s, COSTS) for s in shapes}
     timed = []
-    real = probe_module._input_seconds
+    real = probe_module.input_seconds
     monkeypatch.setattr(
         probe_module,
-        "_input_seconds",
+        "input_seconds",
         lambda layer, shape, b, gen, fmt: timed.append(b) or real(layer, shape, b, gen, fmt),
     )
     layers = decorrelated_layers(model)
@@ -111,10 +111,10 @@ def test_the_input_side_form_is_timed_only_where_its_flop_estimate_beats_the_mea
 def test_unmeasured_candidates_take_the_ratio_of_their_layers_nearest_measured_one() -> None:
     estimates = [("fused", 4.0), ("fused", 1.0), ("input", 0.6), ("fused", 0.25), ("fused", 0.2)]
     measured = [None, ("fused", 2.0), None, ("input", 1.0), None]  # ratios 2 (ladder entry 1) and 4 (entry 3)
-    out = probe_module._extrapolated(measured, estimates, median=10.0)
+    out = probe_module.extrapolated(measured, estimates, median=10.0)
     assert out == [("fused", 8.0), ("fused", 2.0), ("input", 1.2), ("input", 1.0), ("fused", 0.8)]
     # a layer with nothing measured takes the median ratio over all layers
-    assert probe_module._extrapolated([None, None], estimates[:2], median=10.0) == [("fused", 40.0), ("fused", 10.0)]
+    assert probe_module.extrapolated([None, None], estimates[:2], median=10.0) == [("fused", 40.0), ("fused", 10.0)]
 
 
 def test_measured_costs_replace_the_estimates_and_a_layer_can_drop_straight_to_plain() -> None:
@@ -166,6 +166,6 @@ def test_the_planner_records_how_each_layer_ran() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert dec.planner is not None
-    first = dec.planner._seen["0"]
-    assert first.format() == ("torch.float32", "torch.bfloat16", True)
-    assert dec.planner._seen["4"].format()[1:] == ("torch.bfloat16", False)
+    first, last = dec.planner.seen("0"), dec.planner.seen("4")
+    assert first is not None and first.format() == ("torch.float32", "torch.bfloat16", True)
+    assert last is not None and last.format()[1:] == ("torch.bfloat16", False)
