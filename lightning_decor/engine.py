@@ -14,9 +14,7 @@ PyTorch::
         optimizer.step()
     dec.fold()                              # a plain model again, no inference overhead
 
-``DecorrelationCallback`` is the Lightning front-end of the same engine: it decides when ``step`` runs and where
-the losses are logged.
-
+``DecorrelationCallback`` is the Lightning front-end of the same engine (when ``step`` runs, where it logs).
 Its phases: the plan (:mod:`lightning_decor.planner`, for the first :func:`lightning_decor.planner.plain_steps`
 steps with ``max_overhead`` or a pinned ``plan``; otherwise every layer at its largest block within the memory
 budget, ``R`` moving from the first step), the rows (:mod:`lightning_decor.rows`), one ``R`` per input
@@ -236,8 +234,7 @@ class Decorrelator(Configured):
             return
         planner = self.planner
         bypassed = reads.found(self.layers, noted=lambda name: (
-            self._rows.noted(name) or name in self._sharing.followers
-            or (planner is not None and planner.forwards_seen(name) > 0)
+            self._rows.noted(name) or (planner is not None and planner.forwards_seen(name) > 0)
         ))  # fmt: skip
         if bypassed and _rank_zero():
             warnings.warn(DirectReads.message(bypassed), stacklevel=3)
@@ -352,10 +349,8 @@ class Decorrelator(Configured):
 
     @property
     def exchange(self) -> str:
-        """What processes exchange before each update: ``"auto"`` (the cheaper of the two for the rows and blocks
-        at hand, :func:`lightning_decor.distributed.cheaper_exchange`; rows for ``normalize="layer"``), ``"rows"``
-        (all-gather of the sampled rows) or ``"moments"`` (all-reduce of each block's ``x^T x``). Both give the same
-        ``R`` up to float rounding. :attr:`exchanged` says what the last update used."""
+        """What processes exchange before each update: ``"rows"`` (all-gather), ``"moments"`` (all-reduce of each
+        block's ``x^T x``: the same ``R`` up to rounding) or ``"auto"`` (:func:`~.distributed.cheaper_exchange`)."""
         return self._update.exchange
 
     @exchange.setter

@@ -277,9 +277,10 @@ class RowBuffers:
         self.collect(collect)
 
     def noted(self, name: str) -> bool:
-        """Whether the forwards of layer ``name`` were seen since its last update, or did not report this step."""
+        """Whether the forwards of layer ``name`` were seen since its last update, or need not be: they do not report
+        this step, or its rows are another layer's (it shares that one's ``R``)."""
         buffer = self.buffers[name]
-        return not buffer.wanted or buffer.seen_count > 0
+        return not buffer.wanted or not buffer.keeps or buffer.seen_count > 0
 
     def drop(self) -> None:
         """Drop every kept row."""
