@@ -3,11 +3,15 @@ nothing, a plan that leaves every layer plain, and weights a backward reached wi
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import Decorrelator, decorrelate
+from lightning_decor.config import DecorConfig
 from lightning_decor.patching import decorrelated_layers, eligible_layers
 from lightning_decor.plan import Plan
 from lightning_decor.reports import DirectReads, all_plain_warning, patch_report
@@ -37,10 +41,32 @@ def test_the_report_names_what_was_left_plain_and_the_patterns_that_matched_noth
 def test_the_engine_reports_a_layer_a_user_may_expect_decorrelated() -> None:
     net = model()
     net.append(nn.LazyLinear(3))  # its shape is unknown until the first forward
-    dec = Decorrelator(net, include=["0", "6", "7"], max_overhead=None)
+    with pytest.warns(UserWarning, match="leaves these layers plain"):
+        dec = Decorrelator(net, include=["0", "6", "7"], max_overhead=None)
     assert list(dec.report.unexpected) == ["6"] and "uninitialised LazyLinear" in dec.report.unexpected["6"]
     assert dec.report.unmatched == {"include": ["7"]}
     assert set(dec.left_plain) == {"2", "4", "5", "6"}
+
+
+def test_the_plain_front_end_warns_from_its_report_as_the_callback_does() -> None:
+    """``Decorrelator(...)`` warns what the callback warns (a layer left plain where a user may expect ``R``, a pattern
+    matching nothing, no layer at all); the callback's engine (``from_config``) leaves the warnings to the callback."""
+    net = model()
+    net.append(nn.LazyLinear(3))
+    with pytest.warns(UserWarning) as caught:
+        Decorrelator(net, include=["0", "6", "7"], max_overhead=None)
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2
+    assert texts[0].startswith("Decorrelator leaves these layers plain: {'6': 'an uninitialised LazyLinear")
+    assert texts[1] == (
+        "Decorrelator: `include` pattern '7' matches no eligible layer. Eligible layers: ['0', '2', '4', '5', '6']."
+    )
+    with pytest.warns(UserWarning, match=r"^Decorrelator found no layer to decorrelate \(exact nn.Linear"):
+        Decorrelator(nn.Sequential(nn.ReLU()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Decorrelator(model(), max_overhead=None)  # the frozen layer stays plain as expected: nothing to say
+        Decorrelator.from_config(model(), DecorConfig(include=("nothing",)))
 
 
 def test_the_all_plain_warning_says_why_and_what_to_do() -> None:
