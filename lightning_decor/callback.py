@@ -233,11 +233,13 @@ class DecorrelationCallback(Configured, Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._sharded = model_parallel(trainer)  # refuses what DBP cannot train with
-        if self._sharded:
+        self._sharded = False
+        if model_parallel(trainer):  # refuses what DBP cannot train with
             # `configure_model` shards the layers (fully_shard): patch the ones built in `__init__` before it, make
-            # the engine in on_fit_start, once the model is sharded (it adopts layers patched in `configure_model`).
-            decorrelate_reported(pl_module, self.config)  # the engine's own report says what is left plain
+            # the engine in on_fit_start, once the model is sharded (it adopts layers patched in `configure_model`;
+            # its report, and the warnings from it, count the layers patched here).
+            decorrelate_reported(pl_module, self.config)
+            self._sharded = True
             return
         if is_overridden("configure_model", pl_module):  # its layers do not exist yet: patched before everything
             build_configured_layers(trainer, pl_module)
@@ -251,7 +253,7 @@ class DecorrelationCallback(Configured, Callback):
             # patches in place; layers patched before (a refit without folding) keep their R
             pinned = self._pinned if self._pinned is not None else "auto"
             self._engine = Decorrelator.from_config(pl_module, self.config, plan=pinned)
-        for message in self._engine.report.warnings("DecorrelationCallback", found=bool(self._layers)):
+        for message in self._engine.report.warnings("DecorrelationCallback"):
             rank_zero_warn(message)
         self._pictures.check(self._layers)
 

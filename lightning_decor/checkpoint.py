@@ -44,7 +44,7 @@ def saved_layers(
     """Which of ``layers`` a saved state can restore: ``{name: (R, raw W)}`` for those whose saved ``R`` and raw
     weight fit their layout in the saved ``plan`` (``None``: their layout now), and the names of those that do not
     fit (a layer patched now but not then). Layers the plan leaves plain are in neither. A layer in ``followers``
-    reads its leader's ``R``: only its raw weight is restored (``R`` is ``None``)."""
+    reads its leader's ``R``: only its raw weight is restored (``R`` is ``None``), whatever its plan entry."""
     followers = followers or {}
     restorable: dict[str, tuple[Tensor | None, Tensor]] = {}
     misfits = []

@@ -74,9 +74,10 @@ class Decorrelator(Configured):
     ``nn.Conv1d/2d/3d`` (exact types; grouped and depthwise convolutions get one ``R`` per group) computes with
     ``W @ R``. Call :meth:`step` once per optimizer step, after its backward; :meth:`fold` at the end.
 
-    Warns about layers left plain where a user may expect ``R``, and ``include``/``exclude`` patterns that match no
-    layer (:attr:`report`). **Reproducible**: same seed, arguments and machine give bit-identical runs, and a resume
-    from :meth:`state_dict` equals the uninterrupted run (the README's "Reproducible runs").
+    Warns about layers left plain where a user may expect ``R``, ``include``/``exclude`` patterns that match no layer,
+    and a model with no layer to patch (:attr:`report`). **Reproducible**: same seed, arguments and machine give
+    bit-identical runs, and a resume from :meth:`state_dict` equals the uninterrupted run (the README's "Reproducible
+    runs").
 
     Args:
         model: The model to decorrelate, patched in place.
@@ -120,7 +121,7 @@ class Decorrelator(Configured):
             use_cuda_stream=use_cuda_stream, plan_cache=plan_cache,
         )  # fmt: skip
         self._init(model, config, plan)
-        for message in self.report.warnings("Decorrelator", found=bool(self.layers)) if _rank_zero() else ():
+        for message in self.report.warnings("Decorrelator") if _rank_zero() else ():
             warnings.warn(message, stacklevel=2)  # the plain front-end's (the callback gives its own)
 
     @classmethod

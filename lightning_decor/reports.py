@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
 from lightning_decor.config import DecorConfig
 from lightning_decor.layers import DecorrelatedLayer
-from lightning_decor.patching import AVERAGED, FROZEN, LEFT_OUT, decorrelate, eligible_layers, matches
+from lightning_decor.patching import (
+    AVERAGED,
+    FROZEN,
+    LEFT_OUT,
+    decorrelate,
+    decorrelated_layers,
+    eligible_layers,
+    matches,
+)
 from lightning_decor.plan import Plan
 
 __all__ = ["SHARDED_NO_PLAN", "DirectReads", "PatchReport", "all_plain_warning", "decorrelate_reported", "patch_report"]
@@ -25,28 +33,32 @@ class PatchReport:
     Attributes:
         eligible: Every layer of a known kind (or a subclass of one) that was plain before, by qualified name.
         left_plain: Those left plain, with why (``include`` / ``exclude`` too): the plan table lists them.
-        unmatched: Per argument (``"include"``, ``"exclude"``), its patterns that match no eligible layer.
+        unmatched: Per argument (``"include"``, ``"exclude"``), its patterns that match no layer, eligible or patched
+            before.
+        decorrelated: Every layer patched once patching was done: those patched before, then those patched now.
     """
 
     eligible: list[str]
     left_plain: dict[str, str]
     unmatched: dict[str, list[str]]
+    decorrelated: list[str] = field(default_factory=list)
 
     @property
     def unexpected(self) -> dict[str, str]:
         """The layers left plain where a user may expect DBP: not frozen, not an average's copy, not left out."""
         return {n: why for n, why in self.left_plain.items() if not why.startswith((FROZEN, AVERAGED, LEFT_OUT))}
 
-    def warnings(self, who: str, found: bool) -> list[str]:
+    def warnings(self, who: str) -> list[str]:
         """The warnings ``who`` (a front-end) gives for this report: layers left plain where a user may expect DBP,
-        patterns that match nothing, and no layer at all where ``found`` is false."""
+        patterns that match no layer, and no layer patched at all (a plan may still leave patched layers plain: it
+        says so itself)."""
         messages = [f"{who} leaves these layers plain: {self.unexpected}."] if self.unexpected else []
         messages += [
             f"{who}: `{arg}` pattern {pattern!r} matches no eligible layer. Eligible layers: {sorted(self.eligible)}."
             for arg, patterns in self.unmatched.items()
             for pattern in patterns
         ]
-        if not found:
+        if not self.decorrelated:
             messages.append(
                 f"{who} found no layer to decorrelate (exact nn.Linear / nn.Conv1d/2d/3d, not frozen, matching "
                 "`include`/`exclude`); training proceeds as plain backpropagation."
@@ -56,26 +68,29 @@ class PatchReport:
 
 def patch_report(
     eligible: dict[str, str | None], patched: Sequence[str], include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
+    exclude: Sequence[str] | None, before: Sequence[str] = (),
 ) -> PatchReport:  # fmt: skip
     """The :class:`PatchReport` of a model whose :func:`eligible_layers` were ``eligible`` before ``patched`` were
-    patched with the patterns ``include`` and ``exclude``."""
+    patched with the patterns ``include`` and ``exclude``; ``before``: the layers patched already (a pattern naming
+    one of them matches)."""
     done = set(patched)
     left = {name: why or LEFT_OUT for name, why in eligible.items() if name not in done}
+    names = [*eligible, *before]
     unmatched = {
-        arg: [p for p in patterns or [] if not any(matches(name, [p]) for name in eligible)]
+        arg: [p for p in patterns or [] if not any(matches(name, [p]) for name in names)]
         for arg, patterns in (("include", include), ("exclude", exclude))
     }
-    return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps})
+    return PatchReport(list(eligible), left, {arg: ps for arg, ps in unmatched.items() if ps}, [*before, *patched])
 
 
 def decorrelate_reported(model: nn.Module, config: DecorConfig) -> tuple[list[str], PatchReport]:
     """:func:`lightning_decor.decorrelate` ``model`` with ``config``'s patterns and limits: the names of the layers
     patched now, and the :class:`PatchReport`."""
     eligible = eligible_layers(model, config.max_features, config.block_size)
+    before = list(decorrelated_layers(model))
     new = decorrelate(model, include=config.include, exclude=config.exclude, max_features=config.max_features,
                       block_size=config.block_size)  # fmt: skip
-    return new, patch_report(eligible, new, config.include, config.exclude)
+    return new, patch_report(eligible, new, config.include, config.exclude, before)
 
 
 SHARDED_NO_PLAN = (

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_decor import Decorrelator, decorrelate
+from lightning_decor import config as config_module
 from lightning_decor.config import DecorConfig
 from lightning_decor.patching import decorrelated_layers, eligible_layers
 from lightning_decor.plan import Plan
@@ -67,6 +68,25 @@ def test_the_plain_front_end_warns_from_its_report_as_the_callback_does() -> Non
         warnings.simplefilter("error")
         Decorrelator(model(), max_overhead=None)  # the frozen layer stays plain as expected: nothing to say
         Decorrelator.from_config(model(), DecorConfig(include=("nothing",)))
+
+
+def test_patterns_naming_layers_patched_before_match_and_a_plan_leaving_all_plain_says_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = model()
+    decorrelate(net, include=["0"])  # patched by the user first (as before fully_shard), then handed to the engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dec = Decorrelator(net, include=["0", "5"], max_overhead=None)
+    assert list(dec.layers) == ["0", "5"] and dec.report.decorrelated == ["0", "5"]
+    # Patched, then left plain by the memory budget: the plan's warning, not "found no layer"
+    monkeypatch.setattr(config_module, "MIN_MEMORY", 0)
+    with pytest.warns(UserWarning) as caught:
+        dec = Decorrelator(model(), max_overhead=None, max_memory=1e-9)
+    assert dec.layers == {} and [str(w.message).split(":")[0] for w in caught] == [
+        "Decorrelator"  # all_plain_warning's "Decorrelator: the plan leaves every layer plain..."
+    ]
+    assert "the plan leaves every layer plain" in str(caught[0].message)
 
 
 def test_the_all_plain_warning_says_why_and_what_to_do() -> None:
