@@ -15,10 +15,10 @@ PyTorch::
     dec.fold()                              # a plain model again, no inference overhead
 
 ``DecorrelationCallback`` is the Lightning front-end of the same engine (when ``step`` runs, where it logs).
-Its phases: the plan (:mod:`lightning_decor.planner`, for the first :func:`lightning_decor.planner.plain_steps`
-steps with ``max_overhead`` or a pinned ``plan``; otherwise every layer at its largest block within the memory
-budget, ``R`` moving from the first step), the rows (:mod:`lightning_decor.rows`), one ``R`` per input
-(:mod:`lightning_decor.sharing`), the batched update (:mod:`lightning_decor.update`) and its state.
+Its phases: the plan (:mod:`~lightning_decor.planner`, for the first :func:`~lightning_decor.planner.plain_steps`
+steps with ``max_overhead`` or a pinned ``plan``; else every layer at its largest block within the memory budget),
+the rows (:mod:`~lightning_decor.rows`), one ``R`` per input (:mod:`~lightning_decor.sharing`), the batched update
+(:mod:`~lightning_decor.update`) and the checkpoint (:mod:`~lightning_decor.checkpoint`).
 """
 
 from __future__ import annotations
