@@ -333,13 +333,13 @@ def make_planner(
     device: Callable[[], torch.device],
     agree: Callable[[Any], Any],
     leader: bool,
-    rows: RowBuffers | None = None,
+    rows: RowBuffers,
 ) -> Planner:
     """The planner of ``layers`` (fresh, ``R = I``), measuring on ``device()`` (looked up when it measures: under
     Lightning the model moves to its device after the engine is made), with ``config``'s budget and the plan cache,
-    ``agree`` taking the ``leader``'s decisions on every process. With the engine's ``rows``, the layers compute
-    their plain function at its plain cost until the plan is made, and an :class:`Observer` on each one's buffer
-    tells the planner what its training forwards multiply."""
+    ``agree`` taking the ``leader``'s decisions on every process. Until the plan is made the layers compute their
+    plain function at its plain cost, and an :class:`Observer` on each one's buffer in the engine's ``rows`` tells
+    the planner what its training forwards multiply."""
     sampling = Sampling(config.sample_fraction, config.max_rows)
     infos = [
         LayerShape(
@@ -378,7 +378,7 @@ def make_planner(
         agree=agree,
         leader=leader,
     )
-    for name, layer in layers.items() if rows is not None else ():
+    for name, layer in layers.items():
         layer.decor_form = "identity"  # R = I: the plain function, at the plain cost
         rows[name].observer = Observer(planner, name, rows.sampling)
     return planner
